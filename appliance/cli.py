@@ -1,0 +1,206 @@
+"""The ``appliance`` command: one sub-command per operation, thin over the packages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance import __version__, config
+from appliance.errors import ApplianceError, NothingUsable
+
+log = logging.getLogger("appliance")
+
+EXAMPLES = {
+    "analyze": "examples:\n  appliance analyze /media/usb/DICOM\n  appliance analyze study.zip --json",
+    "status": "examples:\n  appliance status\n  appliance status --json",
+    "synth": ("examples:\n  appliance synth --out /tmp/chest --slices 300 --region chest\n"
+              "  appliance synth --out /tmp/tilted --slices 120 --tilt 15 --transfer-syntax jpeg2000\n"
+              "  appliance synth --out /tmp/lesion --slices 200 --region abdomen --lesion pancreas-hypo"),
+    "serve": "examples:\n  APPLIANCE_HOME=/var/lib/appliance appliance serve",
+    "settings": "examples:\n  appliance settings",
+}
+
+
+def _setup_logging(settings: config.Settings) -> None:
+    logging.basicConfig(level=getattr(logging, str(settings.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _print_summary(doc: dict[str, Any]) -> None:
+    imp = doc["import"]
+    print(f"Imported {imp['stored']} new image(s), {imp['duplicates']} already stored, "
+          f"{len(imp['quarantined'])} quarantined.")
+    for q in imp["quarantined"][:20]:
+        print(f"  quarantined {q['file']}: {q['reason_code']} - {q['reason']}")
+    for study in doc["studies"]:
+        print(f"Study {study['study_instance_uid']}")
+        for s in study["series"]:
+            if s["status"] == "rejected":
+                print(f"  Series {s['series_instance_uid']}: REJECTED {s['reason_code']} - {s['reason']}")
+                continue
+            z, y, x = s["shape_zyx"]
+            dz, dy, dx = s["spacing_mm_zyx"]
+            print(f"  Series {s['series_instance_uid']}: {s['slices']} slices -> {z}x{y}x{x} voxels "
+                  f"at {dz:.2f} x {dy:.2f} x {dx:.2f} mm ({s['seconds']['total']:.1f} s)")
+            for p in s["problems"]:
+                print(f"    note {p['reason_code']}: {p['reason']}")
+            for r in s["results"]:
+                flag = "FLAGGED" if r["flagged"] else "ok"
+                print(f"    {r['model']} {r['model_version']}: score {r['score']} [{flag}]")
+                for f in r["findings"]:
+                    if "volume_ml" in f:
+                        print(f"      {f['name']}: {f['volume_ml']:.0f} mL")
+                if not r["validated"]:
+                    print(f"      NOT VALIDATED: {r.get('notice') or 'research use only'}")
+
+
+def cmd_analyze(args: argparse.Namespace, settings: config.Settings) -> int:
+    from appliance.analysis import analyze_paths
+
+    missing = [p for p in args.paths if not p.exists()]
+    if missing:
+        print(f"error: {missing[0]} does not exist", file=sys.stderr)
+        return 2
+    try:
+        doc = analyze_paths(args.paths, settings)
+    except NothingUsable as exc:
+        print(f"error: NOTHING_USABLE: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        _print_summary(doc)
+    analyzed = any(s["status"] == "analyzed" for st in doc["studies"] for s in st["series"])
+    if not analyzed:
+        codes = sorted({s["reason_code"] for st in doc["studies"] for s in st["series"]})
+        print(f"error: no series could be analysed ({', '.join(codes)})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
+    from appliance.store.database import counts, open_database
+
+    doc = {"home": str(settings.home_path), **counts(open_database(settings.home_path))}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        for key, value in doc.items():
+            print(f"{key:>18}: {value}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace, settings: config.Settings) -> int:
+    from appliance.synth.writer import SynthOptions, write_series
+
+    opts = SynthOptions(slices=args.slices, size=args.size, region=args.region, lesions=tuple(args.lesion),
+                        tilt_deg=args.tilt, missing_slices=args.missing_slices,
+                        transfer_syntax=args.transfer_syntax, seed=args.seed)
+    truth = write_series(args.out, opts)
+    print(f"wrote {opts.slices - opts.missing_slices} slices of a synthetic {opts.region} CT to {args.out} "
+          f"(series {truth['series_instance_uid']}, {len(truth['lesions'])} lesion(s))")
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace, settings: config.Settings) -> int:
+    for s in config.SETTINGS:
+        print(f"{s.name} = {settings.values[s.name]!r}  ({s.env_var}; default {s.default!r})\n    {s.help}")
+    return 0
+
+
+def _ensure_sample(settings: config.Settings) -> Path:
+    from appliance.synth.writer import SynthOptions, write_series
+
+    sample = settings.home_path / "samples" / "synthetic-chest"
+    if not (sample / "ground_truth.json").exists():
+        write_series(sample, SynthOptions(slices=120, size=512, region="chest", seed=7))
+    return sample
+
+
+def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Analyse the bundled sample once, then import and analyse whatever is dropped in ``incoming/``."""
+    from appliance.analysis import analyze_paths, open_store
+
+    store = open_store(settings)
+    incoming = settings.home_path / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    if not store.db.execute("SELECT 1 FROM studies LIMIT 1").fetchone():
+        print("First start: analysing the bundled synthetic sample study.")
+        _print_summary(analyze_paths([_ensure_sample(settings)], settings))
+    print(f"Appliance running on {settings.home_path}: drop DICOM files, folders or zip archives into {incoming}.")
+    print("Press Ctrl-C to stop.", flush=True)
+    try:
+        while True:
+            entries = sorted(incoming.iterdir())
+            if entries:
+                try:
+                    _print_summary(analyze_paths(entries, settings))
+                except NothingUsable as exc:
+                    print(f"NOTHING_USABLE: {exc}")
+                for entry in entries:  # everything is stored or quarantined by now
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if args.once:
+                return 0
+            time.sleep(args.poll_seconds)
+    except KeyboardInterrupt:
+        print("stopped")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance", description="Offline CT screening appliance.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES.get(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("analyze", cmd_analyze, "Import DICOM files, folders or zip archives and analyse every series.")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p.add_argument("--json", action="store_true", help="print the result document as JSON")
+    p = add("status", cmd_status, "Print what the store holds.")
+    p.add_argument("--json", action="store_true")
+    p = add("synth", cmd_synth, "Write a synthetic CT series (a phantom, not a patient).")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--slices", type=int, default=120)
+    p.add_argument("--size", type=int, default=512, help="rows and columns (default 512)")
+    p.add_argument("--region", choices=("chest", "abdomen", "chest-abdomen"), default="chest-abdomen")
+    p.add_argument("--lesion", action="append", default=[],
+                   choices=("pancreas-hypo", "pancreas-iso", "lung-nodule", "liver-hypo"))
+    p.add_argument("--tilt", type=float, default=0.0, help="gantry tilt, degrees")
+    p.add_argument("--missing-slices", type=int, default=0)
+    p.add_argument("--transfer-syntax", choices=("explicit", "implicit", "rle", "jpeg2000"), default="explicit")
+    p.add_argument("--seed", type=int, default=0)
+    add("settings", cmd_settings, "List every setting with its value, variable and help.")
+    p = add("serve", cmd_serve, "Run the appliance: analyse studies dropped into the incoming folder.")
+    p.add_argument("--once", action="store_true", help="process the incoming folder once and exit")
+    p.add_argument("--poll-seconds", type=float, default=2.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = config.load()
+    except config.SettingsError as exc:
+        print(f"error: SETTINGS: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings)
+    try:
+        return int(args.func(args, settings))
+    except ApplianceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Settings: one table of name, default and help text.
+
+Values come, in increasing priority, from the defaults below, the TOML file
+(``$APPLIANCE_HOME/appliance.toml`` or the path in ``APPLIANCE_CONFIG``) and
+``APPLIANCE_<NAME>`` environment variables. ``APPLIANCE_HOME`` is the data
+directory that holds the database, instance store, artefacts, quarantine and
+logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    help: str
+
+    @property
+    def type(self) -> type:
+        return type(self.default)
+
+    @property
+    def env_var(self) -> str:
+        return "APPLIANCE_" + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("home", "./var", "Data directory: database, instance store, artefacts, quarantine, logs."),
+    Setting("site_name", "Screening site", "Name of the site, shown on screens and reports."),
+    Setting("log_level", "INFO", "Logging level: DEBUG, INFO, WARNING or ERROR."),
+    Setting("min_slices", 10, "A CT series with fewer slices than this is rejected (TOO_FEW_SLICES)."),
+    Setting("orientation_tolerance", 0.01,
+            "Largest difference between direction cosines (unitless) for slices to count as one orientation."),
+    Setting("duplicate_position_tolerance_mm", 0.05,
+            "Two slices closer than this along the slice normal (mm) share a position (DUPLICATE_POSITIONS)."),
+    Setting("slice_spacing_tolerance", 0.05,
+            "Relative deviation of a slice gap from the nominal spacing still counted as regular (0.05 = 5%)."),
+    Setting("max_missing_slices_fraction", 0.05,
+            "Missing slices are filled by interpolation when at most this fraction of positions is missing."),
+    Setting("max_missing_run", 2, "Missing slices are filled only when no gap lacks more than this many slices in a row."),
+    Setting("max_irregular_gap_ratio", 2.0,
+            "Irregular slice spacing is resampled when the largest gap is at most this many times the smallest."),
+    Setting("gantry_tilt_correction", True,
+            "Correct gantry tilt by resampling onto an orthogonal grid (true) or reject tilted series (false)."),
+    Setting("max_gantry_tilt_deg", 30.0, "Tilted series beyond this angle (degrees) are rejected (GANTRY_TILT)."),
+    Setting("max_rows_columns", 4096, "Images declaring more rows or columns than this are refused without decoding."),
+    Setting("max_frames", 4096, "Multi-frame images declaring more frames than this are refused without decoding."),
+    Setting("max_instance_bytes", 2 * 1024**3, "Largest single file (bytes) accepted on import."),
+    Setting("max_zip_members", 100_000, "Largest number of members read from one zip archive."),
+    Setting("max_zip_bytes", 20 * 1024**3, "Largest total uncompressed size (bytes) read from one zip archive."),
+    Setting("max_zip_ratio", 200.0, "A zip member whose compression ratio exceeds this is refused as a zip bomb."),
+    Setting("max_import_depth", 32, "Deepest folder level descended into during an import."),
+    Setting("decode_workers", 0, "Processes that decode compressed pixel data (0 = one per CPU core)."),
+    Setting("body_threshold_hu", -500, "Voxels above this HU may belong to the body in segmentation."),
+    Setting("lung_threshold_hu", -400, "Voxels inside the body below this HU may belong to the lungs."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+class SettingsError(ValueError):
+    """A setting has a value of the wrong type or an unknown name."""
+
+
+def _coerce(setting: Setting, value: Any) -> Any:
+    kind = setting.type
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+        else:
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise SettingsError(f"setting {setting.name!r} must be {kind.__name__}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Resolved settings; attribute access by setting name."""
+
+    values: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.values["home"]).resolve()
+
+    def replace(self, **changes: Any) -> "Settings":
+        values = dict(self.values)
+        for name, value in changes.items():
+            if name not in _BY_NAME:
+                raise SettingsError(f"unknown setting {name!r}")
+            values[name] = _coerce(_BY_NAME[name], value)
+        return Settings(values)
+
+
+def load(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Resolve every setting from defaults, the TOML file, the environment and ``overrides``."""
+    env = os.environ if environ is None else environ
+    values = {s.name: s.default for s in SETTINGS}
+    home = env.get("APPLIANCE_HOME", overrides.get("home", values["home"]))
+    config_path = Path(env.get("APPLIANCE_CONFIG", Path(home) / "appliance.toml"))
+    if config_path.is_file():
+        with open(config_path, "rb") as f:
+            for name, value in tomllib.load(f).items():
+                if name not in _BY_NAME:
+                    raise SettingsError(f"unknown setting {name!r} in {config_path}")
+                values[name] = _coerce(_BY_NAME[name], value)
+    for setting in SETTINGS:
+        if setting.env_var in env:
+            values[setting.name] = _coerce(setting, env[setting.env_var])
+    return Settings(values).replace(**overrides)

@@ -1,0 +1,64 @@
+"""Reason codes and the domain exceptions that carry them.
+
+Every rejection carries a machine-readable reason code and a sentence a
+technician understands. Exceptions are translated at each boundary: a
+non-zero exit and one line in the CLI, a DICOM status at the receiver.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ReasonCode(str, enum.Enum):
+    """Why a file was quarantined or a series rejected."""
+
+    # files
+    EMPTY_FILE = "EMPTY_FILE"
+    NOT_DICOM = "NOT_DICOM"
+    TRUNCATED = "TRUNCATED"
+    MISSING_UID = "MISSING_UID"
+    INVALID_UID = "INVALID_UID"
+    IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"
+    FILE_TOO_LARGE = "FILE_TOO_LARGE"
+    UNSAFE_ARCHIVE = "UNSAFE_ARCHIVE"
+    # series
+    NOT_CT = "NOT_CT"
+    TOO_FEW_SLICES = "TOO_FEW_SLICES"
+    MIXED_ORIENTATION = "MIXED_ORIENTATION"
+    DUPLICATE_POSITIONS = "DUPLICATE_POSITIONS"
+    MISSING_SLICES = "MISSING_SLICES"
+    IRREGULAR_SPACING = "IRREGULAR_SPACING"
+    GANTRY_TILT = "GANTRY_TILT"
+    UNSUPPORTED_TRANSFER_SYNTAX = "UNSUPPORTED_TRANSFER_SYNTAX"
+    CORRUPT_PIXEL_DATA = "CORRUPT_PIXEL_DATA"
+
+
+class ApplianceError(Exception):
+    """Base class of the appliance's domain errors."""
+
+
+class Rejected(ApplianceError):
+    """Something was refused for a reason a technician can act on."""
+
+    def __init__(self, reason_code: ReasonCode, reason: str):
+        super().__init__(f"{reason_code.value}: {reason}")
+        self.reason_code = reason_code
+        self.reason = reason
+
+
+class InstanceRejected(Rejected):
+    """A file could not be accepted into the instance store."""
+
+
+class SeriesRejected(Rejected):
+    """A series cannot be assembled into a usable CT volume.
+
+    ``problems`` lists every problem the checks found (geometry ``Problem`` objects), fatal or corrected.
+    """
+
+    problems: tuple = ()
+
+
+class NothingUsable(ApplianceError):
+    """An import or analysis found nothing it could use."""

@@ -1,0 +1,1 @@
+"""Getting DICOM instances into the store: validation and importing."""

@@ -1,0 +1,213 @@
+"""Check one DICOM file's header before it is accepted, without decoding pixels.
+
+A file declaring 65535 x 65535 pixels is refused here from its header alone;
+pixel data that ends before its declared length is refused as truncated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
+from pydicom.uid import ImplicitVRLittleEndian
+
+from appliance.errors import InstanceRejected, ReasonCode
+
+PIXEL_DATA = Tag(0x7FE0, 0x0010)
+SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+UNDEFINED_LENGTH = 0xFFFFFFFF
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_MAX_LENGTH = 64
+# big enough for any DICOM header value we read; pixel data and large blobs stay on disk
+DEFER_SIZE = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceHeader:
+    """What the store needs to know of one instance (no pixel data)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str
+    instance_number: int | None
+    series_number: int | None
+    series_description: str
+    patient_id: str
+    patient_name: str
+    patient_birth_date: str
+    patient_sex: str
+    study_date: str
+    study_time: str
+    study_description: str
+    accession_number: str
+    derived_uids: tuple[str, ...] = ()  # keywords of UIDs the file lacked, derived here
+
+
+def is_valid_uid(value: object) -> bool:
+    """True for a UID that is safe to use as a file or folder name (digits and dots, <= 64)."""
+    return (isinstance(value, str) and 0 < len(value) <= UID_MAX_LENGTH
+            and UID_PATTERN.match(value) is not None)
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def _int_or_none(ds: pydicom.Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _read(path: Path) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(path, defer_size=DEFER_SIZE)
+    except InvalidDicomError:
+        pass
+    except Exception as exc:  # pydicom raises many kinds on damaged files
+        raise InstanceRejected(ReasonCode.TRUNCATED,
+                               f"The file is damaged or cut short and cannot be read ({type(exc).__name__}).") from exc
+    # files without the 128-byte preamble and meta header still occur on old media
+    try:
+        ds = pydicom.dcmread(path, defer_size=DEFER_SIZE, force=True)
+    except Exception as exc:
+        raise InstanceRejected(ReasonCode.NOT_DICOM, "The file is not a DICOM file.") from exc
+    if not sop_uid(ds, "SOPClassUID") or "PixelData" not in ds and "StudyInstanceUID" not in ds:
+        raise InstanceRejected(ReasonCode.NOT_DICOM, "The file is not a DICOM file.")
+    return ds
+
+
+def sop_uid(ds: pydicom.Dataset, keyword: str) -> str:
+    """SOPClassUID or SOPInstanceUID, falling back to the file meta's Media Storage copy when empty."""
+    value = str(ds.get(keyword) or "").strip()
+    if not value:
+        meta = getattr(ds, "file_meta", None) or {}
+        value = str(meta.get("MediaStorage" + keyword, "") or "").strip()
+    return value
+
+
+# attributes that identify a study / series when an anonymiser emptied its UID
+STUDY_IDENTITY = ("PatientID", "PatientName", "PatientBirthDate", "StudyDate", "StudyTime", "StudyID",
+                  "AccessionNumber")
+SERIES_IDENTITY = STUDY_IDENTITY + ("Modality", "SeriesNumber", "SeriesDescription", "SeriesDate", "SeriesTime",
+                                    "FrameOfReferenceUID")
+
+
+def _derived_uid(ds: pydicom.Dataset, keywords: tuple[str, ...], extra: str = "") -> str:
+    """A stable UID (2.25 root) from identifying attributes, for files whose UID was emptied."""
+    sources = "\x1f".join([f"{k}={ds.get(k, '')}" for k in keywords] + [extra])
+    return "2.25." + str(int.from_bytes(hashlib.sha256(sources.encode()).digest()[:16], "big"))
+
+
+def _resolve_uids(ds: pydicom.Dataset, sha256: str | None) -> dict[str, str]:
+    """The four UIDs a file is filed under; empty Study/Series/SOP Instance UIDs are derived."""
+    uids = {"SOPClassUID": sop_uid(ds, "SOPClassUID"), "SOPInstanceUID": sop_uid(ds, "SOPInstanceUID"),
+            "StudyInstanceUID": str(ds.get("StudyInstanceUID") or "").strip(),
+            "SeriesInstanceUID": str(ds.get("SeriesInstanceUID") or "").strip()}
+    if not uids["SOPClassUID"]:
+        raise InstanceRejected(ReasonCode.MISSING_UID, "The file does not say what kind of object it is (no SOPClassUID).")
+    derived = []
+    if not uids["StudyInstanceUID"]:
+        uids["StudyInstanceUID"] = _derived_uid(ds, STUDY_IDENTITY)
+        derived.append("StudyInstanceUID")
+    if not uids["SeriesInstanceUID"]:
+        uids["SeriesInstanceUID"] = _derived_uid(ds, SERIES_IDENTITY, uids["StudyInstanceUID"])
+        derived.append("SeriesInstanceUID")
+    if not uids["SOPInstanceUID"]:
+        if sha256 is None:
+            raise InstanceRejected(ReasonCode.MISSING_UID, "The file has no SOPInstanceUID.")
+        uids["SOPInstanceUID"] = _derived_uid(ds, (), sha256)
+        derived.append("SOPInstanceUID")
+    for keyword, value in uids.items():
+        if not is_valid_uid(value):
+            raise InstanceRejected(ReasonCode.INVALID_UID, f"The file's {keyword} is not a valid DICOM UID.")
+    uids["derived"] = ",".join(derived)
+    return uids
+
+
+def _check_has_pixels(ds: pydicom.Dataset) -> None:
+    """An image object without pixel data was cut short (pydicom reads what is there without error)."""
+    sop_class = pydicom.uid.UID(sop_uid(ds, "SOPClassUID"))
+    if sop_class.name.endswith("Image Storage") and PIXEL_DATA not in ds:
+        raise InstanceRejected(ReasonCode.TRUNCATED, "The file ends before its image data: it was cut short.")
+
+
+def _check_image_size(ds: pydicom.Dataset, max_rows_columns: int, max_frames: int) -> None:
+    rows, columns = _int_or_none(ds, "Rows") or 0, _int_or_none(ds, "Columns") or 0
+    frames = _int_or_none(ds, "NumberOfFrames") or 1
+    if rows > max_rows_columns or columns > max_rows_columns or frames > max_frames:
+        raise InstanceRejected(ReasonCode.IMAGE_TOO_LARGE,
+                               f"The image declares {rows} x {columns} pixels and {frames} frame(s), "
+                               f"more than this appliance accepts ({max_rows_columns} x {max_rows_columns}, "
+                               f"{max_frames} frames).")
+
+
+def _check_pixel_data_length(ds: pydicom.Dataset, path: Path, transfer_syntax: pydicom.uid.UID) -> None:
+    element = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    if element is None:
+        return
+    if not isinstance(element, pydicom.dataelem.RawDataElement) or element.value_tell is None:
+        return  # small enough to be read already: pydicom checked it while reading
+    size = os.path.getsize(path)
+    if element.length == UNDEFINED_LENGTH:
+        with open(path, "rb") as f:
+            f.seek(max(0, size - len(SEQUENCE_DELIMITER)))
+            if f.read() != SEQUENCE_DELIMITER:
+                raise InstanceRejected(ReasonCode.TRUNCATED,
+                                       "The compressed image data ends early: the file was cut short.")
+        return
+    if element.value_tell + element.length > size:
+        raise InstanceRejected(ReasonCode.TRUNCATED, "The image data ends early: the file was cut short.")
+    rows, columns = _int_or_none(ds, "Rows") or 0, _int_or_none(ds, "Columns") or 0
+    frames = _int_or_none(ds, "NumberOfFrames") or 1
+    samples = _int_or_none(ds, "SamplesPerPixel") or 1
+    bits = _int_or_none(ds, "BitsAllocated") or 16
+    expected = rows * columns * frames * samples * bits // 8
+    if not transfer_syntax.is_encapsulated and element.length < expected:
+        raise InstanceRejected(ReasonCode.TRUNCATED,
+                               f"The image data holds {element.length} bytes but the header declares "
+                               f"{expected}: the file is damaged.")
+
+
+def read_header(path: Path, *, max_rows_columns: int = 4096, max_frames: int = 4096,
+                sha256: str | None = None) -> InstanceHeader:
+    """Read and check the header of the DICOM file at ``path``.
+
+    Anonymisers sometimes empty the Study, Series or SOP Instance UID; those are
+    derived from the identifying attributes (and, for the instance, the file's
+    ``sha256``) so the same file always files the same way.
+
+    Raises :class:`InstanceRejected` with a reason code when the file cannot be accepted.
+    """
+    if os.path.getsize(path) == 0:
+        raise InstanceRejected(ReasonCode.EMPTY_FILE, "The file is empty (0 bytes).")
+    ds = _read(path)
+    _check_has_pixels(ds)
+    uids = _resolve_uids(ds, sha256)
+    _check_image_size(ds, max_rows_columns, max_frames)
+    meta = getattr(ds, "file_meta", None)
+    transfer_syntax = pydicom.uid.UID(str((meta or {}).get("TransferSyntaxUID", ImplicitVRLittleEndian)))
+    _check_pixel_data_length(ds, path, transfer_syntax)
+    return InstanceHeader(
+        sop_instance_uid=uids["SOPInstanceUID"], sop_class_uid=uids["SOPClassUID"],
+        study_instance_uid=uids["StudyInstanceUID"], series_instance_uid=uids["SeriesInstanceUID"],
+        transfer_syntax_uid=str(transfer_syntax), modality=_text(ds, "Modality"),
+        instance_number=_int_or_none(ds, "InstanceNumber"), series_number=_int_or_none(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription"), patient_id=_text(ds, "PatientID"),
+        patient_name=_text(ds, "PatientName"), patient_birth_date=_text(ds, "PatientBirthDate"),
+        patient_sex=_text(ds, "PatientSex"), study_date=_text(ds, "StudyDate"), study_time=_text(ds, "StudyTime"),
+        study_description=_text(ds, "StudyDescription"), accession_number=_text(ds, "AccessionNumber"),
+        derived_uids=tuple(filter(None, uids["derived"].split(","))),
+    )

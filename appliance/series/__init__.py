@@ -1,0 +1,1 @@
+"""From stored instances to a checked CT volume in Hounsfield units."""

@@ -1,0 +1,158 @@
+"""Read the geometry of every CT frame of a series from headers alone.
+
+Single-frame CT Image Storage gives one frame per file; Enhanced (and Legacy
+Converted Enhanced) CT gives one frame per item of the Per-frame Functional
+Groups Sequence. Localizers, secondary captures and dose reports are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.tag import Tag
+from pydicom.uid import ImplicitVRLittleEndian
+
+from appliance.ingest.validate import sop_uid
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+CT_SOP_CLASSES = {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE}
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+PIXEL_DATA = Tag(0x7FE0, 0x0010)
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """One CT image plane: where its pixels are and where it lies in patient space (LPS, mm)."""
+
+    path: Path
+    frame_index: int | None  # None for single-frame files
+    sop_instance_uid: str
+    image_position: np.ndarray  # (3,) ImagePositionPatient of the first voxel, mm
+    image_orientation: np.ndarray  # (6,) ImageOrientationPatient: row then column direction cosines
+    pixel_spacing: tuple[float, float]  # (row spacing, column spacing) mm: between rows, between columns
+    rows: int
+    columns: int
+    rescale_slope: float
+    rescale_intercept: float
+    transfer_syntax_uid: str
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int
+    pixel_data_offset: int | None  # byte offset of native (uncompressed) pixel data in the file
+    instance_number: int | None
+
+
+@dataclasses.dataclass
+class SeriesFrames:
+    """The CT frames of one series and what was left out, with why."""
+
+    frames: list[Frame]
+    excluded: list[tuple[str, str]]  # (SOPInstanceUID, why)
+    modalities: set[str]
+    other_frames: list[Frame] = dataclasses.field(default_factory=list)  # images of other modalities
+
+
+def _floats(value: object, n: int) -> np.ndarray | None:
+    try:
+        arr = np.array([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    return arr if arr.shape == (n,) else None
+
+
+def _why_excluded(ds: pydicom.Dataset) -> str | None:
+    sop_class = sop_uid(ds, "SOPClassUID")
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if sop_class.startswith(SECONDARY_CAPTURE_PREFIX):
+        return "secondary capture"
+    if "LOCALIZER" in image_type or "SCOUT" in image_type:
+        return "localizer"
+    if "SCREEN SAVE" in image_type or "DOSE_INFO" in image_type or "DOSE REPORT" in image_type:
+        return "dose report"
+    if sop_class not in CT_SOP_CLASSES:
+        return f"not a CT image ({ds.get('Modality', '?')})"
+    return None
+
+
+def _is_plain_image(ds: pydicom.Dataset) -> bool:
+    """A single-frame image of another modality (MR, PT ...) whose geometry can still be checked."""
+    return "PixelData" in ds and "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds
+
+
+def _pixel_offset(ds: pydicom.Dataset, transfer_syntax: pydicom.uid.UID) -> int | None:
+    if transfer_syntax.is_encapsulated or transfer_syntax.is_deflated:
+        return None
+    element = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    if isinstance(element, pydicom.dataelem.RawDataElement):
+        return element.value_tell
+    return None
+
+
+def _first(seq_parent: pydicom.Dataset | None, sequence: str) -> pydicom.Dataset | None:
+    if seq_parent is None or sequence not in seq_parent:
+        return None
+    items = seq_parent[sequence].value
+    return items[0] if items else None
+
+
+def _enhanced_frames(ds: pydicom.Dataset, path: Path, common: dict) -> list[Frame]:
+    shared = _first(ds, "SharedFunctionalGroupsSequence")
+    frames = []
+    for index, per_frame in enumerate(ds.get("PerFrameFunctionalGroupsSequence", [])):
+        def group(name: str) -> pydicom.Dataset | None:
+            return _first(per_frame, name) or _first(shared, name)
+
+        position = group("PlanePositionSequence")
+        orientation = group("PlaneOrientationSequence")
+        measures = group("PixelMeasuresSequence")
+        rescale = group("PixelValueTransformationSequence")
+        frames.append(Frame(
+            path=path, frame_index=index, sop_instance_uid=sop_uid(ds, "SOPInstanceUID"),
+            image_position=_floats(position.get("ImagePositionPatient") if position else None, 3),
+            image_orientation=_floats(orientation.get("ImageOrientationPatient") if orientation else None, 6),
+            pixel_spacing=tuple(float(v) for v in measures.PixelSpacing) if measures else (1.0, 1.0),
+            rescale_slope=float(rescale.get("RescaleSlope", 1) if rescale else 1),
+            rescale_intercept=float(rescale.get("RescaleIntercept", 0) if rescale else 0),
+            pixel_data_offset=None, instance_number=index + 1, **common,
+        ))
+    return frames
+
+
+def read_frames(paths: Iterable[Path]) -> SeriesFrames:
+    """Read the headers of ``paths`` (one series) and return its CT frames."""
+    result = SeriesFrames(frames=[], excluded=[], modalities=set())
+    for path in paths:
+        ds = pydicom.dcmread(path, defer_size=4096, force=True)
+        result.modalities.add(str(ds.get("Modality", "")))
+        why = _why_excluded(ds)
+        if why:
+            result.excluded.append((sop_uid(ds, "SOPInstanceUID") or path.name, why))
+            if not why.startswith("not a CT image") or not _is_plain_image(ds):
+                continue
+        meta = getattr(ds, "file_meta", None)
+        transfer_syntax = pydicom.uid.UID(str((meta or {}).get("TransferSyntaxUID", ImplicitVRLittleEndian)))
+        common = dict(
+            rows=int(ds.Rows), columns=int(ds.Columns), transfer_syntax_uid=str(transfer_syntax),
+            bits_allocated=int(ds.get("BitsAllocated", 16)), bits_stored=int(ds.get("BitsStored", 16)),
+            pixel_representation=int(ds.get("PixelRepresentation", 0)),
+        )
+        if "PerFrameFunctionalGroupsSequence" in ds:
+            result.frames.extend(_enhanced_frames(ds, path, common))
+            continue
+        number = ds.get("InstanceNumber")
+        (result.other_frames if why else result.frames).append(Frame(
+            path=path, frame_index=None, sop_instance_uid=sop_uid(ds, "SOPInstanceUID"),
+            image_position=_floats(ds.get("ImagePositionPatient"), 3),
+            image_orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+            pixel_spacing=tuple(float(v) for v in ds.get("PixelSpacing", (1.0, 1.0))),
+            rescale_slope=float(ds.get("RescaleSlope", 1) or 1), rescale_intercept=float(ds.get("RescaleIntercept", 0) or 0),
+            pixel_data_offset=_pixel_offset(ds, transfer_syntax),
+            instance_number=int(number) if number not in (None, "") else None, **common,
+        ))
+    return result

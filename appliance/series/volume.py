@@ -1,0 +1,110 @@
+"""Assemble one stored series into a checked CT volume in Hounsfield units."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from appliance.errors import ReasonCode, SeriesRejected
+from appliance.series.geometry import PRIORITY, Problem, VolumePlan, plan_volume, reject
+from appliance.series.headers import SeriesFrames, read_frames
+from appliance.series.pixels import decode_volume
+from appliance.series.resample import resample_slices
+
+
+@dataclasses.dataclass
+class CTVolume:
+    """A regular CT volume: ``hu[z, y, x]`` int16 with its geometry (LPS, mm)."""
+
+    hu: np.ndarray
+    plan: VolumePlan
+    slices: int  # frames that went into it
+    excluded: list[tuple[str, str]]
+    seconds: dict[str, float]
+
+    @property
+    def spacing_mm_zyx(self) -> tuple[float, float, float]:
+        return self.plan.spacing_mm_zyx
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        dz, dy, dx = self.plan.spacing_mm_zyx
+        return dz * dy * dx / 1000.0
+
+    def world(self, zyx: np.ndarray) -> np.ndarray:
+        """Patient positions (LPS, mm) of voxel indices given as (..., 3) in z, y, x order."""
+        xyz = np.asarray(zyx, dtype=np.float64)[..., ::-1]
+        affine = self.plan.affine()
+        return xyz @ affine[:3, :3].T + affine[:3, 3]
+
+
+def _not_ct(series: SeriesFrames) -> SeriesRejected:
+    modalities = ", ".join(sorted(m for m in series.modalities if m)) or "unknown"
+    why = sorted({w for _, w in series.excluded})
+    return SeriesRejected(ReasonCode.NOT_CT,
+                          f"This series holds no CT images (modality {modalities}; {', '.join(why)}), "
+                          "so it is kept but not analysed.")
+
+
+def _geometry_arrays(frames: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if any(f.image_position is None or f.image_orientation is None for f in frames):
+        raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA,
+                             "Some images have no position or orientation, so the volume cannot be built.")
+    positions = np.stack([f.image_position for f in frames])
+    orientations = np.stack([f.image_orientation for f in frames])
+    spacing = np.array([f.pixel_spacing for f in frames], dtype=np.float64)
+    return positions, orientations, spacing
+
+
+def _plan_frames(frames: list, settings) -> VolumePlan:
+    positions, orientations, spacing = _geometry_arrays(frames)
+    sizes = {(f.rows, f.columns) for f in frames}
+    rows, columns = max(sizes)
+    if len(sizes) > 1:
+        raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA, "The images of this series differ in size.")
+    return plan_volume(positions, orientations, spacing, rows, columns, settings)
+
+
+def plan_series(series: SeriesFrames, settings) -> VolumePlan:
+    """Geometry checks for a series' CT frames.
+
+    A series of another modality is rejected as NOT_CT; its geometry problems,
+    if any, are listed too (and, being more specific, come first).
+    """
+    if series.frames:
+        return _plan_frames(series.frames, settings)
+    not_ct = _not_ct(series)
+    problems = [Problem(ReasonCode.NOT_CT, not_ct.reason, True)]
+    if series.other_frames:
+        try:
+            _plan_frames(series.other_frames, settings)
+        except SeriesRejected as exc:
+            problems = [p for p in getattr(exc, "problems", ()) if p.fatal] + problems
+    raise reject(problems)
+
+
+def load_series(paths: Iterable[Path], settings) -> CTVolume:
+    """Read, check, decode and (if needed) resample the series stored at ``paths``.
+
+    Raises :class:`SeriesRejected` with a reason code when no usable CT volume results.
+    """
+    t0 = time.perf_counter()
+    series = read_frames(paths)
+    t_headers = time.perf_counter()
+    plan = plan_series(series, settings)
+    ordered = [series.frames[i] for i in plan.order]
+    hu = decode_volume(ordered, settings.decode_workers)
+    t_decode = time.perf_counter()
+    if plan.needs_resampling:
+        hu = resample_slices(hu, plan.source_z_mm, plan.target_z_mm, plan.shear_mm_per_row,
+                             plan.shear_mm_per_column)
+    t_end = time.perf_counter()
+    return CTVolume(hu=hu, plan=plan, slices=len(ordered), excluded=series.excluded,
+                    seconds={"headers": t_headers - t0, "decode": t_decode - t_headers, "resample": t_end - t_decode})
+
+
+__all__ = ["CTVolume", "Problem", "PRIORITY", "load_series", "plan_series"]

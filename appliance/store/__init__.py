@@ -1,0 +1,1 @@
+"""Durable storage: the SQLite index, instance files and quarantine."""

@@ -1,0 +1,144 @@
+"""The SQLite index: connections, versioned migrations and write transactions.
+
+One writer at a time (``BEGIN IMMEDIATE``), WAL journal, and
+``synchronous=FULL`` on connections whose commits acknowledge received data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+DATABASE_NAME = "appliance.sqlite"
+BUSY_TIMEOUT_MS = 30_000
+
+migrations = Migrations("appliance")
+
+
+@migrations()
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db["patients"].create({
+        "patient_key": str, "patient_id": str, "patient_name": str,
+        "patient_birth_date": str, "patient_sex": str,
+    }, pk="patient_key")
+    db["studies"].create({
+        "study_instance_uid": str, "patient_key": str, "study_date": str, "study_time": str,
+        "study_description": str, "accession_number": str, "created_at": str, "updated_at": str,
+    }, pk="study_instance_uid", foreign_keys=[("patient_key", "patients")])
+    db["series"].create({
+        "series_instance_uid": str, "study_instance_uid": str, "modality": str, "series_number": int,
+        "series_description": str, "instance_count": int, "status": str, "reason_code": str,
+        "reason": str, "last_received_at": str, "updated_at": str,
+    }, pk="series_instance_uid", foreign_keys=[("study_instance_uid", "studies")])
+    db["instances"].create({
+        "sop_instance_uid": str, "series_instance_uid": str, "study_instance_uid": str,
+        "sop_class_uid": str, "transfer_syntax_uid": str, "instance_number": int, "path": str,
+        "size_bytes": int, "sha256": str, "source": str, "received_at": str,
+    }, pk="sop_instance_uid", foreign_keys=[("series_instance_uid", "series")])
+    db["analyses"].create({
+        "id": int, "series_instance_uid": str, "study_instance_uid": str, "status": str,
+        "reason_code": str, "reason": str, "problems": str, "slices": int, "shape_zyx": str,
+        "spacing_mm_zyx": str, "seconds": str, "created_at": str, "superseded": int,
+    }, pk="id", foreign_keys=[("series_instance_uid", "series")])
+    db["results"].create({
+        "id": int, "analysis_id": int, "series_instance_uid": str, "model": str, "model_version": str,
+        "validated": int, "backend": str, "precision": str, "score": float, "threshold": float,
+        "flagged": int, "findings": str, "seconds": float, "created_at": str,
+    }, pk="id", foreign_keys=[("analysis_id", "analyses")])
+    db["jobs"].create({
+        "id": int, "kind": str, "study_instance_uid": str, "series_instance_uid": str, "state": str,
+        "priority": int, "attempts": int, "not_before": str, "lease_until": str, "progress": float,
+        "error": str, "created_at": str, "updated_at": str,
+    }, pk="id")
+    db["quarantine"].create({
+        "id": int, "source": str, "original_name": str, "path": str, "size_bytes": int,
+        "sha256": str, "reason_code": str, "reason": str, "created_at": str,
+    }, pk="id")
+    db["audit_log"].create({
+        "id": int, "at": str, "actor": str, "action": str, "object": str, "detail": str,
+    }, pk="id")
+    db["instances"].create_index(["series_instance_uid"])
+    db["series"].create_index(["study_instance_uid"])
+    db["analyses"].create_index(["series_instance_uid"])
+    db["results"].create_index(["analysis_id"])
+    db["jobs"].create_index(["state", "priority"])
+    db["studies"].create_index(["study_date"])
+
+
+def utcnow() -> str:
+    """The current UTC time as ISO 8601 text, as stored in every ``*_at`` column."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def connect(path: Path, *, durable: bool = True, read_only: bool = False) -> sqlite_utils.Database:
+    """Open the database at ``path``.
+
+    ``durable`` sets ``synchronous=FULL`` so a commit survives a power cut;
+    connections that only read or rebuild derived data may pass ``False``.
+    """
+    if read_only:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                               check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+    return sqlite_utils.Database(conn)
+
+
+def open_database(home: Path, **kwargs: Any) -> sqlite_utils.Database:
+    """Open (creating if needed) the database in the data directory and apply migrations."""
+    home.mkdir(parents=True, exist_ok=True)
+    db = connect(home / DATABASE_NAME, **kwargs)
+    if not kwargs.get("read_only"):
+        with write_transaction(db):
+            pass  # take the write lock once so concurrent first starts migrate in turn
+        migrations.apply(db)
+    return db
+
+
+@contextlib.contextmanager
+def write_transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``: one writer at a time, rolled back on error."""
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.conn.execute("ROLLBACK")
+        raise
+    db.conn.execute("COMMIT")
+
+
+def audit(db: sqlite_utils.Database, actor: str, action: str, obj: str = "", **detail: Any) -> None:
+    """Append one row to the audit log (inside the caller's transaction if any)."""
+    db["audit_log"].insert({"at": utcnow(), "actor": actor, "action": action, "object": obj,
+                            "detail": json.dumps(detail, sort_keys=True)})
+
+
+def counts(db: sqlite_utils.Database) -> dict[str, Any]:
+    """What the store holds, for ``appliance status``."""
+    def one(sql: str) -> int:
+        return int(db.execute(sql).fetchone()[0])
+
+    jobs = {state: n for state, n in db.execute("SELECT state, count(*) FROM jobs GROUP BY state")}
+    series = {status: n for status, n in db.execute("SELECT status, count(*) FROM series GROUP BY status")}
+    return {
+        "patients": one("SELECT count(*) FROM patients"),
+        "studies": one("SELECT count(*) FROM studies"),
+        "series": one("SELECT count(*) FROM series"),
+        "series_by_status": series,
+        "instances": one("SELECT count(*) FROM instances"),
+        "quarantined": one("SELECT count(*) FROM quarantine"),
+        "results": one("SELECT count(*) FROM results"),
+        "jobs": {s: jobs.get(s, 0) for s in ("queued", "running", "done", "failed")},
+    }

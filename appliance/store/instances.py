@@ -1,0 +1,150 @@
+"""The instance store: every accepted DICOM file, as received, filed by its UIDs.
+
+A file is copied to a temporary name and fsynced, its header checked, renamed
+into ``instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
+(a path built only from validated UIDs) and only then indexed and committed.
+The same SOP Instance UID twice is stored once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+import sqlite_utils
+
+from appliance.errors import InstanceRejected
+from appliance.ingest.validate import InstanceHeader, is_valid_uid, read_header
+from appliance.store import quarantine
+from appliance.store.database import utcnow, write_transaction
+from appliance.store.files import copy_to_temp, durable_rename
+
+log = logging.getLogger(__name__)
+
+INSTANCES_DIR = "instances"
+TMP_DIR = ".tmp"
+
+
+@dataclasses.dataclass(frozen=True)
+class Accepted:
+    """Outcome of offering one file to the store."""
+
+    status: str  # "stored" | "duplicate"
+    header: InstanceHeader
+    path: Path
+
+
+def instance_path(home: Path, header: InstanceHeader) -> Path:
+    """Where an instance lives; every part is a validated UID, never a name a peer supplied."""
+    parts = (header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
+    if not all(is_valid_uid(p) for p in parts):
+        raise ValueError(f"refusing to build a path from invalid UIDs {parts!r}")
+    return home / INSTANCES_DIR / parts[0] / parts[1] / f"{parts[2]}.dcm"
+
+
+def _patient_key(header: InstanceHeader) -> str:
+    ident = "\x1f".join((header.patient_id, header.patient_name, header.patient_birth_date))
+    return hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+def _index(db: sqlite_utils.Database, header: InstanceHeader, path: Path, size: int,
+           sha256: str, source: str, home: Path) -> None:
+    now = utcnow()
+    key = _patient_key(header)
+    db["patients"].insert({
+        "patient_key": key, "patient_id": header.patient_id, "patient_name": header.patient_name,
+        "patient_birth_date": header.patient_birth_date, "patient_sex": header.patient_sex,
+    }, ignore=True)
+    db["studies"].insert({
+        "study_instance_uid": header.study_instance_uid, "patient_key": key, "study_date": header.study_date,
+        "study_time": header.study_time, "study_description": header.study_description,
+        "accession_number": header.accession_number, "created_at": now, "updated_at": now,
+    }, ignore=True)
+    db["series"].insert({
+        "series_instance_uid": header.series_instance_uid, "study_instance_uid": header.study_instance_uid,
+        "modality": header.modality, "series_number": header.series_number,
+        "series_description": header.series_description, "instance_count": 0, "status": "received",
+        "reason_code": None, "reason": None, "last_received_at": now, "updated_at": now,
+    }, ignore=True)
+    db["instances"].insert({
+        "sop_instance_uid": header.sop_instance_uid, "series_instance_uid": header.series_instance_uid,
+        "study_instance_uid": header.study_instance_uid, "sop_class_uid": header.sop_class_uid,
+        "transfer_syntax_uid": header.transfer_syntax_uid, "instance_number": header.instance_number,
+        "path": str(path.relative_to(home)), "size_bytes": size, "sha256": sha256, "source": source,
+        "received_at": now,
+    })
+    db.execute("UPDATE series SET instance_count = instance_count + 1, last_received_at = ?, updated_at = ?,"
+               " status = 'received' WHERE series_instance_uid = ?", [now, now, header.series_instance_uid])
+    db.execute("UPDATE studies SET updated_at = ? WHERE study_instance_uid = ?", [now, header.study_instance_uid])
+
+
+class InstanceStore:
+    """Accepts DICOM files durably into the data directory ``home`` and its database."""
+
+    def __init__(self, home: Path, db: sqlite_utils.Database, *, max_bytes: int = 2 * 1024**3,
+                 max_rows_columns: int = 4096, max_frames: int = 4096):
+        self.home = home
+        self.db = db
+        self.max_bytes = max_bytes
+        self.max_rows_columns = max_rows_columns
+        self.max_frames = max_frames
+        self.tmp_dir = home / INSTANCES_DIR / TMP_DIR
+
+    def accept(self, stream: BinaryIO, *, source: str, original_name: str) -> Accepted:
+        """Store the DICOM file read from ``stream``; return only once it is durable.
+
+        Raises :class:`InstanceRejected` after quarantining a file that cannot be accepted.
+        """
+        try:
+            tmp, size, sha256 = copy_to_temp(stream, self.tmp_dir, self.max_bytes)
+        except InstanceRejected as exc:
+            quarantine.record(self.db, self.home, None, source=source, original_name=original_name,
+                              size=None, sha256=None, rejection=exc)
+            raise
+        try:
+            header = read_header(tmp, max_rows_columns=self.max_rows_columns, max_frames=self.max_frames,
+                                 sha256=sha256)
+        except InstanceRejected as exc:
+            quarantine.record(self.db, self.home, tmp, source=source, original_name=original_name,
+                              size=size, sha256=sha256, rejection=exc)
+            raise
+        return self._file(tmp, header, size, sha256, source)
+
+    def _file(self, tmp: Path, header: InstanceHeader, size: int, sha256: str, source: str) -> Accepted:
+        final = instance_path(self.home, header)
+        if self.db.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?",
+                           [header.sop_instance_uid]).fetchone():
+            tmp.unlink(missing_ok=True)
+            return Accepted("duplicate", header, final)
+        durable_rename(tmp, final)
+        with write_transaction(self.db):
+            if self.db.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?",
+                               [header.sop_instance_uid]).fetchone():
+                return Accepted("duplicate", header, final)  # a concurrent writer filed it first
+            _index(self.db, header, final, size, sha256, source, self.home)
+        return Accepted("stored", header, final)
+
+    def sweep_orphans(self) -> int:
+        """Remove what a crash can leave: temporary files and files never indexed. Returns the count."""
+        removed = 0
+        if self.tmp_dir.is_dir():
+            for entry in self.tmp_dir.iterdir():
+                entry.unlink(missing_ok=True)
+                removed += 1
+        root = self.home / INSTANCES_DIR
+        if not root.is_dir():
+            return removed
+        known = {row[0] for row in self.db.execute("SELECT path FROM instances")}
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d != TMP_DIR]
+            for name in filenames:
+                path = Path(dirpath) / name
+                if str(path.relative_to(self.home)) not in known:
+                    log.warning("removing %s: stored but never indexed (interrupted write)", path)
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed

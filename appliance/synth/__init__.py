@@ -1,0 +1,1 @@
+"""Synthetic CT phantoms written as valid DICOM series, for tests, benchmarks, demos and training."""

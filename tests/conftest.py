@@ -1,0 +1,44 @@
+"""Shared fixtures: a throw-away data directory per test and the real data in ../shared/data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance import config
+from appliance.store.database import open_database
+from appliance.store.instances import InstanceStore
+from appliance.synth.writer import SynthOptions, write_series
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+CT = DATA / "ct"
+
+
+def need_data(*parts: str) -> Path:
+    """The path of real test data, or skip the test with a clear message when it is absent."""
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real test data not found at {path} (it lives in ../shared/data beside the repository)")
+    return path
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> config.Settings:
+    return config.load(environ={}, home=str(tmp_path / "home"))
+
+
+@pytest.fixture
+def store(settings: config.Settings) -> InstanceStore:
+    db = open_database(settings.home_path)
+    return InstanceStore(settings.home_path, db, max_bytes=settings.max_instance_bytes,
+                         max_rows_columns=settings.max_rows_columns, max_frames=settings.max_frames)
+
+
+@pytest.fixture(scope="session")
+def synthetic_chest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic chest-abdomen series (40 slices, 128 x 128), made once per run."""
+    out = tmp_path_factory.mktemp("synth") / "chest"
+    write_series(out, SynthOptions(slices=40, size=128, seed=3))
+    return out

@@ -1,0 +1,99 @@
+import io
+import os
+import shutil
+
+import pydicom
+import pytest
+
+from appliance.errors import InstanceRejected, ReasonCode
+from appliance.store.database import counts, open_database
+
+from .conftest import need_data
+
+
+def _first_file(folder):
+    return sorted(folder.glob("*.dcm"))[0]
+
+
+def test_database_uses_wal_and_migrations_are_idempotent(settings):
+    db = open_database(settings.home_path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    for table in ("patients", "studies", "series", "instances", "jobs", "results", "quarantine", "audit_log"):
+        assert db[table].exists(), table
+    applied = db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0]
+    db2 = open_database(settings.home_path)
+    assert db2.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == applied
+
+
+def test_accepted_instance_is_filed_by_uids_and_indexed(store, synthetic_chest):
+    path = _first_file(synthetic_chest)
+    with open(path, "rb") as f:
+        accepted = store.accept(f, source="test", original_name="x")
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    expected = store.home / "instances" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    assert accepted.status == "stored" and accepted.path == expected
+    assert expected.read_bytes() == path.read_bytes()  # stored as received, never rewritten
+    row = store.db["instances"].get(ds.SOPInstanceUID)
+    assert row["series_instance_uid"] == ds.SeriesInstanceUID and row["size_bytes"] == path.stat().st_size
+    assert not any((store.home / "instances" / ".tmp").iterdir())
+
+
+def test_same_sop_instance_twice_is_stored_once(store, synthetic_chest):
+    path = _first_file(synthetic_chest)
+    for _ in range(2):
+        with open(path, "rb") as f:
+            last = store.accept(f, source="test", original_name="x")
+    assert last.status == "duplicate"
+    assert counts(store.db)["instances"] == 1
+    assert store.db.execute("SELECT instance_count FROM series").fetchone()[0] == 1
+
+
+def test_uid_that_would_escape_the_store_is_refused(store, synthetic_chest, tmp_path):
+    ds = pydicom.dcmread(_first_file(synthetic_chest))
+    ds.SOPInstanceUID = "../../../../etc/passwd"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    buf.seek(0)
+    with pytest.raises(InstanceRejected) as info:
+        store.accept(buf, source="test", original_name="evil.dcm")
+    assert info.value.reason_code == ReasonCode.INVALID_UID
+    assert not (tmp_path / "etc").exists()
+    assert counts(store.db)["quarantined"] == 1
+
+
+def test_sweep_removes_temporary_and_unindexed_files(store, synthetic_chest):
+    path = _first_file(synthetic_chest)
+    with open(path, "rb") as f:
+        accepted = store.accept(f, source="test", original_name="x")
+    tmp = store.home / "instances" / ".tmp" / "dead.part"
+    tmp.write_bytes(b"half written")
+    orphan = accepted.path.with_name("1.2.3.dcm")  # renamed but never committed: a crash in between
+    shutil.copy(path, orphan)
+    assert store.sweep_orphans() == 2
+    assert not tmp.exists() and not orphan.exists() and accepted.path.exists()
+
+
+def test_anonymised_files_without_uids_are_filed_consistently(store):
+    folder = need_data("ct", "totalseg-example-j2k")
+    results = []
+    for path in sorted(folder.iterdir())[:3]:
+        with open(path, "rb") as f:
+            results.append(store.accept(f, source="test", original_name=path.name))
+    assert len({r.header.series_instance_uid for r in results}) == 1
+    assert all(r.header.series_instance_uid.startswith("2.25.") for r in results)
+    assert "SeriesInstanceUID" in results[0].header.derived_uids
+
+
+def test_file_written_by_another_process_concurrently_is_not_lost(settings, synthetic_chest):
+    """Two stores on one database (receiver and importer) each keep every file."""
+    from appliance.store.instances import InstanceStore
+
+    a = InstanceStore(settings.home_path, open_database(settings.home_path))
+    b = InstanceStore(settings.home_path, open_database(settings.home_path))
+    files = sorted(synthetic_chest.glob("*.dcm"))[:10]
+    for i, path in enumerate(files):
+        with open(path, "rb") as f:
+            (a if i % 2 else b).accept(f, source="test", original_name=path.name)
+    assert counts(a.db)["instances"] == 10
+    assert len(list(os.scandir(a.home / "instances"))) == 2  # one study folder + .tmp
