@@ -46,6 +46,9 @@ class Rejected(ApplianceError):
         self.reason_code = reason_code
         self.reason = reason
 
+    def __reduce__(self):  # cross process boundaries (decoder pool) intact
+        return (self.__class__, (self.reason_code, self.reason))
+
 
 class InstanceRejected(Rejected):
     """A file could not be accepted into the instance store."""

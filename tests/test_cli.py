@@ -1,0 +1,96 @@
+"""The ``appliance`` command as a user runs it: a real process, a real data directory."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import need_data
+
+RESULT_KEYS = {"model", "model_version", "validated", "backend", "precision", "score", "threshold", "flagged",
+               "findings", "seconds"}
+SERIES_KEYS = {"series_instance_uid", "status", "reason_code", "reason", "slices", "shape_zyx", "spacing_mm_zyx",
+               "results", "seconds"}
+
+
+def appliance(*args, home):
+    env = dict(os.environ, APPLIANCE_HOME=str(home))
+    return subprocess.run([sys.executable, "-m", "appliance.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_analyze_json_has_the_contract_shape(synthetic_chest, tmp_path):
+    run = appliance("analyze", synthetic_chest, "--json", home=tmp_path / "home")
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    series = doc["studies"][0]["series"][0]
+    assert SERIES_KEYS <= series.keys()
+    assert series["status"] == "analyzed" and series["slices"] == 40 and series["shape_zyx"] == [40, 128, 128]
+    assert set(series["seconds"]) >= {"load", "preprocess", "infer", "total"}
+    for result in series["results"]:
+        assert RESULT_KEYS <= result.keys()
+    lungs = next(r for r in series["results"] if r["model"] == "lungs-classical")
+    assert lungs["score"] > 500  # mL of lung in the phantom's chest part
+
+
+def test_status_counts_what_was_stored(synthetic_chest, tmp_path):
+    appliance("analyze", synthetic_chest, home=tmp_path / "home")
+    run = appliance("status", "--json", home=tmp_path / "home")
+    doc = json.loads(run.stdout)
+    assert doc["studies"] == 1 and doc["series"] == 1 and doc["instances"] == 40
+    assert doc["jobs"]["done"] == 1
+    assert doc["quarantined"] == 1  # the ground_truth.json beside the phantom is not DICOM
+
+
+def test_nothing_usable_exits_non_zero_with_one_line(tmp_path):
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    (folder / "a.txt").write_text("hello")
+    run = appliance("analyze", folder, home=tmp_path / "home")
+    assert run.returncode != 0
+    assert run.stderr.strip().count("\n") == 0 and "NOTHING_USABLE" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_rejected_only_input_exits_non_zero_naming_the_reason(tmp_path):
+    folder = need_data("ct", "broken", "gantrytilting")
+    run = appliance("analyze", folder, home=tmp_path / "home")
+    assert run.returncode == 1 and "GANTRY_TILT" in run.stdout + run.stderr
+
+
+def test_reanalysis_supersedes_and_keeps_history(synthetic_chest, tmp_path):
+    from appliance import config
+    from appliance.analysis import analyze_series, open_store
+
+    appliance("analyze", synthetic_chest, home=tmp_path / "home")
+    settings = config.load(environ={}, home=str(tmp_path / "home"))
+    store = open_store(settings)
+    uid = store.db.execute("SELECT series_instance_uid FROM series").fetchone()[0]
+    analyze_series(store, uid, settings)
+    rows = store.db.execute("SELECT superseded FROM analyses ORDER BY id").fetchall()
+    assert [r[0] for r in rows] == [1, 0]
+
+
+def test_synth_command_writes_a_series_with_ground_truth(tmp_path):
+    run = appliance("synth", "--out", tmp_path / "s", "--slices", 8, "--size", 64, "--region", "abdomen",
+                    "--lesion", "pancreas-hypo", home=tmp_path / "home")
+    assert run.returncode == 0, run.stderr
+    assert len(list((tmp_path / "s").glob("*.dcm"))) == 8
+    truth = json.loads((tmp_path / "s" / "ground_truth.json").read_text())
+    assert truth["lesions"][0]["kind"] == "pancreas-hypo"
+
+
+@pytest.mark.slow
+def test_real_series_analysis_measures_lungs_inside_the_body(tmp_path):
+    folder = need_data("ct", "tcia-pancreas-ct-chest-abdomen")
+    run = appliance("analyze", folder, "--json", home=tmp_path / "home")
+    doc = json.loads(run.stdout)
+    series = doc["studies"][0]["series"][0]
+    lungs = {f["name"]: f for r in series["results"] if r["model"] == "lungs-classical" for f in r["findings"]}
+    right, left, body = lungs["right lung"], lungs["left lung"], lungs["body"]
+    assert right["centroid_mm"][0] < body["centroid_mm"][0] < left["centroid_mm"][0]  # LPS: +x is patient left
+    assert 500 < right["volume_ml"] < 4000 and 500 < left["volume_ml"] < 4000
+    assert right["volume_ml"] + left["volume_ml"] < body["volume_ml"] / 5
+    assert right["slice_range"][0] > 40  # lungs are in the upper part of a chest-abdomen scan
+    assert doc["import"]["quarantined"] and all(q["reason_code"] == "NOT_DICOM" for q in doc["import"]["quarantined"])
