@@ -132,7 +132,7 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
     incoming.mkdir(parents=True, exist_ok=True)
     if not store.db.execute("SELECT 1 FROM studies LIMIT 1").fetchone():
         print("First start: analysing the bundled synthetic sample study.")
-        _print_summary(analyze_paths([_ensure_sample(settings)], settings))
+        _print_summary(analyze_paths(sorted(_ensure_sample(settings).glob("*.dcm")), settings))
     print(f"Appliance running on {settings.home_path}: drop DICOM files, folders or zip archives into {incoming}.")
     print("Press Ctrl-C to stop.", flush=True)
     try:

@@ -94,3 +94,20 @@ def test_real_series_analysis_measures_lungs_inside_the_body(tmp_path):
     assert right["volume_ml"] + left["volume_ml"] < body["volume_ml"] / 5
     assert right["slice_range"][0] > 40  # lungs are in the upper part of a chest-abdomen scan
     assert doc["import"]["quarantined"] and all(q["reason_code"] == "NOT_DICOM" for q in doc["import"]["quarantined"])
+
+
+def test_serve_analyses_what_is_dropped_into_incoming(synthetic_chest, tmp_path):
+    home = tmp_path / "home"
+    (home / "incoming").mkdir(parents=True)
+    (home / "studies").mkdir()
+    import shutil
+
+    shutil.copytree(synthetic_chest, home / "incoming" / "usb-copy")
+    # a study already in the store: the first-start sample is not made
+    appliance("analyze", next(synthetic_chest.glob("*.dcm")), home=home)
+    run = appliance("serve", "--once", home=home)
+    assert run.returncode == 0, run.stderr
+    assert "Imported 39 new image(s), 1 already stored" in run.stdout
+    assert not any((home / "incoming").iterdir())
+    status = json.loads(appliance("status", "--json", home=home).stdout)
+    assert status["instances"] == 40
