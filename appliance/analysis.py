@@ -7,6 +7,7 @@ in SQLite. A new analysis of a series supersedes the earlier one; both stay.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -19,21 +20,56 @@ import sqlite_utils
 from appliance.config import Settings
 from appliance.errors import NothingUsable, SeriesRejected
 from appliance.ingest.importer import ImportSummary, import_paths
-from appliance.pipelines import StepResult, lungs, series_qa
+from appliance.inference.registry import Registry
+from appliance.pipelines import StepResult, chest_covid19, lungs, series_qa
 from appliance.series.volume import CTVolume, load_series
 from appliance.store.database import open_database, utcnow, write_transaction
 from appliance.store.instances import InstanceStore
 
 log = logging.getLogger(__name__)
 
-Step = Callable[[CTVolume, Settings], StepResult]
+@dataclasses.dataclass
+class StepContext:
+    """What the steps of one series' analysis share: settings, models, where artefacts go."""
+
+    settings: Settings
+    registry: Registry
+    artefacts: Path
+    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    _segmentation: lungs.Segmentation | None = None
+
+    def segmentation(self, volume: CTVolume) -> lungs.Segmentation:
+        if self._segmentation is None:
+            self._segmentation = lungs.segment(volume, self.settings.body_threshold_hu,
+                                               self.settings.lung_threshold_hu)
+        return self._segmentation
 
 
-def _lungs(volume: CTVolume, settings: Settings) -> StepResult:
-    return lungs.run(volume, settings.body_threshold_hu, settings.lung_threshold_hu)
+Step = Callable[[CTVolume, StepContext], "StepResult | None"]
 
 
-STEPS: tuple[Step, ...] = (lambda volume, settings: series_qa.run(volume), _lungs)
+def _series_qa(volume: CTVolume, ctx: StepContext) -> StepResult:
+    return series_qa.run(volume)
+
+
+def _lungs(volume: CTVolume, ctx: StepContext) -> StepResult:
+    return lungs.run(volume, seg=ctx.segmentation(volume))
+
+
+def _chest_covid19(volume: CTVolume, ctx: StepContext) -> StepResult | None:
+    pack = ctx.registry.pack(chest_covid19.MODEL_ID)
+    if pack is None:
+        ctx.skipped.append({"model": chest_covid19.MODEL_ID, "why": "model pack not installed or refused"})
+        return None
+    session, _choice = ctx.registry.session(pack)
+    try:
+        return chest_covid19.run(volume, ctx.segmentation(volume), session, pack, ctx.artefacts)
+    except chest_covid19.NotApplicable as exc:
+        ctx.skipped.append({"model": pack.id, "why": str(exc)})
+        return None
+
+
+STEPS: tuple[Step, ...] = (_series_qa, _lungs, _chest_covid19)
 
 
 def open_store(settings: Settings) -> InstanceStore:
@@ -54,18 +90,28 @@ def series_paths(store: InstanceStore, series_instance_uid: str) -> list[Path]:
     return [store.home / r[0] for r in rows]
 
 
-def _run_steps(volume: CTVolume, settings: Settings) -> list[StepResult]:
+def _run_steps(volume: CTVolume, ctx: StepContext) -> list[StepResult]:
     results = []
     for step in STEPS:
         t0 = time.perf_counter()
-        result = step(volume, settings)
-        result.seconds = round(time.perf_counter() - t0, 3)
-        results.append(result)
+        result = step(volume, ctx)
+        if result is not None:
+            result.seconds = round(time.perf_counter() - t0, 3)
+            results.append(result)
     return results
 
 
-def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Settings) -> dict[str, Any]:
+def artefact_dir(store: InstanceStore, series_instance_uid: str) -> Path:
+    """``artefacts/<StudyInstanceUID>/<SeriesInstanceUID>/`` (UIDs validated when the series was stored)."""
+    study = store.db.execute("SELECT study_instance_uid FROM series WHERE series_instance_uid = ?",
+                             [series_instance_uid]).fetchone()[0]
+    return store.home / "artefacts" / study / series_instance_uid
+
+
+def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Settings,
+                   registry: Registry | None = None) -> dict[str, Any]:
     """Assemble, check and analyse one stored series; store and return its result record."""
+    registry = registry or Registry(settings)
     t0 = time.perf_counter()
     paths = series_paths(store, series_instance_uid)
     record: dict[str, Any] = {"series_instance_uid": series_instance_uid, "status": "analyzed", "reason_code": None,
@@ -82,8 +128,10 @@ def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Set
         seconds["load"] = volume.seconds["headers"] + volume.seconds["decode"]
         seconds["preprocess"] = volume.seconds["resample"]
         t_infer = time.perf_counter()
-        results = _run_steps(volume, settings)
+        ctx = StepContext(settings, registry, artefact_dir(store, series_instance_uid))
+        results = _run_steps(volume, ctx)
         seconds["infer"] = time.perf_counter() - t_infer
+        record["skipped_models"] = ctx.skipped
         record.update(slices=volume.slices, shape_zyx=list(volume.hu.shape),
                       spacing_mm_zyx=[round(v, 4) for v in volume.spacing_mm_zyx],
                       problems=[p.as_dict() for p in volume.plan.problems],
@@ -123,7 +171,8 @@ def _save(db: sqlite_utils.Database, record: dict[str, Any]) -> None:
                    "WHERE series_instance_uid = ?", [record["status"], record["reason_code"], record["reason"], now, uid])
 
 
-def _run_job(store: InstanceStore, series_uid: str, study_uid: str, settings: Settings) -> dict[str, Any]:
+def _run_job(store: InstanceStore, series_uid: str, study_uid: str, settings: Settings,
+             registry: Registry) -> dict[str, Any]:
     db = store.db
     with write_transaction(db):
         jobs = db["jobs"]
@@ -132,7 +181,7 @@ def _run_job(store: InstanceStore, series_uid: str, study_uid: str, settings: Se
                      "created_at": utcnow(), "updated_at": utcnow()})
         job_id = jobs.last_pk
     try:
-        record = analyze_series(store, series_uid, settings)
+        record = analyze_series(store, series_uid, settings, registry)
     except BaseException as exc:
         with write_transaction(db):
             db["jobs"].update(job_id, {"state": "failed", "error": repr(exc), "updated_at": utcnow()})
@@ -153,7 +202,8 @@ def analyze_paths(paths: Iterable[Path], settings: Settings,
     if not summary.series:
         raise NothingUsable(f"no DICOM images found ({len(summary.quarantined)} file(s) quarantined)")
     studies: dict[str, list[dict[str, Any]]] = {}
+    registry = Registry(settings)
     for series_uid, study_uid in summary.series.items():
-        studies.setdefault(study_uid, []).append(_run_job(store, series_uid, study_uid, settings))
+        studies.setdefault(study_uid, []).append(_run_job(store, series_uid, study_uid, settings, registry))
     return {"import": summary.as_dict(),
             "studies": [{"study_instance_uid": uid, "series": series} for uid, series in studies.items()]}

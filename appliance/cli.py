@@ -24,6 +24,7 @@ EXAMPLES = {
               "  appliance synth --out /tmp/lesion --slices 200 --region abdomen --lesion pancreas-hypo"),
     "serve": "examples:\n  APPLIANCE_HOME=/var/lib/appliance appliance serve",
     "settings": "examples:\n  appliance settings",
+    "build-engines": "examples:\n  appliance build-engines\n  python build_engines.py",
 }
 
 
@@ -108,7 +109,30 @@ def cmd_synth(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0
 
 
+def cmd_build_engines(args: argparse.Namespace, settings: config.Settings) -> int:
+    from appliance.inference.build import build_all
+
+    records = build_all(settings)
+    if not records:
+        print(f"no model packs in {settings.engines_path}: nothing to build")
+    refused = 0
+    for record in records:
+        for r in record["parity"]["results"]:
+            state = "enabled" if r["enabled"] else "NOT enabled"
+            speed = f", {r['speedup']:.2f}x FP32" if r.get("speedup") else ""
+            print(f"{record['model']}: {r['backend']} {r['precision']} {state} ({r['why']}{speed})")
+        for s in record["parity"]["skipped"]:
+            print(f"{record['model']}: {s['backend']} {s['precision']} engine skipped: {s['why']}")
+    from appliance.inference.packs import load_packs
+
+    refused = len(load_packs(settings.engines_path)[1])
+    return 1 if refused else 0
+
+
 def cmd_settings(args: argparse.Namespace, settings: config.Settings) -> int:
+    if args.markdown:
+        print(config.markdown_table(), end="")
+        return 0
     for s in config.SETTINGS:
         print(f"{s.name} = {settings.values[s.name]!r}  ({s.env_var}; default {s.default!r})\n    {s.help}")
     return 0
@@ -180,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--missing-slices", type=int, default=0)
     p.add_argument("--transfer-syntax", choices=("explicit", "implicit", "rle", "jpeg2000"), default="explicit")
     p.add_argument("--seed", type=int, default=0)
-    add("settings", cmd_settings, "List every setting with its value, variable and help.")
+    p = add("settings", cmd_settings, "List every setting with its value, variable and help.")
+    p.add_argument("--markdown", action="store_true", help="print the table of docs/settings.md")
+    add("build-engines", cmd_build_engines,
+        "Build INT8 models, TensorRT engines (where a GPU and TensorRT exist) and parity reports of every model pack.")
     p = add("serve", cmd_serve, "Run the appliance: analyse studies dropped into the incoming folder.")
     p.add_argument("--once", action="store_true", help="process the incoming folder once and exit")
     p.add_argument("--poll-seconds", type=float, default=2.0)

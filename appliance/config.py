@@ -63,6 +63,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_zip_ratio", 200.0, "A zip member whose compression ratio exceeds this is refused as a zip bomb."),
     Setting("max_import_depth", 32, "Deepest folder level descended into during an import."),
     Setting("decode_workers", 0, "Processes that decode compressed pixel data (0 = one per CPU core)."),
+    Setting("engines_dir", "", "Folder of model packs (empty = the engines/ folder shipped with the appliance)."),
+    Setting("inference_backend", "auto",
+            "auto (TensorRT when a GPU, TensorRT and a passing engine exist, else ONNX Runtime) or onnxruntime."),
+    Setting("inference_threads", 0, "ONNX Runtime threads per operator (0 = one per CPU core)."),
+    Setting("min_cpu_int8_speedup", 1.2,
+            "INT8 runs on the CPU only when parity passed and it measured at least this much faster than FP32."),
     Setting("body_threshold_hu", -500, "Voxels above this HU may belong to the body in segmentation."),
     Setting("lung_threshold_hu", -400, "Voxels inside the body below this HU may belong to the lungs."),
 )
@@ -111,6 +117,16 @@ class Settings:
     def home_path(self) -> Path:
         return Path(self.values["home"]).resolve()
 
+    @property
+    def engines_path(self) -> Path:
+        if self.values["engines_dir"]:
+            return Path(self.values["engines_dir"]).resolve()
+        return Path(__file__).resolve().parents[1] / "engines"
+
+    @property
+    def engine_cache_path(self) -> Path:
+        return self.home_path / "engines-cache"
+
     def replace(self, **changes: Any) -> "Settings":
         values = dict(self.values)
         for name, value in changes.items():
@@ -136,3 +152,15 @@ def load(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
         if setting.env_var in env:
             values[setting.name] = _coerce(setting, env[setting.env_var])
     return Settings(values).replace(**overrides)
+
+
+def markdown_table() -> str:
+    """docs/settings.md: the settings table as Markdown."""
+    lines = ["# Settings", "",
+             "Every setting has a default, can be set in the TOML file `$APPLIANCE_HOME/appliance.toml` (or the file",
+             "named by `APPLIANCE_CONFIG`) and overridden by an `APPLIANCE_<NAME>` environment variable.",
+             "`appliance settings` prints the values in force; `appliance settings --markdown` prints this page.", "",
+             "| name | default | environment variable | what it does |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        lines.append(f"| `{s.name}` | `{s.default!r}` | `{s.env_var}` | {s.help} |")
+    return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ def test_every_setting_has_help_and_is_documented():
     for setting in config.SETTINGS:
         assert setting.help.strip().endswith("."), setting.name
         assert f"`{setting.name}`" in docs, f"{setting.name} missing from docs/settings.md"
+    assert docs == config.markdown_table(), "docs/settings.md is stale: appliance settings --markdown > docs/settings.md"
 
 
 def test_settings_table_has_unique_names():

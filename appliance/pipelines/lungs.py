@@ -99,9 +99,13 @@ def _region(mask: np.ndarray, volume: CTVolume, stride: int, name: str) -> dict:
             "centroid_mm": [round(float(v), 1) for v in volume.world(centroid)]}
 
 
-def run(volume: CTVolume, body_threshold_hu: int = -500, lung_threshold_hu: int = -400) -> StepResult:
-    """Segment and measure body and lungs (mL); flag when lungs are fully covered but implausible in size."""
-    seg = segment(volume, body_threshold_hu, lung_threshold_hu)
+def run(volume: CTVolume, body_threshold_hu: int = -500, lung_threshold_hu: int = -400,
+        seg: Segmentation | None = None) -> StepResult:
+    """Segment (unless ``seg`` is given) and measure body and lungs (mL).
+
+    Flags when the lungs are fully covered but their volume is outside the adult range.
+    """
+    seg = seg if seg is not None else segment(volume, body_threshold_hu, lung_threshold_hu)
     findings = []
     if seg.body.any():
         findings.append(_region(seg.body, volume, seg.stride, "body"))

@@ -1,0 +1,116 @@
+"""Build what each model pack needs on this device: the QDQ INT8 model, TensorRT engines, parity.
+
+For every pack: calibrate and write ``model.int8.onnx`` (when INT8 is allowed),
+gate it against FP32 on ONNX Runtime, build TensorRT FP16/INT8 engines into the
+engine cache when TensorRT and a GPU exist (reusing cached engines and the
+timing cache, removing stale ones) and gate those too; then write
+``parity.json``/``parity.md`` and ``build.json`` into the pack. Without
+TensorRT the CPU artefacts are still built and the skipped engines are named
+with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from appliance.config import Settings
+from appliance.inference import packs, parity
+from appliance.inference.backends import onnxruntime as ort_backend
+from appliance.inference.backends import tensorrt as trt_backend
+from appliance.inference.engine_cache import TIMING_CACHE_NAME, BuilderSettings, stale_engines
+from appliance.inference.quantize import quantize_qdq
+from appliance.inference.registry import engine_key
+from appliance.store.files import write_bytes_durably
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+
+
+def calibration_inputs(pack: packs.ModelPack, settings: Settings):
+    """Representative inputs from the pipeline that feeds this model (``[calibration] provider``)."""
+    module_name, _, func = pack.manifest["calibration"]["provider"].partition(":")
+    return getattr(importlib.import_module(module_name), func)(settings)
+
+
+def _build_int8(pack: packs.ModelPack, settings: Settings, record: dict[str, Any], say: Progress) -> None:
+    say("calibrating INT8 on representative CT")
+    x = calibration_inputs(pack, settings)
+    quantize_qdq(pack.file(packs.MODEL), pack.file(packs.INT8_MODEL), pack.input_name, x)
+    record["files"][packs.INT8_MODEL] = packs.sha256_file(pack.file(packs.INT8_MODEL))
+    record["calibration"] = {"items": int(len(x)), "description": pack.manifest["calibration"]["description"]}
+
+
+def _build_tensorrt(pack: packs.ModelPack, settings: Settings, record: dict[str, Any], reference, x, labels,
+                    say: Progress) -> tuple[list[parity.ParityResult], list[dict[str, str]]]:
+    results: list[parity.ParityResult] = []
+    skipped: list[dict[str, str]] = []
+    wanted = [p for p in ("fp16", "int8") if p in pack.allowed_precisions]
+    available = trt_backend.is_available()
+    if not available:
+        return [], [{"backend": "tensorrt", "precision": p, "why": available.why} for p in wanted]
+    cache = settings.engine_cache_path
+    gpu, version = trt_backend.gpu_identity(), trt_backend.tensorrt_version()
+    builder = BuilderSettings()
+    for precision in wanted:
+        if precision == "int8" and packs.INT8_MODEL not in record["files"]:
+            skipped.append({"backend": "tensorrt", "precision": precision, "why": "no QDQ INT8 model"})
+            continue
+        key = engine_key(pack, record, precision, gpu, version, builder)
+        path = key.path(cache)
+        for old in stale_engines(cache, key):
+            say(f"removing stale engine {old.name}")
+            old.unlink()
+            old.with_suffix(".parity.json").unlink(missing_ok=True)
+        if path.exists():
+            say(f"TensorRT {precision} engine cached: {path.name}")
+        else:
+            say(f"building TensorRT {precision} engine for {gpu[0]} (TensorRT {version})")
+            onnx = pack.file(packs.INT8_MODEL if precision == "int8" else packs.MODEL)
+            trt_backend.build_engine(onnx, path, precision, pack.input_shape, builder, cache / TIMING_CACHE_NAME)
+        result = parity.evaluate(pack, reference, trt_backend.TensorRTSession(path, precision), x, labels)
+        write_bytes_durably(json.dumps(result.as_dict(), indent=2).encode(), path.with_suffix(".parity.json"))
+        results.append(result)
+    return results, skipped
+
+
+def build_pack(pack: packs.ModelPack, settings: Settings, say: Progress = log.info) -> dict[str, Any]:
+    """Build and gate every precision of one pack; returns its build record."""
+    record: dict[str, Any] = {"model": pack.id, "model_sha256": pack.model_sha256, "files": {}}
+    reference = ort_backend.OnnxRuntimeSession(pack.file(packs.MODEL), "fp32", settings.inference_threads)
+    x, labels = parity.load_evaluation_set(pack)
+    results: list[parity.ParityResult] = []
+    if "int8" in pack.allowed_precisions:
+        _build_int8(pack, settings, record, say)
+        say("checking INT8 parity on ONNX Runtime")
+        int8 = ort_backend.OnnxRuntimeSession(pack.file(packs.INT8_MODEL), "int8", settings.inference_threads)
+        results.append(parity.evaluate(pack, reference, int8, x, labels))
+    trt_results, skipped = _build_tensorrt(pack, settings, record, reference, x, labels, say)
+    results += trt_results
+    record["parity"] = {"results": [r.as_dict() for r in results], "skipped": skipped}
+    parity.write_reports(pack.path, pack, results, skipped)
+    write_bytes_durably(json.dumps(record, indent=2).encode(), pack.file(packs.BUILD_RECORD))
+    return record
+
+
+def build_all(settings: Settings, say: Progress = print) -> list[dict[str, Any]]:
+    """Build every pack under the engines folder; refused packs are reported, never built."""
+    found, refused = packs.load_packs(settings.engines_path)
+    for refusal in refused:
+        say(f"REFUSED {refusal}")
+    records = []
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency; plain lines without it
+        tqdm = None
+    bar = tqdm(found, desc="model packs", unit="pack") if tqdm else found
+    for pack in bar:
+        def step(message: str, pack: packs.ModelPack = pack) -> None:
+            (bar.write if tqdm else say)(f"{pack.id}: {message}")  # type: ignore[union-attr]
+
+        records.append(build_pack(pack, settings, step))
+    return records

@@ -1,0 +1,224 @@
+"""Model packs: ``engines/<model-id>/`` with ``model.onnx`` and ``manifest.toml``.
+
+The manifest names the model, its task, the series it needs, its input and
+outputs, its decision threshold and where that came from, whether it is
+validated, where its training data came from and under which licence, the
+precisions it may run in with their parity tolerances, and the SHA-256 of
+every file. Loading verifies all of it: a tampered or inconsistent pack is
+refused with a reason.
+
+Files made by ``build_engines.py`` (the QDQ INT8 model, the parity report)
+are recorded in ``build.json`` with the SHA-256 of the ``model.onnx`` they
+were made from, so a stale artefact is never used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from appliance.errors import ApplianceError
+
+MANIFEST = "manifest.toml"
+BUILD_RECORD = "build.json"
+MODEL = "model.onnx"
+INT8_MODEL = "model.int8.onnx"
+PRECISIONS = ("fp32", "fp16", "int8")
+REQUIRED_KEYS = ("id", "version", "task", "body_region", "validated", "validation_note", "series", "input",
+                 "outputs", "decision", "training", "precisions", "files")
+
+
+class PackRefused(ApplianceError):
+    """A model pack failed verification; ``reason_code`` says how."""
+
+    def __init__(self, reason_code: str, reason: str):
+        super().__init__(f"{reason_code}: {reason}")
+        self.reason_code = reason_code
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """How far a faster precision may stray from the FP32 reference on the evaluation set."""
+
+    max_abs_diff: float
+    min_decision_agreement: float
+    max_metric_drop: float  # AUC for classifiers, Dice for segmentation
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPack:
+    path: Path
+    manifest: dict[str, Any]
+    model_sha256: str
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def validated(self) -> bool:
+        return bool(self.manifest["validated"])
+
+    @property
+    def notice(self) -> str:
+        return self.manifest["validation_note"]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.manifest["decision"]["threshold"])
+
+    @property
+    def input_name(self) -> str:
+        return self.manifest["input"]["name"]
+
+    @property
+    def input_shape(self) -> list[int]:
+        """Shape of one item, without the batch axis."""
+        return list(self.manifest["input"]["shape"])
+
+    @property
+    def allowed_precisions(self) -> tuple[str, ...]:
+        return tuple(self.manifest["precisions"]["allowed"])
+
+    def tolerance(self) -> Tolerance:
+        t = self.manifest["precisions"]["tolerance"]
+        return Tolerance(float(t["max_abs_diff"]), float(t["min_decision_agreement"]), float(t["max_metric_drop"]))
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def build_record(self) -> dict[str, Any]:
+        """What ``build_engines.py`` made for this exact model, or {} when nothing or stale."""
+        path = self.path / BUILD_RECORD
+        if not path.exists():
+            return {}
+        record = json.loads(path.read_text())
+        if record.get("model_sha256") != self.model_sha256:
+            return {}
+        for name, digest in record.get("files", {}).items():
+            if not (self.path / name).exists() or sha256_file(self.path / name) != digest:
+                return {}
+        return record
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_consistent(manifest: dict[str, Any], folder: Path) -> None:
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the manifest lacks {', '.join(missing)}.")
+    if manifest["id"] != folder.name:
+        raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the manifest names model {manifest['id']!r}.")
+    unknown = set(manifest["precisions"]["allowed"]) - set(PRECISIONS)
+    if unknown or "fp32" not in manifest["precisions"]["allowed"]:
+        raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: precisions must include fp32 and be among {PRECISIONS}.")
+    if not manifest["validated"] and not str(manifest["validation_note"]).strip():
+        raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: an unvalidated model must say why in validation_note.")
+    if MODEL not in manifest["files"]:
+        raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the manifest lists no checksum for {MODEL}.")
+    threshold = manifest["decision"].get("threshold")
+    if not isinstance(threshold, (int, float)) or not manifest["decision"].get("operating_point"):
+        raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the decision threshold or its operating point is missing.")
+
+
+def load_pack(folder: Path) -> ModelPack:
+    """Read and verify the pack in ``folder``; raise :class:`PackRefused` with a reason otherwise."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        raise PackRefused("PACK_MISSING_FILE", f"{folder.name}: no {MANIFEST}.")
+    try:
+        manifest = tomllib.loads(manifest_path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the manifest is not valid TOML ({exc}).") from exc
+    _check_consistent(manifest, folder)
+    for name, expected in manifest["files"].items():
+        path = folder / name
+        if not path.exists():
+            raise PackRefused("PACK_MISSING_FILE", f"{folder.name}: {name} is missing.")
+        if sha256_file(path) != expected:
+            raise PackRefused("PACK_TAMPERED", f"{folder.name}: {name} does not match its SHA-256 in the manifest; "
+                                               "the file was changed or damaged. Reinstall the model pack.")
+    return ModelPack(path=folder, manifest=manifest, model_sha256=manifest["files"][MODEL])
+
+
+def load_packs(engines_dir: Path) -> tuple[list[ModelPack], list[PackRefused]]:
+    """Every pack under ``engines_dir``; refused ones are returned apart, never loaded."""
+    packs, refused = [], []
+    for folder in sorted(p for p in engines_dir.iterdir() if p.is_dir()) if engines_dir.is_dir() else []:
+        if not (folder / MANIFEST).exists():
+            continue
+        try:
+            packs.append(load_pack(folder))
+        except PackRefused as exc:
+            refused.append(exc)
+    return packs, refused
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def dumps_manifest(manifest: dict[str, Any]) -> str:
+    """Write a manifest (scalars, lists, tables, arrays of tables) as TOML."""
+    lines: list[str] = []
+
+    def table(prefix: str, data: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in data.items() if not isinstance(v, dict) and not _is_table_list(v)}
+        for k, v in scalars.items():
+            lines.append(f"{_key(k)} = {_toml_value(v)}")
+        for k, v in data.items():
+            if isinstance(v, dict):
+                lines.append("")
+                lines.append(f"[{prefix}{_key(k)}]")
+                table(f"{prefix}{_key(k)}.", v)
+            elif _is_table_list(v):
+                for item in v:
+                    lines.append("")
+                    lines.append(f"[[{prefix}{_key(k)}]]")
+                    table(f"{prefix}{_key(k)}.", item)
+
+    table("", manifest)
+    return "\n".join(lines) + "\n"
+
+
+def _is_table_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+
+
+def write_pack(folder: Path, manifest: dict[str, Any], files: list[str]) -> ModelPack:
+    """Record the SHA-256 of ``files`` in ``manifest``, write it, and load the pack back (verifying it)."""
+    manifest = dict(manifest, files={name: sha256_file(folder / name) for name in files})
+    (folder / MANIFEST).write_text(dumps_manifest(manifest))
+    return load_pack(folder)

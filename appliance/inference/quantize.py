@@ -1,0 +1,57 @@
+"""Explicit INT8 quantization: a QDQ ONNX model calibrated on representative CT.
+
+Symmetric INT8 activations and per-channel symmetric weights, the form TensorRT
+takes as explicit quantization, so the same ``model.int8.onnx`` runs on ONNX
+Runtime on the CPU and builds a TensorRT INT8 engine on the GPU.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+CALIBRATION_BATCH = 16
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over an array of inputs."""
+
+    def __init__(self, input_name: str, inputs: np.ndarray):
+        self._batches: Iterator[dict[str, np.ndarray]] = iter(
+            {input_name: np.ascontiguousarray(inputs[i:i + CALIBRATION_BATCH], dtype=np.float32)}
+            for i in range(0, len(inputs), CALIBRATION_BATCH))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.get_next()
+        if item is None:
+            raise StopIteration
+        return item
+
+
+def quantize_qdq(fp32_model: Path, int8_model: Path, input_name: str, calibration: np.ndarray) -> None:
+    """Write a QDQ INT8 version of ``fp32_model`` calibrated on ``calibration`` (N, ...) float32 inputs."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_model), str(prepared), skip_symbolic_shape=True)
+        out = Path(tmp) / "int8.onnx"
+        quantize_static(
+            str(prepared), str(out), _Reader(input_name, calibration),
+            quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            per_channel=True, calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
+        from appliance.store.files import write_bytes_durably
+
+        write_bytes_durably(out.read_bytes(), int8_model)

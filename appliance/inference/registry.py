@@ -1,0 +1,142 @@
+"""Pick the best backend and precision per model, and fall back to ONNX Runtime saying why.
+
+The choice is a pure function of the pack, its build record (parity on ONNX
+Runtime), TensorRT's availability and the engines built on this device (with
+their own parity results), so every fallback path is unit-tested without a GPU.
+Sessions are opened once per process and reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance.config import Settings
+from appliance.inference import packs
+from appliance.inference.backends import Availability, Session
+from appliance.inference.backends import onnxruntime as ort_backend
+from appliance.inference.backends import tensorrt as trt_backend
+from appliance.inference.engine_cache import BuilderSettings, EngineKey
+
+log = logging.getLogger(__name__)
+
+TRT_PREFERENCE = ("int8", "fp16")  # fastest first; FP32 on a GPU gains little over the ORT reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    backend: str
+    precision: str
+    path: Path  # ONNX model for ONNX Runtime, engine for TensorRT
+    reason: str
+
+    def log_line(self, model_id: str) -> str:
+        return f"{model_id}: {self.backend} {self.precision} ({self.reason})"
+
+
+def _ort_parity(record: dict, precision: str) -> dict | None:
+    for r in record.get("parity", {}).get("results", []):
+        if r["backend"] == "onnxruntime" and r["precision"] == precision:
+            return r
+    return None
+
+
+def choose_cpu(pack: packs.ModelPack, record: dict, min_int8_speedup: float) -> tuple[str, Path, str]:
+    """(precision, model file, why) on ONNX Runtime."""
+    if "int8" not in pack.allowed_precisions:
+        return "fp32", pack.file(packs.MODEL), "INT8 not allowed by the manifest"
+    result = _ort_parity(record, "int8")
+    if result is None:
+        return "fp32", pack.file(packs.MODEL), "no INT8 model built for this pack (run build_engines.py)"
+    if not result["enabled"]:
+        return "fp32", pack.file(packs.MODEL), f"INT8 failed parity: {result['why']}"
+    speedup = result.get("speedup") or 0.0
+    if speedup < min_int8_speedup:
+        return "fp32", pack.file(packs.MODEL), f"INT8 measured only {speedup:.2f}x FP32 on this CPU"
+    return "int8", pack.file(packs.INT8_MODEL), f"INT8 passed parity and ran {speedup:.2f}x FP32"
+
+
+def choose(pack: packs.ModelPack, record: dict, tensorrt: Availability,
+           engine_for: Callable[[str], tuple[Path, dict] | None], min_int8_speedup: float = 1.2,
+           backend: str = "auto") -> Choice:
+    """The backend and precision for ``pack``.
+
+    ``engine_for(precision)`` returns the cached engine for this GPU and TensorRT version with its
+    parity result, or None when none was built.
+    """
+    why_not_trt = "ONNX Runtime chosen by the inference_backend setting"
+    if backend == "auto" and not tensorrt:
+        why_not_trt = f"TensorRT unavailable: {tensorrt.why}"
+    elif backend == "auto":
+        reasons = []
+        for precision in TRT_PREFERENCE:
+            if precision not in pack.allowed_precisions:
+                continue
+            found = engine_for(precision)
+            if found is None:
+                reasons.append(f"no {precision} engine for this GPU and TensorRT version")
+            elif not found[1].get("enabled"):
+                reasons.append(f"{precision} engine failed parity: {found[1].get('why')}")
+            else:
+                return Choice("tensorrt", precision, found[0], "engine built on this device passed parity")
+        why_not_trt = "; ".join(reasons) or "no TensorRT precision allowed"
+    precision, path, why = choose_cpu(pack, record, min_int8_speedup)
+    return Choice("onnxruntime", precision, path, f"{why_not_trt}; {why}")
+
+
+def engine_key(pack: packs.ModelPack, record: dict, precision: str, gpu: tuple[str, tuple[int, int]],
+               version: str, builder: BuilderSettings) -> EngineKey:
+    source = record.get("files", {}).get(packs.INT8_MODEL) if precision == "int8" else pack.model_sha256
+    return EngineKey(pack.id, source or pack.model_sha256, version, gpu[0], gpu[1], precision, builder)
+
+
+def _engine_lookup(pack: packs.ModelPack, record: dict, cache_dir: Path) -> Callable[[str], tuple[Path, dict] | None]:
+    gpu, version = trt_backend.gpu_identity(), trt_backend.tensorrt_version()
+
+    def lookup(precision: str) -> tuple[Path, dict] | None:
+        path = engine_key(pack, record, precision, gpu, version, BuilderSettings()).path(cache_dir)
+        parity = path.with_suffix(".parity.json")
+        if not path.exists() or not parity.exists():
+            return None
+        return path, json.loads(parity.read_text())
+
+    return lookup
+
+
+class Registry:
+    """Loaded packs and their open sessions, for one process."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.packs, self.refused = packs.load_packs(settings.engines_path)
+        for refusal in self.refused:
+            log.error("model pack refused: %s", refusal)
+        self._sessions: dict[str, tuple[Session, Choice]] = {}
+
+    def pack(self, model_id: str) -> packs.ModelPack | None:
+        return next((p for p in self.packs if p.id == model_id), None)
+
+    def session(self, pack: packs.ModelPack) -> tuple[Session, Choice]:
+        if pack.id not in self._sessions:
+            self._sessions[pack.id] = self._open(pack)
+        return self._sessions[pack.id]
+
+    def _open(self, pack: packs.ModelPack) -> tuple[Session, Choice]:
+        record = pack.build_record()
+        tensorrt = trt_backend.is_available() if self.settings.inference_backend == "auto" else Availability(False)
+        lookup = _engine_lookup(pack, record, self.settings.engine_cache_path) if tensorrt else (lambda p: None)
+        choice = choose(pack, record, tensorrt, lookup, self.settings.min_cpu_int8_speedup,
+                        self.settings.inference_backend)
+        if choice.backend == "tensorrt":
+            try:
+                session: Session = trt_backend.TensorRTSession(choice.path, choice.precision)
+                log.info("model %s", choice.log_line(pack.id))
+                return session, choice
+            except Exception as exc:  # engine unusable here: fall back, saying why
+                precision, path, why = choose_cpu(pack, record, self.settings.min_cpu_int8_speedup)
+                choice = Choice("onnxruntime", precision, path, f"TensorRT engine failed to load: {exc}; {why}")
+        log.info("model %s", choice.log_line(pack.id))
+        return ort_backend.OnnxRuntimeSession(choice.path, choice.precision, self.settings.inference_threads), choice

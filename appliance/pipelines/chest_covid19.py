@@ -1,0 +1,139 @@
+"""Chest COVID-19 screening on a CT volume with the ``chest-covid19`` model pack.
+
+Lung-window axial slices covering the lungs (from the lung segmentation) ->
+the same preparation as in training (crop to the lung fields, resize,
+standardise) -> per-slice probability and class activation map -> study
+score -> flag against the manifest threshold -> key slices with heatmaps.
+
+Study score (documented aggregation): the mean of the highest quarter of
+slice probabilities (at least ``MIN_TOP_SLICES`` slices). COVID-19 pneumonia is
+multifocal, so several slices carry it; averaging the top quarter is steadier
+than the single highest slice and is not diluted by the many normal slices at
+the apices and bases.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance.pipelines import StepResult
+from appliance.pipelines.chest_preprocess import INPUT_SIZE, prepare_gray, window_to_gray
+from appliance.pipelines.lungs import Segmentation
+from appliance.series.volume import CTVolume
+
+MODEL_ID = "chest-covid19"
+MAX_SLICES = 48
+MIN_LUNG_AREA_FRACTION = 0.25  # of the largest lung cross-section, for a slice to count as covering lung
+MIN_TOP_SLICES = 3
+KEY_SLICES = 3
+BATCH = 16
+
+
+def lung_slices(seg: Segmentation, max_slices: int = MAX_SLICES) -> np.ndarray:
+    """Indices of axial slices with substantial lung, evenly thinned to at most ``max_slices``."""
+    area = (seg.lungs > 0).sum(axis=(1, 2))
+    if area.max() == 0:
+        return np.array([], dtype=int)
+    candidates = np.flatnonzero(area >= MIN_LUNG_AREA_FRACTION * area.max())
+    if len(candidates) > max_slices:
+        candidates = candidates[np.linspace(0, len(candidates) - 1, max_slices).round().astype(int)]
+    return candidates
+
+
+def model_inputs(volume: CTVolume, indices: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(N, 1, size, size) prepared inputs and the lung-window grey slices they came from."""
+    grays = [window_to_gray(volume.hu[k]) for k in indices]
+    return np.stack([prepare_gray(g)[None] for g in grays]).astype(np.float32), grays
+
+
+def aggregate(probabilities: np.ndarray) -> float:
+    """Study score: mean of the highest quarter of slice probabilities (at least 3 slices)."""
+    k = max(MIN_TOP_SLICES, int(np.ceil(len(probabilities) / 4)))
+    return float(np.sort(probabilities)[::-1][:k].mean())
+
+
+def _heatmap_png(gray: np.ndarray, cam: np.ndarray, path: Path) -> None:
+    """Key image: lung-window slice with the activation map in red, scaled to the whole slice."""
+    from PIL import Image
+
+    from appliance.pipelines.chest_preprocess import lung_box
+
+    heat = np.zeros(gray.shape, dtype=np.float32)
+    box = lung_box(gray) or (0, gray.shape[0], 0, gray.shape[1])
+    top, bottom, left, right = box
+    region = 1 / (1 + np.exp(-cam))  # logits -> 0..1
+    resized = np.asarray(Image.fromarray(region.astype(np.float32)).resize((right - left, bottom - top),
+                                                                        Image.BILINEAR))
+    heat[top:bottom, left:right] = resized
+    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    alpha = np.clip((heat - 0.5) * 2, 0, 1)[..., None] * 0.6
+    rgb = rgb * (1 - alpha) + np.array([255.0, 40.0, 0.0]) * alpha
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb.astype(np.uint8)).save(path)
+
+
+def run(volume: CTVolume, seg: Segmentation, session, pack, artefacts: Path | None) -> StepResult:
+    """Score ``volume`` for COVID-19 pneumonia; key slices with heatmaps go to ``artefacts``."""
+    indices = lung_slices(seg)
+    if len(indices) == 0:
+        raise NotApplicable("no lungs found in this series")
+    x, grays = model_inputs(volume, indices)
+    t0 = time.perf_counter()
+    probs, cams = [], []
+    for i in range(0, len(x), BATCH):
+        out = session.run({pack.input_name: x[i:i + BATCH]})
+        probs.append(out["probability"][:, 0])
+        cams.append(out["cam"][:, 0])
+    probabilities, maps = np.concatenate(probs), np.concatenate(cams)
+    score = aggregate(probabilities)
+    findings: list[dict[str, Any]] = []
+    for rank, j in enumerate(np.argsort(probabilities)[::-1][:KEY_SLICES]):
+        k = int(indices[j])
+        centre = volume.world(np.array([k, volume.hu.shape[1] / 2, volume.hu.shape[2] / 2]))
+        finding = {"name": "key slice", "rank": rank + 1, "slice_index": k,
+                   "probability": round(float(probabilities[j]), 4), "z_mm": round(float(centre[2]), 1)}
+        if artefacts is not None:
+            path = artefacts / f"{MODEL_ID}-key{rank + 1}-slice{k:04d}.png"
+            _heatmap_png(grays[j], maps[j], path)
+            finding["key_image"] = str(path)
+        findings.append(finding)
+    findings.append({"name": "slices scored", "count": int(len(indices)),
+                     "slice_range": [int(indices.min()), int(indices.max())],
+                     "input_size": INPUT_SIZE, "aggregation": "mean of the highest quarter of slice probabilities"})
+    return StepResult(pack.id, pack.version, pack.validated, session.backend, session.precision, round(score, 4),
+                      pack.threshold, score >= pack.threshold, findings, notice=pack.notice)
+
+
+class NotApplicable(Exception):
+    """The model does not apply to this series (the reason is shown instead of a result)."""
+
+
+def calibration_inputs(settings) -> np.ndarray:
+    """Representative inputs for INT8 calibration: slices of real chest CT (when ../shared/data is
+    present), training-set images, and synthetic phantoms' lungs."""
+    from appliance.pipelines.lungs import segment
+    from appliance.series.volume import load_series
+    from appliance.synth.writer import SynthOptions, write_series
+    import tempfile
+
+    items: list[np.ndarray] = []
+    data = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    real = data / "ct" / "tcia-pancreas-ct-chest-abdomen"
+    if real.exists():
+        volume = load_series(sorted(real.glob("*.dcm")), settings)
+        items.append(model_inputs(volume, lung_slices(segment(volume), 32))[0])
+    covid = data / "covid-ct" / "sars-cov-2-ct-scan"
+    if covid.exists():
+        from PIL import Image
+
+        files = sorted(covid.glob("*/*.jpg"))[::20]
+        items.append(np.stack([prepare_gray(np.asarray(Image.open(f).convert("L")))[None] for f in files]))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_series(Path(tmp), SynthOptions(slices=40, size=256, region="chest", seed=99))
+        volume = load_series(sorted(Path(tmp).glob("*.dcm")), settings.replace(min_slices=1))
+        items.append(model_inputs(volume, lung_slices(segment(volume), 32))[0])
+    return np.concatenate(items).astype(np.float32)
