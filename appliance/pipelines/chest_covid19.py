@@ -60,10 +60,10 @@ def _heatmap_png(gray: np.ndarray, cam: np.ndarray, path: Path) -> None:
     """Key image: lung-window slice with the activation map in red, scaled to the whole slice."""
     from PIL import Image
 
-    from appliance.pipelines.chest_preprocess import lung_box
+    from appliance.pipelines.chest_preprocess import body_box
 
     heat = np.zeros(gray.shape, dtype=np.float32)
-    box = lung_box(gray) or (0, gray.shape[0], 0, gray.shape[1])
+    box = body_box(gray) or (0, gray.shape[0], 0, gray.shape[1])
     top, bottom, left, right = box
     region = 1 / (1 + np.exp(-cam))  # logits -> 0..1
     resized = np.asarray(Image.fromarray(region.astype(np.float32)).resize((right - left, bottom - top),

@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 def is_available() -> Availability:
     """TensorRT and pycuda importable and a CUDA device present."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
     except ImportError as exc:
         return Availability(False, f"TensorRT is not installed ({exc})")
+    if not hasattr(tensorrt, "Builder"):  # e.g. only type stubs, or the index's download placeholder
+        return Availability(False, "the tensorrt package found is not a working TensorRT (no Builder)")
     try:
         import pycuda.driver as cuda
     except ImportError as exc:
