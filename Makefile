@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench clean engines
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-run: $(STAMP)
+# model packs get their INT8 model and parity report once (build_engines.py) before the first start
+engines: $(STAMP)
+	@for pack in engines/*/manifest.toml; do \
+	  [ -f "$$(dirname $$pack)/build.json" ] || { $(BIN)/python build_engines.py; break; }; \
+	done
+
+run: $(STAMP) engines
 	APPLIANCE_HOME=$${APPLIANCE_HOME:-./var} $(BIN)/appliance serve
 
 # pytest exits 5 when it collects no test; that is not a failure of the product
@@ -24,6 +30,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/load_series.py
 	$(BIN)/python bench/memory_600.py
+	$(BIN)/python build_engines.py
+	$(BIN)/python bench/int8_vs_fp32.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

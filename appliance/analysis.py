@@ -23,7 +23,7 @@ from appliance.ingest.importer import ImportSummary, import_paths
 from appliance.inference.registry import Registry
 from appliance.pipelines import StepResult, chest_covid19, lungs, series_qa
 from appliance.series.volume import CTVolume, load_series
-from appliance.store.database import open_database, utcnow, write_transaction
+from appliance.store.database import open_database, site_threshold, utcnow, write_transaction
 from appliance.store.instances import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class StepContext:
     settings: Settings
     registry: Registry
     artefacts: Path
+    db: sqlite_utils.Database
     skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
     _segmentation: lungs.Segmentation | None = None
 
@@ -63,7 +64,8 @@ def _chest_covid19(volume: CTVolume, ctx: StepContext) -> StepResult | None:
         return None
     session, _choice = ctx.registry.session(pack)
     try:
-        return chest_covid19.run(volume, ctx.segmentation(volume), session, pack, ctx.artefacts)
+        return chest_covid19.run(volume, ctx.segmentation(volume), session, pack, ctx.artefacts,
+                                 site_threshold(ctx.db, pack.id, pack.version))
     except chest_covid19.NotApplicable as exc:
         ctx.skipped.append({"model": pack.id, "why": str(exc)})
         return None
@@ -128,7 +130,7 @@ def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Set
         seconds["load"] = volume.seconds["headers"] + volume.seconds["decode"]
         seconds["preprocess"] = volume.seconds["resample"]
         t_infer = time.perf_counter()
-        ctx = StepContext(settings, registry, artefact_dir(store, series_instance_uid))
+        ctx = StepContext(settings, registry, artefact_dir(store, series_instance_uid), store.db)
         results = _run_steps(volume, ctx)
         seconds["infer"] = time.perf_counter() - t_infer
         record["skipped_models"] = ctx.skipped

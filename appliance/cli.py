@@ -24,6 +24,8 @@ EXAMPLES = {
               "  appliance synth --out /tmp/lesion --slices 200 --region abdomen --lesion pancreas-hypo"),
     "serve": "examples:\n  APPLIANCE_HOME=/var/lib/appliance appliance serve",
     "settings": "examples:\n  appliance settings",
+    "evaluate": ("examples:\n  appliance evaluate --model chest-covid19 /media/usb/site-cases --json\n"
+                 "  appliance evaluate --model chest-covid19 labels.csv --sensitivity 0.95 --record"),
     "build-engines": "examples:\n  appliance build-engines\n  python build_engines.py",
 }
 
@@ -129,6 +131,38 @@ def cmd_build_engines(args: argparse.Namespace, settings: config.Settings) -> in
     return 1 if refused else 0
 
 
+def cmd_evaluate(args: argparse.Namespace, settings: config.Settings) -> int:
+    import getpass
+
+    from appliance.evaluate import evaluate, record_operating_point
+
+    doc = evaluate(args.model, args.data, settings, args.sensitivity)
+    if args.record:
+        record_operating_point(settings, doc, args.actor or getpass.getuser())
+        doc["recorded"] = True
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    m = doc["metrics"]
+
+    def line(name: str, metric: dict) -> str:
+        lo, hi = metric["ci95"]
+        return f"  {name:12} {metric['value']:.3f}  (95% CI {lo:.3f}-{hi:.3f})"
+
+    print(f"{doc['model']} {doc['model_version']} on {doc['cases']} cases ({doc['positives']} positive), "
+          f"{doc['backend']} {doc['precision']}, threshold {doc['threshold']['value']:.4f} ({doc['threshold']['source']})")
+    for key in ("sensitivity", "specificity", "accuracy", "f1", "auc"):
+        print(line(key, m[key]))
+    fs = doc["for_sensitivity"]
+    print(f"  threshold for sensitivity {fs['target']:.2f}: {fs['threshold']:.4f} "
+          f"(specificity there {fs['metrics']['specificity']['value']:.3f})" + (" - recorded" if args.record else ""))
+    for s in doc["skipped"][:10]:
+        print(f"  skipped {s['case']}: {s['why']}")
+    if not doc["validated"]:
+        print(f"NOT VALIDATED: {doc['notice']}")
+    return 0
+
+
 def cmd_settings(args: argparse.Namespace, settings: config.Settings) -> int:
     if args.markdown:
         print(config.markdown_table(), end="")
@@ -206,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p = add("settings", cmd_settings, "List every setting with its value, variable and help.")
     p.add_argument("--markdown", action="store_true", help="print the table of docs/settings.md")
+    p = add("evaluate", cmd_evaluate, "Check a model on the site's own labelled cases before relying on it.")
+    p.add_argument("--model", required=True)
+    p.add_argument("data", type=Path, metavar="DATA", help="folder with one sub-folder per class, or a CSV")
+    p.add_argument("--sensitivity", type=float, default=0.9, help="target sensitivity for a suggested threshold")
+    p.add_argument("--record", action="store_true", help="record the suggested threshold as the site's operating point")
+    p.add_argument("--actor", help="who records it (default: the login name)")
+    p.add_argument("--json", action="store_true")
     add("build-engines", cmd_build_engines,
         "Build INT8 models, TensorRT engines (where a GPU and TensorRT exist) and parity reports of every model pack.")
     p = add("serve", cmd_serve, "Run the appliance: analyse studies dropped into the incoming folder.")

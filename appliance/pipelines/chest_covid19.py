@@ -76,8 +76,13 @@ def _heatmap_png(gray: np.ndarray, cam: np.ndarray, path: Path) -> None:
     Image.fromarray(rgb.astype(np.uint8)).save(path)
 
 
-def run(volume: CTVolume, seg: Segmentation, session, pack, artefacts: Path | None) -> StepResult:
-    """Score ``volume`` for COVID-19 pneumonia; key slices with heatmaps go to ``artefacts``."""
+def run(volume: CTVolume, seg: Segmentation, session, pack, artefacts: Path | None,
+        threshold: float | None = None) -> StepResult:
+    """Score ``volume`` for COVID-19 pneumonia; key slices with heatmaps go to ``artefacts``.
+
+    ``threshold`` is the site's recorded operating point, when there is one; else the manifest's.
+    """
+    threshold = pack.threshold if threshold is None else threshold
     indices = lung_slices(seg)
     if len(indices) == 0:
         raise NotApplicable("no lungs found in this series")
@@ -105,7 +110,7 @@ def run(volume: CTVolume, seg: Segmentation, session, pack, artefacts: Path | No
                      "slice_range": [int(indices.min()), int(indices.max())],
                      "input_size": INPUT_SIZE, "aggregation": "mean of the highest quarter of slice probabilities"})
     return StepResult(pack.id, pack.version, pack.validated, session.backend, session.precision, round(score, 4),
-                      pack.threshold, score >= pack.threshold, findings, notice=pack.notice)
+                      threshold, score >= threshold, findings, notice=pack.notice)
 
 
 class NotApplicable(Exception):

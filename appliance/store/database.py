@@ -73,6 +73,22 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db["studies"].create_index(["study_date"])
 
 
+@migrations()
+def m002_operating_points(db: sqlite_utils.Database) -> None:
+    db["operating_points"].create({
+        "id": int, "model": str, "model_version": str, "threshold": float, "target_sensitivity": float,
+        "evaluation": str, "recorded_by": str, "recorded_at": str,
+    }, pk="id")
+    db["operating_points"].create_index(["model", "model_version"])
+
+
+def site_threshold(db: sqlite_utils.Database, model: str, model_version: str) -> float | None:
+    """The site's own decision threshold for this model version, when the admin recorded one."""
+    row = db.execute("SELECT threshold FROM operating_points WHERE model = ? AND model_version = ? "
+                     "ORDER BY id DESC LIMIT 1", [model, model_version]).fetchone()
+    return None if row is None else float(row[0])
+
+
 def utcnow() -> str:
     """The current UTC time as ISO 8601 text, as stored in every ``*_at`` column."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")

@@ -1,0 +1,166 @@
+"""Local validation before go-live: score a model on the site's own labelled cases.
+
+DATA is a folder with one sub-folder per class (names such as ``covid`` /
+``non-covid`` or ``positive`` / ``negative``) holding image slices (PNG, JPEG)
+or DICOM studies (one sub-folder or loose files per study), or a CSV of
+``study_instance_uid,label`` whose studies were already analysed here.
+Reports sensitivity, specificity, accuracy, F1 and AUC with 95% confidence
+intervals at the threshold in force, and the threshold that would reach a
+chosen sensitivity; the admin may record that as the site's operating point.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from appliance.config import Settings
+from appliance.errors import ApplianceError, SeriesRejected
+from appliance.inference.registry import Registry
+from appliance.metrics import binary_metrics, threshold_for_sensitivity
+from appliance.pipelines import chest_covid19
+from appliance.pipelines.lungs import segment
+from appliance.series.volume import load_series
+from appliance.store.database import audit, open_database, site_threshold, utcnow, write_transaction
+
+POSITIVE = {"covid", "covid19", "positive", "abnormal", "lesion", "cancer", "1", "yes"}
+NEGATIVE = {"non-covid", "noncovid", "normal", "negative", "0", "no"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+SCORERS = {chest_covid19.MODEL_ID}
+
+
+class EvaluationError(ApplianceError):
+    """The evaluation data cannot be used (one sentence says why)."""
+
+
+def _label(name: str) -> int:
+    key = name.strip().lower()
+    if key in POSITIVE:
+        return 1
+    if key in NEGATIVE:
+        return 0
+    raise EvaluationError(f"class folder {name!r} is neither positive ({', '.join(sorted(POSITIVE))}) "
+                          f"nor negative ({', '.join(sorted(NEGATIVE))})")
+
+
+def _score_image(path: Path, session, pack) -> float:
+    from PIL import Image
+
+    from appliance.pipelines.chest_preprocess import prepare_gray
+
+    x = prepare_gray(np.asarray(Image.open(path).convert("L")))[None, None].astype(np.float32)
+    return float(session.run({pack.input_name: x})["probability"][0, 0])
+
+
+def _score_study(files: list[Path], session, pack, settings: Settings) -> float:
+    """Score the largest CT series among ``files`` with the model's volume pipeline."""
+    series: dict[str, list[Path]] = collections.defaultdict(list)
+    for f in files:
+        try:
+            series[str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID)].append(f)
+        except Exception:
+            continue
+    errors = []
+    for _, paths in sorted(series.items(), key=lambda kv: -len(kv[1])):
+        try:
+            volume = load_series(paths, settings)
+            return chest_covid19.run(volume, segment(volume), session, pack, None).score
+        except (SeriesRejected, chest_covid19.NotApplicable) as exc:
+            errors.append(str(exc))
+    raise EvaluationError("; ".join(errors) or "no DICOM series")
+
+
+def _folder_items(data: Path) -> list[tuple[str, int, list[Path]]]:
+    """(name, label, files) per case: one image, one study folder, or the loose DICOM files of a class."""
+    items = []
+    for class_dir in sorted(p for p in data.iterdir() if p.is_dir()):
+        label = _label(class_dir.name)
+        loose = []
+        for entry in sorted(class_dir.iterdir()):
+            if entry.is_dir():
+                items.append((f"{class_dir.name}/{entry.name}", label, sorted(p for p in entry.rglob("*") if p.is_file())))
+            elif entry.suffix.lower() in IMAGE_SUFFIXES:
+                items.append((f"{class_dir.name}/{entry.name}", label, [entry]))
+            elif entry.is_file():
+                loose.append(entry)
+        if loose:
+            items.append((f"{class_dir.name}/*", label, loose))
+    if not items:
+        raise EvaluationError(f"{data} holds no class folders with cases")
+    return items
+
+
+def _csv_scores(path: Path, settings: Settings, model: str) -> tuple[list[int], list[float], list[dict]]:
+    db = open_database(settings.home_path)
+    labels, scores, skipped = [], [], []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            uid, label = row["study_instance_uid"].strip(), row["label"].strip()
+            found = db.execute(
+                "SELECT max(r.score) FROM results r JOIN analyses a ON a.id = r.analysis_id "
+                "WHERE a.study_instance_uid = ? AND a.superseded = 0 AND r.model = ?", [uid, model]).fetchone()
+            if found is None or found[0] is None:
+                skipped.append({"case": uid, "why": f"no {model} result stored for this study"})
+                continue
+            labels.append(_label(label))
+            scores.append(float(found[0]))
+    return labels, scores, skipped
+
+
+def evaluate(model: str, data: Path, settings: Settings, sensitivity: float = 0.9) -> dict[str, Any]:
+    """Score every case of ``data`` and return the evaluation document."""
+    registry = Registry(settings)
+    pack = registry.pack(model)
+    if pack is None or model not in SCORERS:
+        raise EvaluationError(f"no usable model pack {model!r} (installed: {[p.id for p in registry.packs]})")
+    session, choice = registry.session(pack)
+    labels: list[int] = []
+    scores: list[float] = []
+    skipped: list[dict] = []
+    if data.is_file() and data.suffix.lower() == ".csv":
+        labels, scores, skipped = _csv_scores(data, settings, model)
+    else:
+        for name, label, files in _folder_items(data):
+            try:
+                if len(files) == 1 and files[0].suffix.lower() in IMAGE_SUFFIXES:
+                    score = _score_image(files[0], session, pack)
+                else:
+                    score = _score_study(files, session, pack, settings)
+            except (EvaluationError, OSError) as exc:
+                skipped.append({"case": name, "why": str(exc)})
+                continue
+            labels.append(label)
+            scores.append(score)
+    if not labels or len(set(labels)) < 2:
+        raise EvaluationError("evaluation needs scored cases of both classes")
+    y, s = np.array(labels), np.array(scores)
+    site = site_threshold(open_database(settings.home_path), pack.id, pack.version)
+    threshold = site if site is not None else pack.threshold
+    suggested = threshold_for_sensitivity(y, s, sensitivity)
+    return {
+        "model": pack.id, "model_version": pack.version, "validated": pack.validated, "notice": pack.notice,
+        "backend": choice.backend, "precision": choice.precision, "cases": len(labels), "positives": int(y.sum()),
+        "threshold": {"value": threshold, "source": "site operating point" if site is not None else "manifest"},
+        "metrics": binary_metrics(y, s, threshold),
+        "for_sensitivity": {"target": sensitivity, "threshold": suggested, "metrics": binary_metrics(y, s, suggested)},
+        "skipped": skipped,
+    }
+
+
+def record_operating_point(settings: Settings, doc: dict[str, Any], actor: str) -> None:
+    """Make the threshold that reached the target sensitivity the site's operating point (audited)."""
+    db = open_database(settings.home_path)
+    point = doc["for_sensitivity"]
+    with write_transaction(db):
+        db["operating_points"].insert({
+            "model": doc["model"], "model_version": doc["model_version"], "threshold": point["threshold"],
+            "target_sensitivity": point["target"], "evaluation": json.dumps(doc), "recorded_by": actor,
+            "recorded_at": utcnow()})
+        audit(db, actor, "record_operating_point", doc["model"], version=doc["model_version"],
+              threshold=point["threshold"], target_sensitivity=point["target"], cases=doc["cases"])
