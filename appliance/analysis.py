@@ -21,7 +21,7 @@ from appliance.config import Settings
 from appliance.errors import NothingUsable, SeriesRejected
 from appliance.ingest.importer import ImportSummary, import_paths
 from appliance.inference.registry import Registry
-from appliance.pipelines import StepResult, chest_covid19, lungs, series_qa
+from appliance.pipelines import StepResult, abdomen_pancreas, chest_covid19, lungs, series_qa
 from appliance.series.volume import CTVolume, load_series
 from appliance.store.database import open_database, site_threshold, utcnow, write_transaction
 from appliance.store.instances import InstanceStore
@@ -71,7 +71,23 @@ def _chest_covid19(volume: CTVolume, ctx: StepContext) -> StepResult | None:
         return None
 
 
-STEPS: tuple[Step, ...] = (_series_qa, _lungs, _chest_covid19)
+def _abdomen_pancreas(volume: CTVolume, ctx: StepContext) -> StepResult | None:
+    localizer = ctx.registry.pack(abdomen_pancreas.LOCALIZER_ID)
+    pack = ctx.registry.pack(abdomen_pancreas.MODEL_ID)
+    if pack is None or localizer is None:
+        ctx.skipped.append({"model": abdomen_pancreas.MODEL_ID, "why": "model packs not installed or refused"})
+        return None
+    localizer_session, _ = ctx.registry.session(localizer)
+    session, _ = ctx.registry.session(pack)
+    try:
+        return abdomen_pancreas.run(volume, localizer_session, localizer, session, pack, ctx.artefacts,
+                                    site_threshold(ctx.db, pack.id, pack.version))
+    except abdomen_pancreas.NotApplicable as exc:
+        ctx.skipped.append({"model": pack.id, "why": str(exc)})
+        return None
+
+
+STEPS: tuple[Step, ...] = (_series_qa, _lungs, _chest_covid19, _abdomen_pancreas)
 
 
 def open_store(settings: Settings) -> InstanceStore:

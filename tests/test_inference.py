@@ -168,6 +168,11 @@ def test_profile_shapes_have_a_dynamic_batch():
         profile_shapes([1, 128, 128], BuilderSettings(max_batch=4, opt_batch=8))
     with pytest.raises(ValueError):
         profile_shapes([1, -1, 128], BuilderSettings())
+    dynamic = profile_shapes([1, 64, 84, 84], BuilderSettings(max_batch=1, opt_batch=1), [1, 8, 32, 32],
+                             [1, 128, 96, 96])
+    assert dynamic == ((1, 1, 8, 32, 32), (1, 1, 64, 84, 84), (1, 1, 128, 96, 96))
+    with pytest.raises(ValueError):
+        profile_shapes([1, 64, 84, 84], BuilderSettings(max_batch=1, opt_batch=1), [1, 80, 32, 32])
 
 
 # --- parity gate --------------------------------------------------------------------------

@@ -71,7 +71,8 @@ def _build_tensorrt(pack: packs.ModelPack, settings: Settings, record: dict[str,
         else:
             say(f"building TensorRT {precision} engine for {gpu[0]} (TensorRT {version})")
             onnx = pack.file(packs.INT8_MODEL if precision == "int8" else packs.MODEL)
-            trt_backend.build_engine(onnx, path, precision, pack.input_shape, builder, cache / TIMING_CACHE_NAME)
+            trt_backend.build_engine(onnx, path, precision, pack.input_shape, builder, cache / TIMING_CACHE_NAME,
+                                     pack.manifest["input"].get("min_shape"), pack.manifest["input"].get("max_shape"))
         result = parity.evaluate(pack, reference, trt_backend.TensorRTSession(path, precision), x, labels)
         write_bytes_durably(json.dumps(result.as_dict(), indent=2).encode(), path.with_suffix(".parity.json"))
         results.append(result)

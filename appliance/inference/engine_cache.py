@@ -64,11 +64,20 @@ def stale_engines(cache_dir: Path, key: EngineKey) -> list[Path]:
     return [p for p in cache_dir.glob(f"{prefix}*{ENGINE_SUFFIX}") if p.name != current]
 
 
-def profile_shapes(item_shape: list[int], builder: BuilderSettings) -> tuple[tuple[int, ...], ...]:
-    """(min, opt, max) input shapes of an optimisation profile with a dynamic batch axis."""
+def profile_shapes(item_shape: list[int], builder: BuilderSettings, item_min: list[int] | None = None,
+                   item_max: list[int] | None = None) -> tuple[tuple[int, ...], ...]:
+    """(min, opt, max) input shapes of an optimisation profile with a dynamic batch axis.
+
+    ``item_shape`` is the optimal shape of one item; models with dynamic spatial axes (a whole-scan
+    segmentation) also give the smallest and largest item shapes their manifest allows.
+    """
     if builder.opt_batch < 1 or builder.opt_batch > builder.max_batch:
         raise ValueError(f"opt_batch {builder.opt_batch} must lie in 1..max_batch {builder.max_batch}")
-    if any(d <= 0 for d in item_shape):
-        raise ValueError(f"item shape {item_shape} must be static: only the batch axis is dynamic")
-    item = tuple(int(d) for d in item_shape)
-    return (1, *item), (builder.opt_batch, *item), (builder.max_batch, *item)
+    opt = tuple(int(d) for d in item_shape)
+    low = tuple(int(d) for d in (item_min or item_shape))
+    high = tuple(int(d) for d in (item_max or item_shape))
+    if any(d <= 0 for d in opt + low + high) or not (len(low) == len(opt) == len(high)):
+        raise ValueError(f"item shapes {low} <= {opt} <= {high} must be positive and of one rank")
+    if any(not (a <= b <= c) for a, b, c in zip(low, opt, high)):
+        raise ValueError(f"item shapes must satisfy min {low} <= opt {opt} <= max {high}")
+    return (1, *low), (builder.opt_batch, *opt), (builder.max_batch, *high)

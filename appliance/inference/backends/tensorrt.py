@@ -76,7 +76,8 @@ def network_flags(version: str) -> int:
 
 
 def build_engine(onnx_path: Path, engine_path: Path, precision: str, item_shape: list[int],
-                 builder_settings: BuilderSettings, timing_cache_path: Path | None = None) -> None:
+                 builder_settings: BuilderSettings, timing_cache_path: Path | None = None,
+                 item_min: list[int] | None = None, item_max: list[int] | None = None) -> None:
     """Build a serialized engine for ``onnx_path`` in ``precision`` and write it durably to ``engine_path``.
 
     INT8 uses explicit quantization: ``onnx_path`` is then the QDQ model, whose scales TensorRT keeps.
@@ -98,7 +99,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, item_shape:
     if precision == "int8":
         config.set_flag(trt.BuilderFlag.INT8)
     profile = builder.create_optimization_profile()
-    smallest, optimal, largest = profile_shapes(item_shape, builder_settings)
+    smallest, optimal, largest = profile_shapes(item_shape, builder_settings, item_min, item_max)
     for i in range(network.num_inputs):
         profile.set_shape(network.get_input(i).name, trt.Dims(list(smallest)), trt.Dims(list(optimal)),
                           trt.Dims(list(largest)))
