@@ -7,7 +7,7 @@ the published PANDA system, trained only on the project's synthetic phantoms (re
 noise, anatomical variation, subtle iso- and hypo-attenuating lesions): a synthetic-data
 demonstration, not for clinical use.
 
-Run (CPU, ~10 min on 2 cores):  python -m training.abdomen_pancreas --out training/out/pancreas
+Run (CPU, ~20 min on 2 cores):  python -m training.abdomen_pancreas --out training/out/pancreas
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=160)
     parser.add_argument("--validation", type=int, default=40)
     parser.add_argument("--test", type=int, default=80)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=6, help="localiser epochs (the classifier trains twice as many)")
+    parser.add_argument("--localizer-cases", type=int, default=60, help="training phantoms the localiser sees")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=20261123)
     args = parser.parse_args()
@@ -182,7 +183,7 @@ def main() -> None:
     val = make_cases(args.validation, 200_000, rng)
     test = make_cases(args.test, 300_000, rng)
     print(f"phantoms made [{time.time() - t0:.0f} s]", flush=True)
-    localizer = train_localizer(train, args.epochs)
+    localizer = train_localizer(train[: args.localizer_cases], args.epochs)
     classifier = train_classifier(train, args.epochs * 2)
     v = evaluate(localizer, classifier, val)
     threshold = youden_threshold(v["labels"], v["scores"])
@@ -195,7 +196,8 @@ def main() -> None:
         "localizer": {"test_dice": round(t["dice"], 4), "test_centroid_error_mm": t["centroid_error_mm"]},
         "test": binary_metrics(t["labels"], t["scores"], threshold, seed=args.seed),
         "test_by_kind": {},
-        "epochs": args.epochs, "seconds": round(time.time() - t0, 1),
+        "epochs": {"localizer": args.epochs, "classifier": 2 * args.epochs},
+        "localizer_cases": args.localizer_cases, "seconds": round(time.time() - t0, 1),
     }
     for name, pick in (("hypo", 1), ("iso", 3)):
         idx = [i for i in range(len(test)) if i % 4 in (0, 2, pick)]

@@ -65,11 +65,29 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
 
 
+def item_scores(output: np.ndarray) -> np.ndarray:
+    """One score per item: the value of an (N, 1) output, the largest 3x3x3 local mean of a map output
+    (the lesion-map pipelines' study score)."""
+    if output.ndim <= 2:
+        return output.reshape(len(output))
+    from scipy import ndimage
+
+    size = (1, 1) + (3,) * (output.ndim - 2)
+    return ndimage.uniform_filter(output.astype(np.float32), size, mode="constant").reshape(len(output), -1).max(1)
+
+
 def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, threshold: float,
             task: str, tolerance: Tolerance) -> dict[str, Any]:
-    """Parity metrics of ``candidate`` against ``reference`` outputs, and whether they pass ``tolerance``."""
+    """Parity metrics of ``candidate`` against ``reference`` outputs, and whether they pass ``tolerance``.
+
+    Segmentation decisions are per voxel (Dice against FP32); classification decisions per item.
+    """
     diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
-    ref_decision, cand_decision = reference >= threshold, candidate >= threshold
+    if task == "segmentation":
+        ref_decision, cand_decision = reference >= threshold, candidate >= threshold
+    else:
+        reference, candidate = item_scores(reference), item_scores(candidate)
+        ref_decision, cand_decision = reference >= threshold, candidate >= threshold
     doc: dict[str, Any] = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
                            "decision_agreement": float((ref_decision == cand_decision).mean())}
     if task == "segmentation":
