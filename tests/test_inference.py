@@ -23,7 +23,7 @@ PACK = REPO / "engines" / "chest-covid19"
 def pack_copy(tmp_path) -> Path:
     """A private copy of the shipped pack, safe to tamper with or build into."""
     target = tmp_path / "engines" / "chest-covid19"
-    shutil.copytree(PACK, target, ignore=shutil.ignore_patterns("model.int8.onnx", "build.json", "parity.*"))
+    shutil.copytree(PACK, target, ignore=shutil.ignore_patterns("model.int8*.onnx", "build.json", "parity.*"))
     return target
 
 

@@ -40,8 +40,9 @@ def calibration_inputs(pack: packs.ModelPack, settings: Settings):
 def _build_int8(pack: packs.ModelPack, settings: Settings, record: dict[str, Any], say: Progress) -> None:
     say("calibrating INT8 on representative CT")
     x = calibration_inputs(pack, settings)
-    quantize_qdq(pack.file(packs.MODEL), pack.file(packs.INT8_MODEL), pack.input_name, x)
-    record["files"][packs.INT8_MODEL] = packs.sha256_file(pack.file(packs.INT8_MODEL))
+    for name, symmetric in ((packs.INT8_MODEL, True), (packs.INT8_CPU_MODEL, False)):
+        quantize_qdq(pack.file(packs.MODEL), pack.file(name), pack.input_name, x, symmetric_activations=symmetric)
+        record["files"][name] = packs.sha256_file(pack.file(name))
     record["calibration"] = {"items": int(len(x)), "description": pack.manifest["calibration"]["description"]}
 
 
@@ -88,8 +89,9 @@ def build_pack(pack: packs.ModelPack, settings: Settings, say: Progress = log.in
     if "int8" in pack.allowed_precisions:
         _build_int8(pack, settings, record, say)
         say("checking INT8 parity on ONNX Runtime")
-        int8 = ort_backend.OnnxRuntimeSession(pack.file(packs.INT8_MODEL), "int8", settings.inference_threads)
-        results.append(parity.evaluate(pack, reference, int8, x, labels))
+        for name in (packs.INT8_MODEL, packs.INT8_CPU_MODEL):
+            int8 = ort_backend.OnnxRuntimeSession(pack.file(name), "int8", settings.inference_threads)
+            results.append(parity.evaluate(pack, reference, int8, x, labels))
     trt_results, skipped = _build_tensorrt(pack, settings, record, reference, x, labels, say)
     results += trt_results
     record["parity"] = {"results": [r.as_dict() for r in results], "skipped": skipped}

@@ -31,7 +31,8 @@ from appliance.errors import ApplianceError
 MANIFEST = "manifest.toml"
 BUILD_RECORD = "build.json"
 MODEL = "model.onnx"
-INT8_MODEL = "model.int8.onnx"
+INT8_MODEL = "model.int8.onnx"  # symmetric QDQ: TensorRT and CPU
+INT8_CPU_MODEL = "model.int8-u8s8.onnx"  # UINT8 activations: faster on many CPUs
 PRECISIONS = ("fp32", "fp16", "int8")
 REQUIRED_KEYS = ("id", "version", "task", "body_region", "validated", "validation_note", "series", "input",
                  "outputs", "decision", "training", "precisions", "files")

@@ -38,6 +38,7 @@ class ParityResult:
     metric_drop: float | None = None
     seconds_per_item: float | None = None
     reference_seconds_per_item: float | None = None
+    model_file: str | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -117,8 +118,10 @@ def evaluate(pack: ModelPack, reference_session, candidate_session, x: np.ndarra
     ref, ref_s = run_batches(reference_session, pack.input_name, output, x)
     cand, cand_s = run_batches(candidate_session, pack.input_name, output, x)
     doc = compare(ref, cand, labels, pack.threshold, pack.manifest["task"], pack.tolerance())
+    model_file = getattr(candidate_session, "model_path", None)
     return ParityResult(backend=candidate_session.backend, precision=candidate_session.precision,
-                        seconds_per_item=cand_s, reference_seconds_per_item=ref_s, **doc)
+                        seconds_per_item=cand_s, reference_seconds_per_item=ref_s,
+                        model_file=model_file.name if model_file else None, **doc)
 
 
 def load_evaluation_set(pack: ModelPack) -> tuple[np.ndarray, np.ndarray | None]:
@@ -132,19 +135,20 @@ def markdown_report(pack: ModelPack, results: list[ParityResult], skipped: list[
     lines = [f"# Parity report: {pack.id} {pack.version}", "",
              f"Reference: FP32 on ONNX Runtime (CPU). Evaluation set: {pack.manifest['evaluation']['description']}.",
              f"Tolerance: {json.dumps(dataclasses.asdict(pack.tolerance()))}.", "",
-             "| backend | precision | enabled | max abs diff | mean abs diff | decision agreement | metric | "
+             "| backend | precision | model | enabled | max abs diff | mean abs diff | decision agreement | metric | "
              "FP32 | candidate | drop | speed vs FP32 | why |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v: float | None, digits: int = 4) -> str:
         return "" if v is None else f"{v:.{digits}f}"
 
     for r in results:
-        lines.append(f"| {r.backend} | {r.precision} | {'yes' if r.enabled else 'NO'} | {f(r.max_abs_diff)} | "
+        lines.append(f"| {r.backend} | {r.precision} | {r.model_file or 'engine'} | {'yes' if r.enabled else 'NO'} | "
+                     f"{f(r.max_abs_diff)} | "
                      f"{f(r.mean_abs_diff)} | {f(r.decision_agreement)} | {r.metric or ''} | {f(r.reference_metric)} | "
                      f"{f(r.candidate_metric)} | {f(r.metric_drop)} | {f(r.speedup, 2)}x | {r.why} |")
     for s in skipped:
-        lines.append(f"| {s['backend']} | {s['precision']} | skipped | | | | | | | | | {s['why']} |")
+        lines.append(f"| {s['backend']} | {s['precision']} | | skipped | | | | | | | | | {s['why']} |")
     if not pack.validated:
         lines += ["", f"**Not validated:** {pack.notice}"]
     return "\n".join(lines) + "\n"

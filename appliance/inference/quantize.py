@@ -1,8 +1,11 @@
-"""Explicit INT8 quantization: a QDQ ONNX model calibrated on representative CT.
+"""Explicit INT8 quantization: QDQ ONNX models calibrated on representative CT.
 
-Symmetric INT8 activations and per-channel symmetric weights, the form TensorRT
-takes as explicit quantization, so the same ``model.int8.onnx`` runs on ONNX
-Runtime on the CPU and builds a TensorRT INT8 engine on the GPU.
+``model.int8.onnx`` has symmetric INT8 activations and per-channel symmetric
+weights, the form TensorRT takes as explicit quantization; it runs on ONNX
+Runtime on the CPU too. ``model.int8-u8s8.onnx`` has asymmetric UINT8
+activations, which x86 CPUs without VNNI run markedly faster (measured on this
+box's CPU for the chest CNN: 2.0x FP32 against 1.25x for the symmetric model);
+both pass the same parity gate and the faster passing one runs on the CPU.
 """
 
 from __future__ import annotations
@@ -37,8 +40,13 @@ class _Reader:
         return item
 
 
-def quantize_qdq(fp32_model: Path, int8_model: Path, input_name: str, calibration: np.ndarray) -> None:
-    """Write a QDQ INT8 version of ``fp32_model`` calibrated on ``calibration`` (N, ...) float32 inputs."""
+def quantize_qdq(fp32_model: Path, int8_model: Path, input_name: str, calibration: np.ndarray,
+                 symmetric_activations: bool = True) -> None:
+    """Write a QDQ INT8 version of ``fp32_model`` calibrated on ``calibration`` (N, ...) float32 inputs.
+
+    ``symmetric_activations`` gives INT8 activations with zero point 0 (TensorRT's form); otherwise
+    UINT8 activations with a zero point (faster on many CPUs).
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -48,9 +56,10 @@ def quantize_qdq(fp32_model: Path, int8_model: Path, input_name: str, calibratio
         out = Path(tmp) / "int8.onnx"
         quantize_static(
             str(prepared), str(out), _Reader(input_name, calibration),
-            quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            per_channel=True, calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+            weight_type=QuantType.QInt8, per_channel=True, calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
         )
         from appliance.store.files import write_bytes_durably
 
