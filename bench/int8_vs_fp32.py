@@ -50,7 +50,7 @@ def main() -> int:
         x, _ = parity.load_evaluation_set(pack)
         output = pack.manifest["decision"]["output"]
         fp32, t_load = load(pack.file(packs.MODEL), "fp32", args.threads)
-        print(f"{pack.id}: FP32 model load {t_load:.2f} s (target <= 1 s)")
+        print(f"{pack.id}: FP32 model load {t_load:.3f} s (target <= 1 s)")
         reference = parity.item_scores(fp32.run({pack.input_name: x})[output])
         for name in (packs.INT8_MODEL, packs.INT8_CPU_MODEL):
             int8, _ = load(pack.file(name), "int8", args.threads)

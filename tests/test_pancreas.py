@@ -37,7 +37,9 @@ def test_pancreas_is_localised_near_the_ground_truth(phantoms, tmp_path):
     truth = json.loads((phantoms["normal"] / "ground_truth.json").read_text())
     pancreas = next(o for o in truth["organs"] if o["name"] == "pancreas")
     found = next(f for f in result.findings if f["name"] == "pancreas (localised)")
-    assert np.linalg.norm(np.array(found["centroid_mm"]) - np.array(pancreas["center_mm"])) < 25
+    # the localised centre lies inside the true (140 mm long) pancreas
+    offset = (np.array(found["centroid_mm"]) - np.array(pancreas["center_mm"])) / np.array(pancreas["radii_mm"])
+    assert np.linalg.norm(offset) < 1.0
     assert not result.validated and result.notice == "synthetic-data demonstration, not for clinical use"
 
 

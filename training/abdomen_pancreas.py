@@ -63,7 +63,8 @@ def phantom_case(seed: int, lesion: str | None, rng: np.random.Generator):
     z1 = float(rng.uniform(260, 560))
     zs, ys, xs = geo.localizer_axes(z0, z1)
     z, y, x = zs[:, None, None], ys[None, :, None], xs[None, None, :]
-    hu = phantom.sample(x, y, z, noise_rng) + rng.normal(0, 4)
+    hu = phantom.sample(x, y, z, noise_rng) + rng.normal(0, 6)
+    hu = hu + noise_rng.standard_normal(hu.shape, dtype=np.float32) * float(rng.uniform(0, 10))
     mask = pancreas.inside(x, y, z)
     # stage 2: crop around the true centre plus the localiser's typical error
     centre = np.array(pancreas.center) + rng.normal(0, 6, 3)
@@ -170,7 +171,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=160)
     parser.add_argument("--validation", type=int, default=40)
     parser.add_argument("--test", type=int, default=80)
-    parser.add_argument("--epochs", type=int, default=6, help="localiser epochs (the classifier trains twice as many)")
+    parser.add_argument("--epochs", type=int, default=8, help="localiser epochs")
+    parser.add_argument("--classifier-epochs", type=int, default=8)
     parser.add_argument("--localizer-cases", type=int, default=60, help="training phantoms the localiser sees")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=20261123)
@@ -184,7 +186,7 @@ def main() -> None:
     test = make_cases(args.test, 300_000, rng)
     print(f"phantoms made [{time.time() - t0:.0f} s]", flush=True)
     localizer = train_localizer(train[: args.localizer_cases], args.epochs)
-    classifier = train_classifier(train, args.epochs * 2)
+    classifier = train_classifier(train, args.classifier_epochs)
     v = evaluate(localizer, classifier, val)
     threshold = youden_threshold(v["labels"], v["scores"])
     t = evaluate(localizer, classifier, test)
@@ -196,7 +198,7 @@ def main() -> None:
         "localizer": {"test_dice": round(t["dice"], 4), "test_centroid_error_mm": t["centroid_error_mm"]},
         "test": binary_metrics(t["labels"], t["scores"], threshold, seed=args.seed),
         "test_by_kind": {},
-        "epochs": {"localizer": args.epochs, "classifier": 2 * args.epochs},
+        "epochs": {"localizer": args.epochs, "classifier": args.classifier_epochs},
         "localizer_cases": args.localizer_cases, "seconds": round(time.time() - t0, 1),
     }
     for name, pick in (("hypo", 1), ("iso", 3)):

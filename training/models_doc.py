@@ -38,6 +38,11 @@ def main() -> None:
                 lines.append(f"| {key} | {_ci(report['test'][key])} |")
             lines.append(f"| n (positives) | {report['test']['n']['value']} ({report['test']['n']['positives']}) |")
             lines.append("")
+        if "published_baseline" in report:
+            b = report["published_baseline"]
+            lines.append(f"- Published baseline on this set: {b['model']} F1 {b['f1']} ({b['split']} split); this "
+                         f"model's F1 {report['test']['f1']['value']:.3f} on a fixed-seed stratified slice-level split "
+                         "(both optimistic: no patient IDs).")
         for kind, metrics in report.get("test_by_kind", {}).items():
             lines.append(f"- {kind} lesions vs normal: sensitivity {_ci(metrics['sensitivity'])}, "
                          f"AUC {_ci(metrics['auc'])}")

@@ -10,6 +10,7 @@ both pass the same parity gate and the faster passing one runs on the CPU.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,17 @@ def quantize_qdq(fp32_model: Path, int8_model: Path, input_name: str, calibratio
     ``symmetric_activations`` gives INT8 activations with zero point 0 (TensorRT's form); otherwise
     UINT8 activations with a zero point (faster on many CPUs).
     """
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # per-channel notes on 1-D norm weights are expected, not news
+    try:
+        _quantize(fp32_model, int8_model, input_name, calibration, symmetric_activations)
+    finally:
+        root.setLevel(level)
+
+
+def _quantize(fp32_model: Path, int8_model: Path, input_name: str, calibration: np.ndarray,
+              symmetric_activations: bool) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

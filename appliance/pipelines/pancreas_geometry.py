@@ -35,9 +35,15 @@ def crop_axes(centre_xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return axes[0], axes[1], axes[2]
 
 
+LOCALIZER_SMOOTHING_VOXELS = 1.0
+
+
 def localizer_input(hu: np.ndarray) -> np.ndarray:
+    """Smooth (Gaussian, 1 voxel = 6 mm) and window: at this scale noise and resampling differences
+    between scanners (and between phantoms and scans) are texture the localiser must not learn."""
     centre, half = ABDOMEN_WINDOW
-    return np.clip((hu.astype(np.float32) - centre) / half, -1, 1)
+    smooth = ndimage.gaussian_filter(hu.astype(np.float32), LOCALIZER_SMOOTHING_VOXELS)
+    return np.clip((smooth - centre) / half, -1, 1)
 
 
 def crop_input(hu: np.ndarray) -> np.ndarray:
