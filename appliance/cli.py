@@ -24,6 +24,8 @@ EXAMPLES = {
               "  appliance synth --out /tmp/lesion --slices 200 --region abdomen --lesion pancreas-hypo"),
     "serve": "examples:\n  APPLIANCE_HOME=/var/lib/appliance appliance serve",
     "settings": "examples:\n  appliance settings",
+    "dicom": ("examples:\n  APPLIANCE_DICOM_ALLOWED_CALLERS='CT01@192.168.1.20' appliance dicom\n"
+              "  /usr/bin/echoscu -aec APPLIANCE 127.0.0.1 11112"),
     "evaluate": ("examples:\n  appliance evaluate --model chest-covid19 /media/usb/site-cases --json\n"
                  "  appliance evaluate --model chest-covid19 labels.csv --sensitivity 0.95 --record"),
     "build-engines": "examples:\n  appliance build-engines\n  python build_engines.py",
@@ -163,6 +165,20 @@ def cmd_evaluate(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0
 
 
+def cmd_dicom(args: argparse.Namespace, settings: config.Settings) -> int:
+    from appliance.analysis import open_store
+    from appliance.ingest import dicom_server
+
+    open_store(settings)  # migrate and sweep before the first association
+    print(f"DICOM receiver {settings.dicom_ae_title} on {settings.dicom_bind_address}:{settings.dicom_port}; "
+          f"allowed callers: {settings.dicom_allowed_callers}", flush=True)
+    try:
+        dicom_server.start(settings, block=True)
+    except KeyboardInterrupt:
+        print("stopped")
+    return 0
+
+
 def cmd_settings(args: argparse.Namespace, settings: config.Settings) -> int:
     if args.markdown:
         print(config.markdown_table(), end="")
@@ -238,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--missing-slices", type=int, default=0)
     p.add_argument("--transfer-syntax", choices=("explicit", "implicit", "rle", "jpeg2000"), default="explicit")
     p.add_argument("--seed", type=int, default=0)
+    add("dicom", cmd_dicom, "Run the DICOM receiver (C-ECHO, C-STORE of CT images) in the foreground.")
     p = add("settings", cmd_settings, "List every setting with its value, variable and help.")
     p.add_argument("--markdown", action="store_true", help="print the table of docs/settings.md")
     p = add("evaluate", cmd_evaluate, "Check a model on the site's own labelled cases before relying on it.")
