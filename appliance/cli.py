@@ -9,6 +9,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from appliance import __version__, config
@@ -197,8 +198,56 @@ def _ensure_sample(settings: config.Settings) -> Path:
     return sample
 
 
+def _start_background(settings: config.Settings, stop) -> Callable[[], None]:
+    """Start the DICOM receiver and the worker beside the drop-folder loop of ``serve``; returns their stopper."""
+    import threading
+
+    from appliance.ingest import dicom_server
+    from appliance.jobs.worker import Worker
+
+    try:
+        stop_receiver = dicom_server.start(settings)
+        print(f"DICOM receiver {settings.dicom_ae_title} on port {settings.dicom_port} "
+              f"(allowed callers: {settings.dicom_allowed_callers})")
+    except OSError as exc:
+        print(f"error: DICOM_PORT_UNAVAILABLE: cannot listen on port {settings.dicom_port} ({exc}); "
+              "studies can still be dropped into the incoming folder")
+        stop_receiver = None
+    worker = Worker(settings)
+    thread = threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True)
+    thread.start()
+
+    def shutdown() -> None:
+        stop.set()
+        if stop_receiver is not None:
+            stop_receiver()
+        thread.join(timeout=30)
+
+    return shutdown
+
+
+def cmd_worker(args: argparse.Namespace, settings: config.Settings) -> int:
+    import threading
+
+    from appliance.jobs.worker import Worker
+
+    worker = Worker(settings)
+    print(f"worker running on {settings.home_path} (quiet period {settings.quiet_period_seconds:.0f} s)", flush=True)
+    if args.once:
+        while worker.run_once():
+            pass
+        return 0
+    try:
+        worker.run(threading.Event())
+    except KeyboardInterrupt:
+        print("stopped")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
-    """Analyse the bundled sample once, then import and analyse whatever is dropped in ``incoming/``."""
+    """Analyse the bundled sample once, then: DICOM receiver + worker, and the ``incoming/`` drop folder."""
+    import threading
+
     from appliance.analysis import analyze_paths, open_store
 
     store = open_store(settings)
@@ -207,6 +256,7 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
     if not store.db.execute("SELECT 1 FROM studies LIMIT 1").fetchone():
         print("First start: analysing the bundled synthetic sample study.")
         _print_summary(analyze_paths(sorted(_ensure_sample(settings).glob("*.dcm")), settings))
+    shutdown = (lambda: None) if args.once else _start_background(settings, threading.Event())
     print(f"Appliance running on {settings.home_path}: drop DICOM files, folders or zip archives into {incoming}.")
     print("Press Ctrl-C to stop.", flush=True)
     try:
@@ -224,6 +274,8 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
             time.sleep(args.poll_seconds)
     except KeyboardInterrupt:
         print("stopped")
+    finally:
+        shutdown()
     return 0
 
 
@@ -254,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--missing-slices", type=int, default=0)
     p.add_argument("--transfer-syntax", choices=("explicit", "implicit", "rle", "jpeg2000"), default="explicit")
     p.add_argument("--seed", type=int, default=0)
+    p = add("worker", cmd_worker, "Run the worker: analyse received series once they are complete.")
+    p.add_argument("--once", action="store_true", help="run every job that is ready now, then exit")
     add("dicom", cmd_dicom, "Run the DICOM receiver (C-ECHO, C-STORE of CT images) in the foreground.")
     p = add("settings", cmd_settings, "List every setting with its value, variable and help.")
     p.add_argument("--markdown", action="store_true", help="print the table of docs/settings.md")

@@ -144,3 +144,32 @@ def test_unacceptable_image_gets_a_cannot_understand_status_and_is_quarantined(r
     db = open_database(settings.home_path)
     assert db.execute("SELECT reason_code FROM quarantine").fetchall() == [("IMAGE_TOO_LARGE",)]
     assert db.execute("SELECT count(*) FROM instances").fetchone()[0] == 0
+
+
+@needs_dcmtk
+def test_sent_series_is_analysed_after_its_quiet_period_without_anyone_pressing_a_button(receiver, synthetic_chest):
+    import threading
+    import time
+
+    from appliance.jobs.worker import Worker
+
+    settings, port = receiver(quiet_period_seconds=1.0)
+    stop = threading.Event()
+    worker = Worker(settings)
+    thread = threading.Thread(target=worker.run, args=(stop, 0.2), daemon=True)
+    thread.start()
+    try:
+        assert store(port, sorted(synthetic_chest.glob("*.dcm"))).returncode == 0
+        db = open_database(settings.home_path)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            row = db.execute("SELECT status FROM series").fetchone()
+            if row and row[0] == "analyzed":
+                break
+            time.sleep(0.2)
+        assert row[0] == "analyzed"
+        assert db.execute("SELECT state FROM jobs").fetchall() == [("done",)]
+        assert db.execute("SELECT count(*) FROM results").fetchone()[0] >= 2
+    finally:
+        stop.set()
+        thread.join(timeout=30)

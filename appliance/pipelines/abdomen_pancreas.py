@@ -22,6 +22,7 @@ from appliance.series.volume import CTVolume
 MODEL_ID = "abdomen-pancreas"
 LOCALIZER_ID = "pancreas-localizer"
 PANCREAS_THRESHOLD = 0.5
+MIN_PANCREAS_ML = 5.0  # smaller blobs are noise: an adult pancreas is 50-100 mL
 AIR_HU = -1000.0
 LESION_OVERLAY_LEVEL = 0.3
 
@@ -46,6 +47,8 @@ def localize(volume: CTVolume, session) -> tuple[np.ndarray, np.ndarray]:
         raise NotApplicable("no pancreas found in this series (is the upper abdomen covered?)")
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
+    if sizes.max() * geo.LOCALIZER_SPACING_MM ** 3 / 1000 < MIN_PANCREAS_ML:
+        raise NotApplicable("no pancreas found in this series (is the upper abdomen covered?)")
     return labels == int(np.argmax(sizes)), factors
 
 

@@ -1,0 +1,1 @@
+"""The durable job queue (rows in SQLite) and the worker that runs analyses."""

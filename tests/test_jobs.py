@@ -1,0 +1,81 @@
+"""The durable job queue and the worker: quiet period, leases, retries, restart after a crash."""
+
+import threading
+import time
+
+from appliance import config
+from appliance.ingest.importer import import_paths
+from appliance.jobs import queue
+from appliance.jobs.worker import Worker
+from appliance.store.database import open_database, utcnow, write_transaction
+
+
+def _settings(tmp_path, **overrides):
+    values = dict(home=str(tmp_path / "home"), quiet_period_seconds=0.0, job_backoff_seconds=0.0)
+    values.update(overrides)
+    return config.load(environ={}, **values)
+
+
+def test_queue_claims_by_priority_and_enqueues_once(store):
+    db = store.db
+    first = queue.enqueue_series(db, "1.1", "1")
+    assert queue.enqueue_series(db, "1.1", "1") is None  # already queued
+    urgent = queue.enqueue_series(db, "1.2", "1", priority=5)
+    assert queue.claim(db, 60)["id"] == urgent
+    assert queue.claim(db, 60)["id"] == first
+    assert queue.claim(db, 60) is None
+
+
+def test_failed_job_is_retried_with_backoff_then_left_failed(store):
+    db = store.db
+    job = queue.enqueue_series(db, "1.1", "1")
+    queue.claim(db, 60)
+    assert queue.fail(db, job, "boom", max_attempts=2, backoff_seconds=3600) == "queued"
+    assert queue.claim(db, 60) is None  # not before its backoff has passed
+    with write_transaction(db):
+        db.execute("UPDATE jobs SET not_before = ?", [utcnow()])
+    queue.claim(db, 60)
+    assert queue.fail(db, job, "boom again", max_attempts=2, backoff_seconds=0) == "failed"
+    assert db["jobs"].get(job)["error"] == "boom again"
+
+
+def test_expired_leases_and_running_jobs_at_start_up_are_requeued(store):
+    db = store.db
+    queue.enqueue_series(db, "1.1", "1")
+    queue.claim(db, lease_seconds=-1)  # a worker that died at once
+    assert queue.requeue_running(db, expired_only=True) == 1
+    queue.claim(db, lease_seconds=600)
+    assert queue.requeue_running(db, expired_only=True) == 0
+    assert queue.requeue_running(db, expired_only=False) == 1
+
+
+def test_series_waits_for_its_quiet_period(store, settings, synthetic_chest):
+    import_paths(store, [synthetic_chest], settings)
+    assert queue.ready_series(store.db, quiet_seconds=3600) == []
+    assert len(queue.ready_series(store.db, quiet_seconds=0)) == 1
+
+
+def test_worker_analyses_received_series_and_a_crash_mid_job_is_recovered(tmp_path, synthetic_chest):
+    settings = _settings(tmp_path)
+    worker = Worker(settings)
+    import_paths(worker.store, [synthetic_chest], settings)
+    job = queue.claim(worker.store.db, 600) if queue.enqueue_ready(worker.store.db, 0) else None
+    assert job is not None  # ... and the worker is killed here, the job left "running"
+    restarted = Worker(settings)  # start-up re-queues it
+    assert restarted.run_once()
+    db = open_database(settings.home_path)
+    assert db.execute("SELECT state, attempts FROM jobs").fetchall() == [("done", 2)]
+    assert db.execute("SELECT count(*) FROM analyses WHERE superseded = 0").fetchone()[0] == 1
+    assert db.execute("SELECT status FROM series").fetchone()[0] == "analyzed"
+    assert not restarted.run_once()  # nothing left
+
+
+def test_worker_thread_stops_when_told(tmp_path):
+    worker = Worker(_settings(tmp_path))
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop, 0.05))
+    thread.start()
+    time.sleep(0.2)
+    stop.set()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
