@@ -4,6 +4,7 @@ import concurrent.futures
 import hashlib
 import os
 import socket
+import struct
 import subprocess
 from pathlib import Path
 
@@ -173,3 +174,73 @@ def test_sent_series_is_analysed_after_its_quiet_period_without_anyone_pressing_
     finally:
         stop.set()
         thread.join(timeout=30)
+
+
+def _assoc_rq_bytes(port_calling="RAWPEER"):
+    """An A-ASSOCIATE-RQ proposing Verification, encoded by pynetdicom's PDU classes."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = port_calling
+    primitive.called_ae_title = "APPLIANCE"
+    context = build_context("1.2.840.10008.1.1")
+    context.context_id = 1
+    primitive.presentation_context_definition_list = [context]
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    primitive.user_information = [max_length]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def _recv_all(sock, timeout):
+    sock.settimeout(timeout)
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except (socket.timeout, ConnectionResetError):
+        pass
+    return b"".join(chunks)
+
+
+@needs_dcmtk
+def test_malformed_pdu_is_dropped_and_the_service_stays_up(receiver):
+    _, port = receiver()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"\x09\x00" + os.urandom(64))  # no such PDU type
+        _recv_all(sock, 5)
+    assert echo(port).returncode == 0
+
+
+@needs_dcmtk
+def test_oversize_pdu_ends_the_association_and_the_service_stays_up(receiver):
+    _, port = receiver(dicom_max_pdu=16384, dicom_network_timeout=2.0)
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(_assoc_rq_bytes())
+        accepted = sock.recv(6)
+        assert accepted[:1] == b"\x02"  # A-ASSOCIATE-AC
+        _recv_all(sock, 0.5)
+        # a P-DATA-TF declaring 64 MiB, far beyond the 16 KiB we advertised
+        sock.sendall(b"\x04\x00" + struct.pack(">I", 64 * 2**20) + b"\0" * 1024)
+        reply = _recv_all(sock, 10)
+    assert reply == b"" or reply[:1] == b"\x07"  # connection closed or A-ABORT
+    assert echo(port).returncode == 0
+
+
+@needs_dcmtk
+def test_idle_association_is_closed_after_the_network_timeout(receiver):
+    import time
+
+    _, port = receiver(dicom_network_timeout=1.0)
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(_assoc_rq_bytes())
+        t0 = time.monotonic()
+        data = _recv_all(sock, 15)
+        waited = time.monotonic() - t0
+    assert data[:1] == b"\x02" and waited < 10  # accepted, then released/aborted by us, not by our 15 s wait
+    assert echo(port).returncode == 0
