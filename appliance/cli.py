@@ -25,6 +25,8 @@ EXAMPLES = {
               "  appliance synth --out /tmp/lesion --slices 200 --region abdomen --lesion pancreas-hypo"),
     "serve": "examples:\n  APPLIANCE_HOME=/var/lib/appliance appliance serve",
     "settings": "examples:\n  appliance settings",
+    "import": "examples:\n  appliance import /media/usb\n  appliance import --usb /dev/sdb1   (as root: mounts read-only)",
+    "install-systemd": "examples:\n  sudo appliance install-systemd --user appliance --home /var/lib/appliance",
     "dicom": ("examples:\n  APPLIANCE_DICOM_ALLOWED_CALLERS='CT01@192.168.1.20' appliance dicom\n"
               "  /usr/bin/echoscu -aec APPLIANCE 127.0.0.1 11112"),
     "evaluate": ("examples:\n  appliance evaluate --model chest-covid19 /media/usb/site-cases --json\n"
@@ -180,6 +182,48 @@ def cmd_dicom(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Import a folder, files, zip archives or a USB medium; queue every series it touched for analysis."""
+    if args.usb:
+        from appliance.ingest.usb import import_device
+
+        return import_device(args.usb, settings.home_path)
+    from appliance.analysis import open_store
+    from appliance.ingest.importer import import_paths
+    from appliance.jobs import queue
+
+    store = open_store(settings)
+
+    def progress(summary) -> None:
+        done = summary.stored + summary.duplicates + len(summary.quarantined) + summary.skipped
+        if done % 100 == 0:
+            print(f"  {done} files read ...", flush=True)
+
+    summary = import_paths(store, args.paths, settings, source=args.source, progress=progress)
+    for series_uid, study_uid in summary.series.items():
+        queue.enqueue_series(store.db, series_uid, study_uid, priority=1)  # an explicit import is complete
+    doc = {**summary.as_dict(), "queued_series": len(summary.series)}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"Imported {summary.stored} new image(s), {summary.duplicates} already stored, "
+              f"{len(summary.quarantined)} quarantined; {len(summary.series)} series queued for analysis.")
+        for q in summary.quarantined[:50]:
+            print(f"  quarantined {q['file']}: {q['reason_code']} - {q['reason']}")
+    return 0 if summary.series or not summary.quarantined else 1
+
+
+def cmd_install_systemd(args: argparse.Namespace, settings: config.Settings) -> int:
+    from appliance import systemd_units
+
+    for path in systemd_units.install(args.dest, user=args.user, home=args.home, venv=args.venv,
+                                      engines=settings.engines_path):
+        print(f"wrote {path}")
+    print("then: systemctl daemon-reload && systemctl enable --now appliance-dicom appliance-worker "
+          "appliance-build-engines; udevadm control --reload")
+    return 0
+
+
 def cmd_settings(args: argparse.Namespace, settings: config.Settings) -> int:
     if args.markdown:
         print(config.markdown_table(), end="")
@@ -308,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p = add("worker", cmd_worker, "Run the worker: analyse received series once they are complete.")
     p.add_argument("--once", action="store_true", help="run every job that is ready now, then exit")
+    p = add("import", cmd_import, "Import files, folders, zip archives or a USB medium and queue their series.")
+    p.add_argument("paths", nargs="*", type=Path, metavar="PATH")
+    p.add_argument("--usb", metavar="DEVICE", help="block device to mount read-only and import (as root)")
+    p.add_argument("--source", default="import", help="where the files came from, for the audit trail")
+    p.add_argument("--json", action="store_true")
+    p = add("install-systemd", cmd_install_systemd, "Write the systemd units and udev rule with this box's paths.")
+    p.add_argument("--dest", type=Path, default=Path("/etc/systemd/system"))
+    p.add_argument("--user", default="appliance")
+    p.add_argument("--home", type=Path, default=Path("/var/lib/appliance"))
+    p.add_argument("--venv", type=Path, default=Path(sys.prefix))
     add("dicom", cmd_dicom, "Run the DICOM receiver (C-ECHO, C-STORE of CT images) in the foreground.")
     p = add("settings", cmd_settings, "List every setting with its value, variable and help.")
     p.add_argument("--markdown", action="store_true", help="print the table of docs/settings.md")

@@ -79,3 +79,18 @@ def test_worker_thread_stops_when_told(tmp_path):
     stop.set()
     thread.join(timeout=5)
     assert not thread.is_alive()
+
+
+def test_sd_notify_reaches_the_socket_systemd_gives(tmp_path, monkeypatch):
+    import socket
+
+    from appliance.jobs.notify import sd_notify
+
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        assert sd_notify("READY=1")
+        assert server.recv(64) == b"READY=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not sd_notify("READY=1")

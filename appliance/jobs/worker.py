@@ -9,6 +9,7 @@ from appliance.analysis import analyze_series, open_store
 from appliance.config import Settings
 from appliance.inference.registry import Registry
 from appliance.jobs import queue
+from appliance.jobs.notify import sd_notify
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class Worker:
         return True
 
     def run(self, stop: threading.Event, poll_seconds: float = 1.0) -> None:
+        sd_notify("READY=1")
         while not stop.is_set():
+            sd_notify("WATCHDOG=1")  # an analysis takes seconds; a hung worker is restarted by systemd
             if not self.run_once():
                 stop.wait(poll_seconds)

@@ -1,0 +1,63 @@
+"""systemd units (verified by systemd-analyze), and importing a medium as the USB service does."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance import systemd_units
+from appliance.ingest.usb import MOUNT_OPTIONS, mount_command, mount_point_for
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+
+def test_units_render_without_placeholders(tmp_path):
+    written = systemd_units.install(tmp_path, user="appliance", home=Path("/var/lib/appliance"),
+                                    venv=Path(sys.prefix), engines=tmp_path)
+    names = {p.name for p in written}
+    assert {"appliance-dicom.service", "appliance-worker.service", "appliance-import@.service",
+            "appliance-build-engines.service", "99-appliance-usb.rules"} <= names
+    for path in written:
+        assert "@" not in path.read_text().replace("appliance-import@", "").replace("%I", ""), path.name
+    worker = (tmp_path / "appliance-worker.service").read_text()
+    assert "Type=notify" in worker and "WatchdogSec=" in worker and "ProtectSystem=strict" in worker
+    assert "MemoryMax=" in (tmp_path / "appliance-dicom.service").read_text()
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed (Debian package systemd)")
+def test_units_pass_systemd_analyze_verify(tmp_path):
+    written = systemd_units.install(tmp_path, user="root", home=tmp_path / "home", venv=Path(sys.prefix),
+                                    engines=tmp_path)
+    units = [str(p) for p in written if p.suffix == ".service" and "@" not in p.name]
+    units.append(str(tmp_path / "appliance-import@sdb1.service"))
+    shutil.copy(tmp_path / "appliance-import@.service", units[-1])
+    run = subprocess.run([SYSTEMD_ANALYZE, "verify", *units], capture_output=True, text=True,
+                         env=dict(os.environ, SYSTEMD_LOG_LEVEL="warning"))
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_usb_medium_is_mounted_read_only_and_named_safely():
+    assert MOUNT_OPTIONS.split(",")[:4] == ["ro", "nosuid", "nodev", "noexec"]
+    assert mount_command("/dev/sdb1", Path("/run/appliance/usb/sdb1"))[:3] == ["mount", "-o", MOUNT_OPTIONS]
+    assert mount_point_for("/dev/../../etc/sdb1").name == "sdb1"
+    assert mount_point_for("/dev/sd b;rm").parent == Path("/run/appliance/usb")
+
+
+def test_import_of_a_medium_queues_its_series_and_summarises(synthetic_chest, tmp_path):
+    medium = tmp_path / "usb"
+    shutil.copytree(synthetic_chest, medium / "DICOM" / "A")
+    (medium / "autorun.inf").write_text("[autorun]\n")
+    env = dict(os.environ, APPLIANCE_HOME=str(tmp_path / "home"))
+    run = subprocess.run([sys.executable, "-m", "appliance.cli", "import", str(medium), "--json"],
+                         capture_output=True, text=True, env=env)
+    doc = json.loads(run.stdout)
+    assert doc["stored"] == 40 and doc["queued_series"] == 1
+    assert sorted(q["reason_code"] for q in doc["quarantined"]) == ["NOT_DICOM", "NOT_DICOM"]
+    from appliance.store.database import open_database
+
+    jobs = open_database(tmp_path / "home").execute("SELECT state, priority FROM jobs").fetchall()
+    assert jobs == [("queued", 1)]
