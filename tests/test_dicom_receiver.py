@@ -164,12 +164,11 @@ def test_sent_series_is_analysed_after_its_quiet_period_without_anyone_pressing_
         db = open_database(settings.home_path)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            row = db.execute("SELECT status FROM series").fetchone()
-            if row and row[0] == "analyzed":
+            if db.execute("SELECT state FROM jobs").fetchall() == [("done",)]:
                 break
             time.sleep(0.2)
-        assert row[0] == "analyzed"
         assert db.execute("SELECT state FROM jobs").fetchall() == [("done",)]
+        assert db.execute("SELECT status FROM series").fetchone()[0] == "analyzed"
         assert db.execute("SELECT count(*) FROM results").fetchone()[0] >= 2
     finally:
         stop.set()

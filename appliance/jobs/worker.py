@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 
-from appliance.analysis import analyze_series, open_store
+from appliance.analysis import analyze_series, artefact_dir, open_store, series_paths
 from appliance.config import Settings
 from appliance.inference.registry import Registry
 from appliance.jobs import queue
 from appliance.jobs.notify import sd_notify
+from appliance.outputs import outbox
+from appliance.outputs.dicom_objects import write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -19,13 +21,32 @@ class Worker:
         self.settings = settings
         self.store = open_store(settings)
         self.registry = Registry(settings)
+        self.destinations = outbox.parse_destinations(settings.pacs_destinations)
         requeued = queue.requeue_running(self.store.db, expired_only=False)
         if requeued:
             log.warning("re-queued %d job(s) left running by a stopped worker", requeued)
 
+    def _publish(self, job: dict, record: dict) -> None:
+        """Write the series' SR and key images, read them back, and queue them for every PACS."""
+        series_uid = job["series_instance_uid"]
+        out_dir = artefact_dir(self.store, series_uid) / "dicom"
+        paths = write_outputs(record, series_paths(self.store, series_uid), out_dir)
+        if self.destinations:
+            outbox.enqueue(self.store.db, self.destinations, paths, self.store.home, series_uid)
+
+    def forward(self) -> None:
+        if not self.destinations:
+            return
+        try:
+            outbox.forward(self.store.db, self.store.home, self.destinations, self.settings.dicom_ae_title,
+                           self.settings.outbox_backoff_seconds)
+        except Exception:  # a misbehaving PACS must not stop analyses; rows stay queued
+            log.exception("outbox: sending failed; will retry")
+
     def run_once(self) -> bool:
         """Queue what is ready and run one job; returns whether a job ran."""
         db, s = self.store.db, self.settings
+        self.forward()
         queue.requeue_running(db, expired_only=True)
         queue.enqueue_ready(db, s.quiet_period_seconds)
         job = queue.claim(db, s.job_lease_seconds)
@@ -37,6 +58,11 @@ class Worker:
             state = queue.fail(db, job["id"], repr(exc), s.job_max_attempts, s.job_backoff_seconds)
             log.exception("job %d (series %s) failed; %s", job["id"], job["series_instance_uid"], state)
             return True
+        if record["status"] == "analyzed":
+            try:
+                self._publish(job, record)
+            except Exception:  # the analysis is stored; its DICOM outputs can be rebuilt
+                log.exception("could not build or queue the DICOM outputs of series %s", job["series_instance_uid"])
         queue.complete(db, job["id"])
         log.info("job %d: series %s %s %s", job["id"], job["series_instance_uid"], record["status"],
                  record["reason_code"] or "")

@@ -82,6 +82,16 @@ def m002_operating_points(db: sqlite_utils.Database) -> None:
     db["operating_points"].create_index(["model", "model_version"])
 
 
+@migrations()
+def m003_outbox(db: sqlite_utils.Database) -> None:
+    db["outbox"].create({
+        "id": int, "destination": str, "path": str, "sop_instance_uid": str, "series_instance_uid": str,
+        "state": str, "attempts": int, "not_before": str, "error": str, "created_at": str, "sent_at": str,
+    }, pk="id")
+    db["outbox"].create_index(["state", "not_before"])
+    db["outbox"].create_index(["destination", "sop_instance_uid"], unique=True)
+
+
 def site_threshold(db: sqlite_utils.Database, model: str, model_version: str) -> float | None:
     """The site's own decision threshold for this model version, when the admin recorded one."""
     row = db.execute("SELECT threshold FROM operating_points WHERE model = ? AND model_version = ? "

@@ -1,0 +1,1 @@
+"""What the appliance sends back: DICOM SR of findings and Secondary Capture key images (highdicom)."""

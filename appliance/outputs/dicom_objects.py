@@ -1,0 +1,119 @@
+"""DICOM outputs of one analysed series, built with highdicom.
+
+- a Comprehensive SR: one container per model with its identity, validation
+  status, score, threshold, flag and findings, referencing the analysed images;
+- one Secondary Capture per key image (PNG with overlay), in the patient's study.
+
+Objects are written, read back and checked before they are queued for a PACS.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+
+from appliance import __version__
+
+MANUFACTURER = "CT screening appliance"
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+REPORT_TITLE = ("126000", "DCM", "Imaging Measurement Report")
+ALGORITHM_NAME = ("111001", "DCM", "Algorithm Name")
+ALGORITHM_VERSION = ("111003", "DCM", "Algorithm Version")
+COMMENT = ("121106", "DCM", "Comment")
+FINDING = ("121071", "DCM", "Finding")
+
+
+def _code(triple):
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(value=triple[0], scheme_designator=triple[1], meaning=triple[2])
+
+
+def _text(name, value: str):
+    import highdicom as hd
+
+    return hd.sr.TextContentItem(name=_code(name), value=value[:1024],
+                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+
+
+def build_sr(evidence: list[pydicom.Dataset], results: list[dict[str, Any]]) -> pydicom.Dataset:
+    """A Comprehensive SR with every model's result for the series of ``evidence``."""
+    import highdicom as hd
+
+    containers = []
+    for result in results:
+        container = hd.sr.ContainerContentItem(name=_code(("121070", "DCM", "Findings")),
+                                               relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        container.ContentSequence = _items(result)
+        containers.append(container)
+    root = hd.sr.ContainerContentItem(name=_code(REPORT_TITLE))
+    root.ContentSequence = containers
+    return hd.sr.ComprehensiveSR(
+        evidence=evidence, content=root, series_instance_uid=hd.UID(), series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
+        series_description="AI screening results", software_versions=__version__)
+
+
+def _items(result: dict[str, Any]) -> list:
+    import highdicom as hd
+
+    items = [
+        _text(ALGORITHM_NAME, result["model"]), _text(ALGORITHM_VERSION, result["model_version"]),
+        _text(COMMENT, f"backend {result['backend']} {result['precision']}; "
+                       + ("validated" if result["validated"] else "NOT VALIDATED: " + (result.get("notice") or ""))),
+    ]
+    if result["score"] is not None:
+        items.append(hd.sr.NumContentItem(name=_code(("C0449820", "UMLS", "Score")), value=float(result["score"]),
+                                          unit=codes.UCUM.NoUnits,
+                                          relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    flag = "FLAGGED for review" if result["flagged"] else "not flagged"
+    threshold = "" if result["threshold"] is None else f" at threshold {result['threshold']}"
+    items.append(_text(FINDING, f"{flag}{threshold}"))
+    for finding in result["findings"]:
+        items.append(_text(FINDING, json.dumps({k: v for k, v in finding.items() if k != "key_image"})))
+    return items
+
+
+def build_key_image(reference: pydicom.Dataset, png: Path, instance_number: int, series_uid: str) -> pydicom.Dataset:
+    """A Secondary Capture of one key image (RGB PNG with overlay) in the reference image's study."""
+    import highdicom as hd
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("RGB"))
+    return hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=reference, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(), instance_number=instance_number, manufacturer=MANUFACTURER,
+        series_description="AI key images (NOT for diagnosis)", patient_orientation=("L", "P"))
+
+
+def write_outputs(record: dict[str, Any], image_paths: list[Path], out_dir: Path) -> list[Path]:
+    """Build, write and read back the SR and key images of an analysed series; returns their paths."""
+    import highdicom as hd
+
+    from appliance.store.files import write_bytes_durably
+
+    evidence = [pydicom.dcmread(p, stop_before_pixels=True) for p in image_paths[:1]]
+    objects = [build_sr(evidence, record["results"])]
+    sc_series = hd.UID()
+    pngs = [Path(f["key_image"]) for r in record["results"] for f in r["findings"] if f.get("key_image")]
+    objects += [build_key_image(evidence[0], png, k + 1, sc_series) for k, png in enumerate(pngs)]
+    written = []
+    for ds in objects:
+        path = out_dir / f"{ds.Modality.lower()}-{ds.SOPInstanceUID}.dcm"
+        import io
+
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        write_bytes_durably(buffer.getvalue(), path)
+        back = pydicom.dcmread(path)
+        if back.SOPInstanceUID != ds.SOPInstanceUID or back.StudyInstanceUID != evidence[0].StudyInstanceUID:
+            raise ValueError(f"{path.name} did not read back as written")
+        written.append(path)
+    return written

@@ -1,0 +1,116 @@
+"""DICOM outputs (SR, key-image SC) written, read back and checked; store-and-forward to Orthanc."""
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from appliance import config
+from appliance.ingest.importer import import_paths
+from appliance.jobs import queue
+from appliance.jobs.worker import Worker
+from appliance.outputs import outbox
+from appliance.store.database import open_database, write_transaction
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+needs_orthanc = pytest.mark.skipif(not Path(ORTHANC).exists(), reason="Orthanc is not installed (Debian package orthanc)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_orthanc(tmp: Path, dicom_port: int) -> tuple[subprocess.Popen, int]:
+    http_port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "config.json").write_text(json.dumps({
+        "Name": "TEST-PACS", "StorageDirectory": str(tmp / "db"), "IndexDirectory": str(tmp / "db"),
+        "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [], "SyncStorageArea": True}))
+    proc = subprocess.Popen([ORTHANC, str(tmp / "config.json")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{http_port}/system", timeout=1)
+            return proc, http_port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("Orthanc did not start")
+
+
+def orthanc_get(http_port: int, path: str):
+    return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=10).read())
+
+
+def _analysed_worker(tmp_path, synthetic_chest, destinations: str) -> Worker:
+    settings = config.load(environ={}, home=str(tmp_path / "home"), quiet_period_seconds=0.0,
+                           pacs_destinations=destinations, outbox_backoff_seconds=3600.0)
+    worker = Worker(settings)
+    import_paths(worker.store, [synthetic_chest], settings)
+    assert worker.run_once()
+    return worker
+
+
+def test_destination_parsing():
+    assert outbox.parse_destinations("PACS@10.0.0.2:104, ORTHANC@127.0.0.1:4242") == (
+        outbox.Destination("PACS", "10.0.0.2", 104), outbox.Destination("ORTHANC", "127.0.0.1", 4242))
+    with pytest.raises(ValueError):
+        outbox.parse_destinations("PACS@nowhere")
+
+
+def test_outputs_are_written_read_back_and_reference_the_study(tmp_path, synthetic_chest):
+    import highdicom as hd
+
+    worker = _analysed_worker(tmp_path, synthetic_chest, "")
+    files = sorted((tmp_path / "home" / "artefacts").rglob("dicom/*.dcm"))
+    modalities = sorted(pydicom.dcmread(f).Modality for f in files)
+    assert modalities[-1] == "SR" and modalities.count("OT") == len(files) - 1 >= 1
+    study = pydicom.dcmread(next(synthetic_chest.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+    sr = hd.sr.srread(next(f for f in files if f.name.startswith("sr-")))
+    assert sr.StudyInstanceUID == study
+    def texts(items):
+        for item in items:
+            if "TextValue" in item:
+                yield str(item.TextValue)
+            yield from texts(item.get("ContentSequence", []))
+
+    text = " ".join(texts(sr.ContentSequence))
+    assert "chest-covid19" in text and "NOT VALIDATED" in text
+    sc = pydicom.dcmread(next(f for f in files if f.name.startswith("ot-")))
+    assert sc.pixel_array.ndim == 3 and sc.StudyInstanceUID == study
+    assert worker.store.db.execute("SELECT count(*) FROM outbox").fetchone()[0] == 0  # no PACS configured
+
+
+@needs_orthanc
+def test_results_reach_orthanc_and_wait_while_it_is_down(tmp_path, synthetic_chest):
+    dicom_port = free_port()
+    worker = _analysed_worker(tmp_path, synthetic_chest, f"ORTHANC@127.0.0.1:{dicom_port}")
+    db = worker.store.db
+    produced = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+    assert produced >= 2
+    worker.forward()  # PACS down: nothing dropped, retried later
+    rows = db.execute("SELECT state, attempts, error FROM outbox").fetchall()
+    assert all(state == "queued" and attempts == 1 and "cannot associate" in error for state, attempts, error in rows)
+    proc, http_port = start_orthanc(tmp_path / "orthanc", dicom_port)
+    try:
+        with write_transaction(db):
+            db.execute("UPDATE outbox SET not_before = ''")  # the backoff has passed
+        worker.forward()
+        assert db.execute("SELECT count(*) FROM outbox WHERE state = 'sent'").fetchone()[0] == produced
+        assert orthanc_get(http_port, "/statistics")["CountInstances"] == produced
+        modalities = {orthanc_get(http_port, f"/instances/{i}/simplified-tags")["Modality"]
+                      for i in orthanc_get(http_port, "/instances")}
+        assert modalities == {"SR", "OT"}
+        worker.forward()  # nothing is sent twice
+        assert orthanc_get(http_port, "/statistics")["CountInstances"] == produced
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
