@@ -45,6 +45,10 @@ def _to_hu(raw: np.ndarray, frame: Frame, out: np.ndarray) -> None:
     raw = _sign_extend(raw, frame)
     slope, intercept = frame.rescale_slope, frame.rescale_intercept
     if slope == 1 and intercept == int(intercept):
+        low, high = int(raw.min()) + int(intercept), int(raw.max()) + int(intercept)
+        if HU_MIN <= low and high <= HU_MAX:  # the common case: one pass, no temporary
+            np.add(raw, np.int32(intercept), out=out, casting="unsafe")
+            return
         hu = raw.astype(np.int32) + int(intercept)
     else:
         hu = np.rint(raw.astype(np.float32) * np.float32(slope) + np.float32(intercept))
