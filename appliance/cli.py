@@ -66,6 +66,8 @@ def _print_summary(doc: dict[str, Any]) -> None:
                         print(f"      {f['name']}: {f['volume_ml']:.0f} mL")
                 if not r["validated"]:
                     print(f"      NOT VALIDATED: {r.get('notice') or 'research use only'}")
+            for skipped in s.get("skipped_models", []):
+                print(f"    {skipped['model']}: not run - {skipped['why']}")
 
 
 def cmd_analyze(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -122,7 +124,6 @@ def cmd_build_engines(args: argparse.Namespace, settings: config.Settings) -> in
     records = build_all(settings)
     if not records:
         print(f"no model packs in {settings.engines_path}: nothing to build")
-    refused = 0
     for record in records:
         for r in record["parity"]["results"]:
             state = "enabled" if r["enabled"] else "NOT enabled"
