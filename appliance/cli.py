@@ -289,13 +289,34 @@ def cmd_worker(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0
 
 
+def _drain_incoming(entries: list[Path], settings: config.Settings) -> None:
+    """Import and analyse what was dropped in; it is then stored or quarantined, so the drop is emptied.
+    An unexpected failure keeps the files in ``incoming-failed/`` for the admin instead of retrying forever."""
+    from appliance.analysis import analyze_paths
+
+    try:
+        _print_summary(analyze_paths(entries, settings))
+    except NothingUsable as exc:
+        print(f"NOTHING_USABLE: {exc}")
+    except Exception as exc:
+        log.exception("import of the incoming folder failed")
+        kept = settings.home_path / "incoming-failed"
+        kept.mkdir(exist_ok=True)
+        for entry in entries:
+            shutil.move(str(entry), kept / entry.name)
+        print(f"error: IMPORT_FAILED: {exc}; the files were moved to {kept}")
+        return
+    for entry in entries:
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
 def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
     """Analyse the bundled sample once, then: DICOM receiver + worker, and the ``incoming/`` drop folder."""
     import threading
 
     from appliance.analysis import analyze_paths, open_store
 
-    store = open_store(settings)
+    store = open_store(settings)  # migrate and sweep before anything else starts
     incoming = settings.home_path / "incoming"
     incoming.mkdir(parents=True, exist_ok=True)
     if not store.db.execute("SELECT 1 FROM studies LIMIT 1").fetchone():
@@ -308,12 +329,7 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
         while True:
             entries = sorted(incoming.iterdir())
             if entries:
-                try:
-                    _print_summary(analyze_paths(entries, settings))
-                except NothingUsable as exc:
-                    print(f"NOTHING_USABLE: {exc}")
-                for entry in entries:  # everything is stored or quarantined by now
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                _drain_incoming(entries, settings)
             if args.once:
                 return 0
             time.sleep(args.poll_seconds)

@@ -94,3 +94,23 @@ def test_sd_notify_reaches_the_socket_systemd_gives(tmp_path, monkeypatch):
         assert server.recv(64) == b"READY=1"
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert not sd_notify("READY=1")
+
+
+def test_worker_survives_a_failing_step(tmp_path, monkeypatch):
+    worker = Worker(_settings(tmp_path))
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("database is locked")
+        return False
+
+    monkeypatch.setattr(worker, "run_once", flaky)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop, 0.01))
+    thread.start()
+    time.sleep(0.3)
+    stop.set()
+    thread.join(timeout=5)
+    assert len(calls) > 2  # it kept going after the failure

@@ -72,5 +72,10 @@ class Worker:
         sd_notify("READY=1")
         while not stop.is_set():
             sd_notify("WATCHDOG=1")  # an analysis takes seconds; a hung worker is restarted by systemd
-            if not self.run_once():
+            try:
+                ran = self.run_once()
+            except Exception:  # e.g. the database stayed locked: log, wait, carry on
+                log.exception("worker step failed; retrying")
+                ran = False
+            if not ran:
                 stop.wait(poll_seconds)
