@@ -57,7 +57,13 @@ def _lungs(volume: CTVolume, ctx: StepContext) -> StepResult:
     return lungs.run(volume, seg=ctx.segmentation(volume))
 
 
+NOT_AXIAL = "the series is not axial (a coronal or sagittal reformat); the models read axial slices"
+
+
 def _chest_covid19(volume: CTVolume, ctx: StepContext) -> StepResult | None:
+    if not volume.plan.is_axial:
+        ctx.skipped.append({"model": chest_covid19.MODEL_ID, "why": NOT_AXIAL})
+        return None
     pack = ctx.registry.pack(chest_covid19.MODEL_ID)
     if pack is None:
         ctx.skipped.append({"model": chest_covid19.MODEL_ID, "why": "model pack not installed or refused"})
@@ -72,6 +78,9 @@ def _chest_covid19(volume: CTVolume, ctx: StepContext) -> StepResult | None:
 
 
 def _abdomen_pancreas(volume: CTVolume, ctx: StepContext) -> StepResult | None:
+    if not volume.plan.is_axial:
+        ctx.skipped.append({"model": abdomen_pancreas.MODEL_ID, "why": NOT_AXIAL})
+        return None
     localizer = ctx.registry.pack(abdomen_pancreas.LOCALIZER_ID)
     pack = ctx.registry.pack(abdomen_pancreas.MODEL_ID)
     if pack is None or localizer is None:

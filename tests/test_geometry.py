@@ -132,3 +132,13 @@ def test_shear_correction_moves_rows_back_into_their_plane():
         volume[int(10 - j * shear), j, :] = 100
     out = resample_slices(volume, z, z, shear_per_row=shear, fill=0)
     assert (out[10] == 100).all()
+
+
+def test_axial_and_reformatted_series_are_told_apart():
+    assert plan(np.arange(12) * 2.0).is_axial
+    z = np.arange(12) * 2.0
+    sagittal = plan(None, orientation=[0, 1, 0, 0, 0, -1],
+                    positions=np.column_stack([z, np.zeros(12), np.zeros(12)]))
+    assert not sagittal.is_axial
+    orientation, positions, rows, spacing = _tilted(15)
+    assert plan(None, orientation=orientation, positions=positions).is_axial  # a tilted axial is still axial

@@ -27,6 +27,7 @@ import numpy as np
 from appliance.errors import ReasonCode, SeriesRejected
 
 TILT_TOLERANCE_DEG = 0.5
+AXIAL_MIN_COSINE = 0.9  # cos(~25 degrees) between the stacking direction and the head-feet axis
 COMPOUND_TILT_TOLERANCE = 1e-3
 
 # When several problems are found, the first in this order is the series' reason code:
@@ -80,6 +81,11 @@ class VolumePlan:
         regular = (len(self.target_z_mm) == len(self.source_z_mm)
                    and np.allclose(self.target_z_mm, self.source_z_mm, atol=1e-3))
         return not regular or self.shear_mm_per_row != 0 or self.shear_mm_per_column != 0
+
+    @property
+    def is_axial(self) -> bool:
+        """Slices stacked along the patient's head-feet axis (within ~25 degrees): what the models expect."""
+        return abs(float(self.direction[2, 2])) >= AXIAL_MIN_COSINE
 
     def affine(self) -> np.ndarray:
         """4x4 matrix from voxel index (x, y, z) to patient position (LPS, mm)."""
