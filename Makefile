@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/memory_600.py
 	$(BIN)/python build_engines.py
 	$(BIN)/python bench/int8_vs_fp32.py
+	$(BIN)/python bench/analyze_e2e.py
+	$(BIN)/python bench/receive_throughput.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

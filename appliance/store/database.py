@@ -157,6 +157,7 @@ def counts(db: sqlite_utils.Database) -> dict[str, Any]:
         return int(db.execute(sql).fetchone()[0])
 
     jobs = {state: n for state, n in db.execute("SELECT state, count(*) FROM jobs GROUP BY state")}
+    outbox = {state: n for state, n in db.execute("SELECT state, count(*) FROM outbox GROUP BY state")}
     series = {status: n for status, n in db.execute("SELECT status, count(*) FROM series GROUP BY status")}
     return {
         "patients": one("SELECT count(*) FROM patients"),
@@ -167,4 +168,5 @@ def counts(db: sqlite_utils.Database) -> dict[str, Any]:
         "quarantined": one("SELECT count(*) FROM quarantine"),
         "results": one("SELECT count(*) FROM results"),
         "jobs": {s: jobs.get(s, 0) for s in ("queued", "running", "done", "failed")},
+        "outbox": {s: outbox.get(s, 0) for s in ("queued", "sent")},
     }
