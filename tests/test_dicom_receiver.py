@@ -243,3 +243,19 @@ def test_idle_association_is_closed_after_the_network_timeout(receiver):
         waited = time.monotonic() - t0
     assert data[:1] == b"\x02" and waited < 10  # accepted, then released/aborted by us, not by our 15 s wait
     assert echo(port).returncode == 0
+
+
+@needs_dcmtk
+def test_associations_beyond_the_maximum_are_refused_until_one_ends(receiver):
+    _, port = receiver(dicom_max_associations=1, dicom_network_timeout=30.0)
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(_assoc_rq_bytes())
+        assert sock.recv(6)[:1] == b"\x02"  # the one allowed association is open
+        assert echo(port).returncode != 0  # a second caller is rejected (local limit exceeded)
+    import time
+
+    for _ in range(50):  # once the first ends, callers are served again
+        if echo(port).returncode == 0:
+            break
+        time.sleep(0.1)
+    assert echo(port).returncode == 0
