@@ -86,11 +86,13 @@ def build_key_image(reference: pydicom.Dataset, png: Path, instance_number: int,
     from PIL import Image
 
     pixels = np.asarray(Image.open(png).convert("RGB"))
-    return hd.sc.SCImage.from_ref_dataset(
+    sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=reference, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=SC_SERIES_NUMBER,
         sop_instance_uid=hd.UID(), instance_number=instance_number, manufacturer=MANUFACTURER,
         series_description="AI key images (NOT for diagnosis)", patient_orientation=("L", "P"))
+    sc.BurnedInAnnotation = "YES"  # the model's validation notice is part of the pixels
+    return sc
 
 
 def write_outputs(record: dict[str, Any], image_paths: list[Path], out_dir: Path) -> list[Path]:

@@ -68,11 +68,11 @@ def sample_crop(volume: CTVolume, centre_xyz: np.ndarray) -> tuple[np.ndarray, t
     return crop, (zs, ys, xs)
 
 
-def _key_image(volume: CTVolume, lesion_map: np.ndarray, axes, centre_xyz: np.ndarray, path: Path) -> int:
+def _key_image(volume: CTVolume, lesion_map: np.ndarray, axes, centre_xyz: np.ndarray, path: Path,
+               notice: str | None) -> int:
     """Axial slice through ``centre_xyz`` in an abdominal window with the lesion map in red; returns its index."""
-    from PIL import Image
-
     from appliance.pipelines.chest_preprocess import window_to_gray
+    from appliance.pipelines.key_images import save_key_image
 
     k = int(np.clip(np.rint(_world_to_index(volume, [np.array(centre_xyz[2]), np.array(centre_xyz[1]),
                                                       np.array(centre_xyz[0])])[0]), 0, volume.hu.shape[0] - 1))
@@ -85,8 +85,7 @@ def _key_image(volume: CTVolume, lesion_map: np.ndarray, axes, centre_xyz: np.nd
     heat = ndimage.map_coordinates(lesion_map, coords, order=1, cval=0.0)
     alpha = np.clip((heat - LESION_OVERLAY_LEVEL) / (1 - LESION_OVERLAY_LEVEL), 0, 1)[..., None] * 0.7
     rgb = np.repeat(gray[..., None], 3, axis=2) * (1 - alpha) + np.array([255.0, 30.0, 0.0]) * alpha
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb.astype(np.uint8)).save(path)
+    save_key_image(rgb, path, notice)
     return k
 
 
@@ -117,7 +116,8 @@ def run(volume: CTVolume, localizer_session, localizer_pack, session, pack, arte
         lesion["diameter_mm"] = round(float(2 * (3 * voxels * geo.CROP_SPACING_MM ** 3 / (4 * np.pi)) ** (1 / 3)), 1)
     if artefacts is not None:
         path = artefacts / f"{MODEL_ID}-key1.png"
-        lesion["slice_index"] = _key_image(volume, lesion_map, axes, peak_world, path)
+        lesion["slice_index"] = _key_image(volume, lesion_map, axes, peak_world, path,
+                                           None if pack.validated else pack.notice)
         lesion["key_image"] = str(path)
     findings.append(lesion)
     return StepResult(pack.id, pack.version, pack.validated, session.backend, session.precision, round(score, 4),

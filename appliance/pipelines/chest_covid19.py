@@ -22,6 +22,7 @@ import numpy as np
 
 from appliance.pipelines import StepResult
 from appliance.pipelines.chest_preprocess import INPUT_SIZE, prepare_gray, window_to_gray
+from appliance.pipelines.key_images import save_key_image
 from appliance.pipelines.lungs import Segmentation
 from appliance.series.volume import CTVolume
 
@@ -56,7 +57,7 @@ def aggregate(probabilities: np.ndarray) -> float:
     return float(np.sort(probabilities)[::-1][:k].mean())
 
 
-def _heatmap_png(gray: np.ndarray, cam: np.ndarray, path: Path) -> None:
+def _heatmap_png(gray: np.ndarray, cam: np.ndarray, path: Path, notice: str | None) -> None:
     """Key image: lung-window slice with the activation map in red, scaled to the whole slice."""
     from PIL import Image
 
@@ -72,8 +73,7 @@ def _heatmap_png(gray: np.ndarray, cam: np.ndarray, path: Path) -> None:
     rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
     alpha = np.clip((heat - 0.5) * 2, 0, 1)[..., None] * 0.6
     rgb = rgb * (1 - alpha) + np.array([255.0, 40.0, 0.0]) * alpha
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb.astype(np.uint8)).save(path)
+    save_key_image(rgb, path, notice)
 
 
 def run(volume: CTVolume, seg: Segmentation, session, pack, artefacts: Path | None,
@@ -103,7 +103,7 @@ def run(volume: CTVolume, seg: Segmentation, session, pack, artefacts: Path | No
                    "probability": round(float(probabilities[j]), 4), "z_mm": round(float(centre[2]), 1)}
         if artefacts is not None:
             path = artefacts / f"{MODEL_ID}-key{rank + 1}-slice{k:04d}.png"
-            _heatmap_png(grays[j], maps[j], path)
+            _heatmap_png(grays[j], maps[j], path, None if pack.validated else "Not validated: research use only")
             finding["key_image"] = str(path)
         findings.append(finding)
     findings.append({"name": "slices scored", "count": int(len(indices)),
