@@ -31,6 +31,7 @@ MAX_SLICES = 48
 MIN_LUNG_AREA_FRACTION = 0.25  # of the largest lung cross-section, for a slice to count as covering lung
 MIN_TOP_SLICES = 3
 KEY_SLICES = 3
+OVERLAY_DILATION = 3  # pixels of the half-resolution lung mask
 BATCH = 16
 
 
@@ -57,8 +58,20 @@ def aggregate(probabilities: np.ndarray) -> float:
     return float(np.sort(probabilities)[::-1][:k].mean())
 
 
-def _heatmap_png(gray: np.ndarray, cam: np.ndarray, path: Path, notice: str | None) -> None:
-    """Key image: lung-window slice with the activation map in red, scaled to the whole slice."""
+def _lung_overlay_mask(seg: Segmentation, k: int, shape: tuple[int, int]) -> np.ndarray:
+    """Where the heatmap may be drawn on slice ``k``: the lungs, a little dilated (the model reads lung)."""
+    from scipy import ndimage
+
+    small = ndimage.binary_dilation(seg.lungs[k] > 0, iterations=OVERLAY_DILATION)
+    full = np.repeat(np.repeat(small, seg.stride, axis=0), seg.stride, axis=1)
+    out = np.zeros(shape, dtype=bool)
+    out[: min(shape[0], full.shape[0]), : min(shape[1], full.shape[1])] = full[: shape[0], : shape[1]]
+    return out
+
+
+def _heatmap_png(gray: np.ndarray, cam: np.ndarray, path: Path, notice: str | None,
+                 where: np.ndarray | None = None) -> None:
+    """Key image: lung-window slice with the activation map in red over ``where`` (the lungs)."""
     from PIL import Image
 
     from appliance.pipelines.chest_preprocess import body_box
@@ -70,6 +83,8 @@ def _heatmap_png(gray: np.ndarray, cam: np.ndarray, path: Path, notice: str | No
     resized = np.asarray(Image.fromarray(region.astype(np.float32)).resize((right - left, bottom - top),
                                                                         Image.BILINEAR))
     heat[top:bottom, left:right] = resized
+    if where is not None:
+        heat[~where] = 0
     rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
     alpha = np.clip((heat - 0.5) * 2, 0, 1)[..., None] * 0.6
     rgb = rgb * (1 - alpha) + np.array([255.0, 40.0, 0.0]) * alpha
@@ -103,7 +118,8 @@ def run(volume: CTVolume, seg: Segmentation, session, pack, artefacts: Path | No
                    "probability": round(float(probabilities[j]), 4), "z_mm": round(float(centre[2]), 1)}
         if artefacts is not None:
             path = artefacts / f"{MODEL_ID}-key{rank + 1}-slice{k:04d}.png"
-            _heatmap_png(grays[j], maps[j], path, None if pack.validated else "Not validated: research use only")
+            _heatmap_png(grays[j], maps[j], path, None if pack.validated else "Not validated: research use only",
+                         _lung_overlay_mask(seg, k, grays[j].shape))
             finding["key_image"] = str(path)
         findings.append(finding)
     findings.append({"name": "slices scored", "count": int(len(indices)),
