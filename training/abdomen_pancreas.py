@@ -99,41 +99,39 @@ def pad_to(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.pad(a, [(0, t - s) for s, t in zip(a.shape, shape)], constant_values=-1.0)
 
 
-def train_localizer(cases, epochs: int) -> UNet3D:
+def fit(name: str, pairs, epochs: int, loss_fn) -> UNet3D:
+    """Train a fresh UNet3D on (input, target) array pairs, one phantom per step."""
     model = UNet3D(8)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for epoch in range(epochs):
         total = 0.0
-        for x, mask, *_ in cases:
-            xt = torch.from_numpy(pad4(x))[None, None]
-            yt = torch.from_numpy(pad4(mask).astype(np.float32))[None, None]
-            p = model(xt)
-            loss = F.binary_cross_entropy(p, yt) + dice_loss(p, yt)
+        for x, y in pairs:
+            xt = torch.from_numpy(x)[None, None]
+            yt = torch.from_numpy(y.astype(np.float32))[None, None]
+            loss = loss_fn(model(xt), yt)
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += float(loss.detach())
-        print(f"localizer epoch {epoch + 1}: loss {total / len(cases):.4f}", flush=True)
+        print(f"{name} epoch {epoch + 1}: loss {total / len(pairs):.4f}", flush=True)
     return model
+
+
+def localizer_loss(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy(p, y) + dice_loss(p, y)
+
+
+def lesion_loss(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    weight = 1 + 20 * y  # lesions are small: weigh their voxels up
+    return F.binary_cross_entropy(p, y, weight=weight) + (dice_loss(p, y) if y.sum() > 0 else 0)
+
+
+def train_localizer(cases, epochs: int) -> UNet3D:
+    return fit("localizer", [(pad4(x), pad4(mask)) for x, mask, *_ in cases], epochs, localizer_loss)
 
 
 def train_classifier(cases, epochs: int) -> UNet3D:
-    model = UNet3D(8)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for epoch in range(epochs):
-        total = 0.0
-        for _, _, crop, lesion, _ in cases:
-            xt = torch.from_numpy(crop)[None, None]
-            yt = torch.from_numpy(lesion.astype(np.float32))[None, None]
-            p = model(xt)
-            weight = 1 + 20 * yt  # lesions are small: weigh their voxels up
-            loss = F.binary_cross_entropy(p, yt, weight=weight) + (dice_loss(p, yt) if yt.sum() > 0 else 0)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-        print(f"classifier epoch {epoch + 1}: loss {total / len(cases):.4f}", flush=True)
-    return model
+    return fit("classifier", [(crop, lesion) for _, _, crop, lesion, _ in cases], epochs, lesion_loss)
 
 
 def evaluate(localizer, classifier, cases) -> dict:
