@@ -114,3 +114,16 @@ def test_worker_survives_a_failing_step(tmp_path, monkeypatch):
     stop.set()
     thread.join(timeout=5)
     assert len(calls) > 2  # it kept going after the failure
+
+
+def test_late_instances_requeue_the_series_and_supersede_its_result(tmp_path, synthetic_chest):
+    settings = _settings(tmp_path)
+    worker = Worker(settings)
+    files = sorted(synthetic_chest.glob("*.dcm"))
+    import_paths(worker.store, files[:30], settings)
+    assert worker.run_once()
+    import_paths(worker.store, files[30:], settings)  # the rest of the series arrives later
+    assert worker.run_once()
+    db = worker.store.db
+    assert db.execute("SELECT slices, superseded FROM analyses ORDER BY id").fetchall() == [(30, 1), (40, 0)]
+    assert db.execute("SELECT state FROM jobs").fetchall() == [("done",), ("done",)]
