@@ -58,6 +58,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_rows_columns", 4096, "Images declaring more rows or columns than this are refused without decoding."),
     Setting("max_frames", 4096, "Multi-frame images declaring more frames than this are refused without decoding."),
     Setting("max_instance_bytes", 2 * 1024**3, "Largest single file (bytes) accepted on import."),
+    Setting("max_upload_bytes", 4 * 1024**3, "Largest browser upload (bytes, all files together); beyond it: 413."),
     Setting("max_zip_members", 100_000, "Largest number of members read from one zip archive."),
     Setting("max_zip_bytes", 20 * 1024**3, "Largest total uncompressed size (bytes) read from one zip archive."),
     Setting("max_zip_ratio", 200.0, "A zip member whose compression ratio exceeds this is refused as a zip bomb."),

@@ -1,0 +1,57 @@
+"""Browser upload into the same import path as folders and USB sticks (the web UI mounts it).
+
+Parts are spooled under a private folder with generated names (a client's file
+name is never a path here), counted against ``max_upload_bytes`` as they
+arrive (beyond it: :class:`UploadTooLarge`, HTTP 413, and nothing is kept),
+then imported like any folder: zip archives by their content, bad files
+quarantined, and every series touched queued for analysis at once.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+from appliance.config import Settings
+from appliance.errors import ApplianceError
+from appliance.ingest.importer import ImportSummary, import_paths
+from appliance.jobs import queue
+from appliance.store.instances import InstanceStore
+
+UPLOADS_DIR = "uploads"
+CHUNK = 1024 * 1024
+
+
+class UploadTooLarge(ApplianceError):
+    """The upload exceeds the size the appliance accepts (HTTP 413)."""
+
+    http_status = 413
+
+
+def _spool(parts: Iterable[tuple[str, BinaryIO]], folder: Path, limit: int) -> int:
+    total = 0
+    for index, (_client_name, stream) in enumerate(parts):
+        with open(folder / f"part-{index:06d}", "xb") as out:
+            while chunk := stream.read(CHUNK):
+                total += len(chunk)
+                if total > limit:
+                    raise UploadTooLarge(f"the upload is larger than the {limit // 2**20} MiB this appliance accepts")
+                out.write(chunk)
+    return total
+
+
+def receive_upload(parts: Iterable[tuple[str, BinaryIO]], store: InstanceStore, settings: Settings) -> ImportSummary:
+    """Import uploaded files or zip archives; returns the import summary (series queued for analysis)."""
+    folder = store.home / UPLOADS_DIR / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    try:
+        _spool(parts, folder, settings.max_upload_bytes)
+        summary = import_paths(store, [folder], settings, source="upload")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # stored files are in the instance store now
+    for series_uid, study_uid in summary.series.items():
+        queue.enqueue_series(store.db, series_uid, study_uid, priority=1)
+    return summary
