@@ -1,6 +1,5 @@
 """Local validation: `appliance evaluate` on labelled cases, and recording the site's operating point."""
 
-import json
 import shutil
 
 import pytest

@@ -1,12 +1,10 @@
 """Bad input: each bad file quarantined with a reason, every good one stored, memory bounded."""
 
-import io
 import os
 import tracemalloc
 import zipfile
 
 import pydicom
-import pytest
 
 from appliance.ingest.importer import import_paths
 from appliance.store.database import counts

@@ -13,10 +13,9 @@ import pytest
 
 from appliance import config
 from appliance.ingest.importer import import_paths
-from appliance.jobs import queue
 from appliance.jobs.worker import Worker
 from appliance.outputs import outbox
-from appliance.store.database import open_database, write_transaction
+from appliance.store.database import write_transaction
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 needs_orthanc = pytest.mark.skipif(not Path(ORTHANC).exists(), reason="Orthanc is not installed (Debian package orthanc)")

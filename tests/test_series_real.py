@@ -10,7 +10,6 @@ import pydicom
 import pytest
 
 from appliance.analysis import analyze_paths
-from appliance.ingest.importer import import_paths
 from appliance.series.volume import load_series
 
 from .conftest import need_data

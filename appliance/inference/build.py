@@ -15,7 +15,6 @@ import importlib
 import json
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from appliance.config import Settings

@@ -14,7 +14,6 @@ the apices and bases.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +101,6 @@ def run(volume: CTVolume, seg: Segmentation, session, pack, artefacts: Path | No
     if len(indices) == 0:
         raise NotApplicable("no lungs found in this series")
     x, grays = model_inputs(volume, indices)
-    t0 = time.perf_counter()
     probs, cams = [], []
     for i in range(0, len(x), BATCH):
         out = session.run({pack.input_name: x[i:i + BATCH]})
