@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import sqlite_utils
 
 from appliance.config import Settings
@@ -24,6 +25,7 @@ from appliance.inference.registry import Registry
 from appliance.pipelines import StepResult, abdomen_pancreas, chest_covid19, lungs, series_qa
 from appliance.series.volume import CTVolume, load_series
 from appliance.store.database import open_database, site_threshold, utcnow, write_transaction
+from appliance.store.files import write_bytes_durably
 from appliance.store.instances import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,20 @@ def artefact_dir(store: InstanceStore, series_instance_uid: str) -> Path:
     return store.home / "artefacts" / study / series_instance_uid
 
 
+def write_viewer_index(volume: CTVolume, artefacts: Path, home: Path) -> None:
+    """``viewer.json``: the frames in stacking order, where each lies, and the volume slice nearest to it,
+    so the web viewer shows the stored images themselves and puts a model's overlay on the right one."""
+    plan = volume.plan
+    nearest = np.abs(plan.source_z_mm[:, None] - plan.target_z_mm[None, :]).argmin(axis=1)
+    frames = [{"path": str(f.path.relative_to(home)) if f.path.is_relative_to(home) else str(f.path),
+               "frame": f.frame_index, "rows": f.rows, "columns": f.columns,
+               "slope": f.rescale_slope, "intercept": f.rescale_intercept, "volume_index": int(k)}
+              for f, k in zip(volume.frames, nearest)]
+    artefacts.mkdir(parents=True, exist_ok=True)
+    doc = {"frames": frames, "pixel_spacing_mm": list(volume.frames[0].pixel_spacing) if volume.frames else None}
+    write_bytes_durably(json.dumps(doc).encode(), artefacts / "viewer.json")
+
+
 def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Settings,
                    registry: Registry | None = None) -> dict[str, Any]:
     """Assemble, check and analyse one stored series; store and return its result record."""
@@ -156,6 +172,7 @@ def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Set
         seconds["preprocess"] = volume.seconds["resample"]
         t_infer = time.perf_counter()
         ctx = StepContext(settings, registry, artefact_dir(store, series_instance_uid), store.db)
+        write_viewer_index(volume, ctx.artefacts, store.home)
         results = _run_steps(volume, ctx)
         seconds["infer"] = time.perf_counter() - t_infer
         record["skipped_models"] = ctx.skipped

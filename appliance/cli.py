@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import shutil
@@ -24,6 +25,8 @@ EXAMPLES = {
               "  appliance synth --out /tmp/tilted --slices 120 --tilt 15 --transfer-syntax jpeg2000\n"
               "  appliance synth --out /tmp/lesion --slices 200 --region abdomen --lesion pancreas-hypo"),
     "serve": "examples:\n  APPLIANCE_HOME=/var/lib/appliance appliance serve",
+    "users": "examples:\n  appliance users add amina --role technician   (asks for the password)\n"
+             "  echo \"$PASSWORD\" | appliance users add admin --role admin\n  appliance users list",
     "settings": "examples:\n  appliance settings",
     "import": "examples:\n  appliance import /media/usb\n  appliance import --usb /dev/sdb1   (as root: mounts read-only)",
     "install-systemd": "examples:\n  sudo appliance install-systemd --user appliance --home /var/lib/appliance",
@@ -193,14 +196,19 @@ def cmd_import(args: argparse.Namespace, settings: config.Settings) -> int:
     from appliance.ingest.importer import import_paths
     from appliance.jobs import queue
 
+    from appliance.store import imports
+
     store = open_store(settings)
+    import_id = imports.start(store.db, args.source, getpass.getuser())
 
     def progress(summary) -> None:
         done = summary.stored + summary.duplicates + len(summary.quarantined) + summary.skipped
         if done % 100 == 0:
             print(f"  {done} files read ...", flush=True)
+            imports.update(store.db, import_id, summary)
 
     summary = import_paths(store, args.paths, settings, source=args.source, progress=progress)
+    imports.finish(store.db, import_id, summary)
     for series_uid, study_uid in summary.series.items():
         queue.enqueue_series(store.db, series_uid, study_uid, priority=1)  # an explicit import is complete
     doc = {**summary.as_dict(), "queued_series": len(summary.series)}
@@ -241,6 +249,17 @@ def _ensure_sample(settings: config.Settings) -> Path:
     if not (sample / "ground_truth.json").exists():
         write_series(sample, SynthOptions(slices=120, size=512, region="chest", seed=7))
     return sample
+
+
+def _queue_sample(settings: config.Settings) -> None:
+    from appliance.analysis import open_store
+    from appliance.ingest.importer import import_paths
+    from appliance.jobs import queue
+
+    store = open_store(settings)
+    summary = import_paths(store, sorted(_ensure_sample(settings).glob("*.dcm")), settings, source="sample")
+    for series_uid, study_uid in summary.series.items():
+        queue.enqueue_series(store.db, series_uid, study_uid)
 
 
 def _start_background(settings: config.Settings, stop) -> Callable[[], None]:
@@ -319,24 +338,102 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
     store = open_store(settings)  # migrate and sweep before anything else starts
     incoming = settings.home_path / "incoming"
     incoming.mkdir(parents=True, exist_ok=True)
-    if not store.db.execute("SELECT 1 FROM studies LIMIT 1").fetchone():
-        print("First start: analysing the bundled synthetic sample study.")
-        _print_summary(analyze_paths(sorted(_ensure_sample(settings).glob("*.dcm")), settings))
-    shutdown = (lambda: None) if args.once else _start_background(settings, threading.Event())
-    print(f"Appliance running on {settings.home_path}: drop DICOM files, folders or zip archives into {incoming}.")
-    print("Press Ctrl-C to stop.", flush=True)
+    first_start = not store.db.execute("SELECT 1 FROM studies LIMIT 1").fetchone()
+    if args.once:
+        if first_start:
+            print("First start: analysing the bundled synthetic sample study.")
+            _print_summary(analyze_paths(sorted(_ensure_sample(settings).glob("*.dcm")), settings))
+        _poll_incoming(incoming, settings, threading.Event(), once=True)
+        return 0
+    if first_start:
+        print("First start: the synthetic sample study is queued for analysis.")
+        threading.Thread(target=_queue_sample, args=(settings,), name="sample", daemon=True).start()
+    stop = threading.Event()
+    shutdown = _start_background(settings, stop)
+    threading.Thread(target=_poll_incoming, args=(incoming, settings, stop, args.poll_seconds), name="incoming",
+                     daemon=True).start()
+    print(f"Drop DICOM files, folders or zip archives into {incoming}.")
     try:
-        while True:
-            entries = sorted(incoming.iterdir())
-            if entries:
-                _drain_incoming(entries, settings)
-            if args.once:
-                return 0
-            time.sleep(args.poll_seconds)
+        _run_web(settings)
     except KeyboardInterrupt:
         print("stopped")
     finally:
         shutdown()
+    return 0
+
+
+def _poll_incoming(incoming: Path, settings: config.Settings, stop, poll_seconds: float = 2.0,
+                   once: bool = False) -> None:
+    """Import and analyse what appears in the drop folder until ``stop`` is set."""
+    while not stop.is_set():
+        entries = sorted(incoming.iterdir())
+        if entries:
+            _drain_incoming(entries, settings)
+        if once:
+            return
+        stop.wait(poll_seconds)
+
+
+def _run_web(settings: config.Settings) -> None:
+    """Serve the web UI with waitress in this thread until interrupted."""
+    from waitress import create_server
+
+    from appliance.web import bind_address, create_app
+
+    host, why = bind_address(settings)
+    if why:
+        print(f"note: {why}")
+    server = create_server(create_app(settings), host=host, port=settings.web_port, threads=settings.web_threads,
+                           ident="appliance")
+    shown = f"[{host}]" if ":" in host else host
+    print(f"Web UI on http://{shown}:{settings.web_port}/  (Ctrl-C stops the appliance)", flush=True)
+    _notify_ready()
+    try:
+        server.run()
+    finally:
+        server.close()
+
+
+def _notify_ready() -> None:
+    from appliance.jobs.notify import sd_notify
+
+    sd_notify("READY=1")
+
+
+def cmd_web(args: argparse.Namespace, settings: config.Settings) -> int:
+    try:
+        _run_web(settings)
+    except KeyboardInterrupt:
+        print("stopped")
+    return 0
+
+
+def cmd_users(args: argparse.Namespace, settings: config.Settings) -> int:
+    """``users add NAME --role R`` (password from standard input), ``users list``."""
+    from appliance.store import users
+    from appliance.store.database import open_database
+
+    db = open_database(settings.home_path)
+    if args.action == "list":
+        for row in db.query("SELECT username, role, disabled, created_at FROM users ORDER BY username"):
+            print(f"{row['username']}\t{row['role']}\t{'disabled' if row['disabled'] else 'enabled'}\t{row['created_at']}")
+        return 0
+    if not args.name or not args.role:
+        print("error: users add needs NAME and --role", file=sys.stderr)
+        return 2
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("error: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    try:
+        users.add_user(db, args.name, password, args.role, actor=f"shell:{getpass.getuser()}")
+    except users.AccountError as exc:
+        print(f"error: ACCOUNT: {exc}", file=sys.stderr)
+        return 1
+    print(f"user {args.name} ({args.role}) added")
     return 0
 
 
@@ -391,7 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add("build-engines", cmd_build_engines,
         "Build INT8 models, TensorRT engines (where a GPU and TensorRT exist) and parity reports of every model pack.")
-    p = add("serve", cmd_serve, "Run the appliance: analyse studies dropped into the incoming folder.")
+    add("web", cmd_web, "Run the web UI (waitress) in the foreground.")
+    p = add("users", cmd_users, "Manage web UI accounts: add NAME --role ROLE (password on standard input), list.")
+    p.add_argument("action", choices=("add", "list"))
+    p.add_argument("name", nargs="?")
+    p.add_argument("--role", choices=("technician", "radiologist", "admin"))
+    p = add("serve", cmd_serve, "Run the appliance: DICOM receiver, worker, web UI and the incoming drop folder.")
     p.add_argument("--once", action="store_true", help="process the incoming folder once and exit")
     p.add_argument("--poll-seconds", type=float, default=2.0)
     return parser

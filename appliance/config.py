@@ -90,6 +90,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("inference_threads", 0, "ONNX Runtime threads per operator (0 = one per CPU core)."),
     Setting("min_cpu_int8_speedup", 1.2,
             "INT8 runs on the CPU only when parity passed and it measured at least this much faster than FP32."),
+    Setting("web_host", "127.0.0.1",
+            "Address of the web UI. Another address is used only once the first admin account exists."),
+    Setting("web_port", 8080, "TCP port of the web UI."),
+    Setting("web_threads", 4, "Threads of the web server (waitress)."),
+    Setting("web_idle_timeout_minutes", 15.0, "A web session idle for this long must log in again."),
+    Setting("web_secure_cookies", False, "Mark session cookies Secure (set when the UI is served behind TLS)."),
+    Setting("web_login_attempts_per_minute", 5,
+            "Wrong passwords allowed per minute for one account or address; beyond it: 429."),
+    Setting("web_language", "en", "Language of the UI and reports when the browser asks for none we have (en, fr, es)."),
     Setting("body_threshold_hu", -500, "Voxels above this HU may belong to the body in segmentation."),
     Setting("lung_threshold_hu", -400, "Voxels inside the body below this HU may belong to the lungs."),
 )
@@ -185,3 +194,28 @@ def markdown_table() -> str:
     for s in SETTINGS:
         lines.append(f"| `{s.name}` | `{s.default!r}` | `{s.env_var}` | {s.help} |")
     return "\n".join(lines) + "\n"
+
+
+def save_overrides(changes: dict[str, Any], environ: dict[str, str] | None = None) -> Path:
+    """Write ``changes`` (validated) into the site's TOML file, keeping its other entries; returns its path.
+
+    Values take effect when each service next starts; ``APPLIANCE_*`` variables still win over the file.
+    """
+    from appliance.inference.packs import _toml_value
+    from appliance.store.files import write_bytes_durably
+
+    env = os.environ if environ is None else environ
+    home = env.get("APPLIANCE_HOME", _BY_NAME["home"].default)
+    path = Path(env.get("APPLIANCE_CONFIG", Path(home) / "appliance.toml"))
+    current: dict[str, Any] = {}
+    if path.is_file():
+        with open(path, "rb") as f:
+            current = tomllib.load(f)
+    for name, value in changes.items():
+        if name not in _BY_NAME or name == "home":
+            raise SettingsError(f"unknown or fixed setting {name!r}")
+        current[name] = _coerce(_BY_NAME[name], value)
+    text = "".join(f"{name} = {_toml_value(value)}\n" for name, value in sorted(current.items()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_durably(text.encode(), path)
+    return path

@@ -43,8 +43,13 @@ def _spool(parts: Iterable[tuple[str, BinaryIO]], folder: Path, limit: int) -> i
     return total
 
 
-def receive_upload(parts: Iterable[tuple[str, BinaryIO]], store: InstanceStore, settings: Settings) -> ImportSummary:
-    """Import uploaded files or zip archives; returns the import summary (series queued for analysis)."""
+def receive_upload(parts: Iterable[tuple[str, BinaryIO]], store: InstanceStore, settings: Settings,
+                   queue_series: bool = True) -> ImportSummary:
+    """Import uploaded files or zip archives; returns the import summary.
+
+    Its series are queued for analysis at once unless ``queue_series`` is false (a batch of a larger
+    upload whose last request queues them all, so no series is analysed half-sent).
+    """
     folder = store.home / UPLOADS_DIR / uuid.uuid4().hex
     folder.mkdir(parents=True)
     try:
@@ -52,6 +57,7 @@ def receive_upload(parts: Iterable[tuple[str, BinaryIO]], store: InstanceStore, 
         summary = import_paths(store, [folder], settings, source="upload")
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # stored files are in the instance store now
-    for series_uid, study_uid in summary.series.items():
-        queue.enqueue_series(store.db, series_uid, study_uid, priority=1)
+    if queue_series:
+        for series_uid, study_uid in summary.series.items():
+            queue.enqueue_series(store.db, series_uid, study_uid, priority=1)
     return summary

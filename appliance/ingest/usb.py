@@ -30,8 +30,11 @@ def mount_point_for(device: str) -> Path:
 
 def import_device(device: str, home: Path) -> int:
     """Mount ``device``, import it as the owner of ``home``, unmount; returns the import's exit status."""
+    from appliance.store.imports import write_usb_status
+
     mount_point = mount_point_for(device)
     mount_point.mkdir(parents=True, exist_ok=True)
+    write_usb_status(home, device, "importing")
     subprocess.run(mount_command(device, mount_point), check=True)
     try:
         owner = os.stat(home)
@@ -41,5 +44,6 @@ def import_device(device: str, home: Path) -> int:
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
         mount_point.rmdir()
+    write_usb_status(home, device, "safe-to-remove")
     print(f"SAFE TO REMOVE: {device} is unmounted.", flush=True)
     return run.returncode

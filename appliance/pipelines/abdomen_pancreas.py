@@ -68,6 +68,37 @@ def sample_crop(volume: CTVolume, centre_xyz: np.ndarray) -> tuple[np.ndarray, t
     return crop, (zs, ys, xs)
 
 
+def _lesion_alpha(volume: CTVolume, lesion_map: np.ndarray, axes, k: int, rows: np.ndarray,
+                  cols: np.ndarray) -> np.ndarray:
+    """How strongly the lesion map shows (0..1) at voxel rows/cols of volume slice ``k``."""
+    world = volume.world(np.stack([np.full(rows.shape, k), rows, cols], axis=-1))
+    zs, ys, xs = axes
+    step = geo.CROP_SPACING_MM
+    coords = [(world[..., 2] - zs[0]) / step, (world[..., 1] - ys[0]) / step, (world[..., 0] - xs[0]) / step]
+    heat = ndimage.map_coordinates(lesion_map, coords, order=1, cval=0.0)
+    return np.clip((heat - LESION_OVERLAY_LEVEL) / (1 - LESION_OVERLAY_LEVEL), 0, 1)
+
+
+def _save_overlay(volume: CTVolume, lesion_map: np.ndarray, axes, path: Path) -> None:
+    """The lesion map on every volume slice it reaches, for the viewer."""
+    from appliance.pipelines import overlays
+
+    size = overlays.OVERLAY_SIZE
+    rows, cols = np.meshgrid(np.arange(size) * volume.hu.shape[1] / size,
+                             np.arange(size) * volume.hu.shape[2] / size, indexing="ij")
+    centres = volume.world(np.stack([np.arange(volume.hu.shape[0]), np.full(volume.hu.shape[0], volume.hu.shape[1] / 2),
+                                     np.full(volume.hu.shape[0], volume.hu.shape[2] / 2)], axis=-1))
+    zs = axes[0]
+    near = np.abs(centres[:, 2] - (zs[0] + zs[-1]) / 2) <= abs(zs[-1] - zs[0]) / 2 + 50.0  # mm; slack for oblique
+    slices, maps = [], []
+    for k in np.flatnonzero(near):
+        alpha = _lesion_alpha(volume, lesion_map, axes, k, rows, cols)
+        if alpha.max() > 0:
+            slices.append(int(k))
+            maps.append(np.clip(alpha * 255 + 0.5, 0, 255).astype(np.uint8))
+    overlays.save(path, slices, maps)
+
+
 def _key_image(volume: CTVolume, lesion_map: np.ndarray, axes, centre_xyz: np.ndarray, path: Path,
                notice: str | None) -> int:
     """Axial slice through ``centre_xyz`` in an abdominal window with the lesion map in red; returns its index."""
@@ -78,12 +109,7 @@ def _key_image(volume: CTVolume, lesion_map: np.ndarray, axes, centre_xyz: np.nd
                                                       np.array(centre_xyz[0])])[0]), 0, volume.hu.shape[0] - 1))
     gray = window_to_gray(volume.hu[k], level=40, width=400)
     rows, cols = np.indices(gray.shape)
-    world = volume.world(np.stack([np.full(gray.shape, k), rows, cols], axis=-1))
-    zs, ys, xs = axes
-    step = geo.CROP_SPACING_MM
-    coords = [(world[..., 2] - zs[0]) / step, (world[..., 1] - ys[0]) / step, (world[..., 0] - xs[0]) / step]
-    heat = ndimage.map_coordinates(lesion_map, coords, order=1, cval=0.0)
-    alpha = np.clip((heat - LESION_OVERLAY_LEVEL) / (1 - LESION_OVERLAY_LEVEL), 0, 1)[..., None] * 0.7
+    alpha = _lesion_alpha(volume, lesion_map, axes, k, rows, cols)[..., None] * 0.7
     rgb = np.repeat(gray[..., None], 3, axis=2) * (1 - alpha) + np.array([255.0, 30.0, 0.0]) * alpha
     save_key_image(rgb, path, notice)
     return k
@@ -119,6 +145,7 @@ def run(volume: CTVolume, localizer_session, localizer_pack, session, pack, arte
         lesion["slice_index"] = _key_image(volume, lesion_map, axes, peak_world, path,
                                            None if pack.validated else pack.notice)
         lesion["key_image"] = str(path)
+        _save_overlay(volume, lesion_map, axes, artefacts / f"overlay-{MODEL_ID}.npz")
     findings.append(lesion)
     return StepResult(pack.id, pack.version, pack.validated, session.backend, session.precision, round(score, 4),
                       threshold, score >= threshold, findings, notice=pack.notice)

@@ -21,6 +21,7 @@ import numpy as np
 
 from appliance.pipelines import StepResult
 from appliance.pipelines.chest_preprocess import INPUT_SIZE, prepare_gray, window_to_gray
+from appliance.pipelines import overlays
 from appliance.pipelines.key_images import save_key_image
 from appliance.pipelines.lungs import Segmentation
 from appliance.series.volume import CTVolume
@@ -68,22 +69,24 @@ def _lung_overlay_mask(seg: Segmentation, k: int, shape: tuple[int, int]) -> np.
     return out
 
 
-def _heatmap_png(gray: np.ndarray, cam: np.ndarray, path: Path, notice: str | None,
-                 where: np.ndarray | None = None) -> None:
-    """Key image: lung-window slice with the activation map in red over ``where`` (the lungs)."""
+def _heat(gray: np.ndarray, cam: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+    """The activation map (logits) as 0..1 over the slice's body box, zero outside ``where`` (the lungs)."""
     from PIL import Image
 
     from appliance.pipelines.chest_preprocess import body_box
 
     heat = np.zeros(gray.shape, dtype=np.float32)
-    box = body_box(gray) or (0, gray.shape[0], 0, gray.shape[1])
-    top, bottom, left, right = box
+    top, bottom, left, right = body_box(gray) or (0, gray.shape[0], 0, gray.shape[1])
     region = 1 / (1 + np.exp(-cam))  # logits -> 0..1
-    resized = np.asarray(Image.fromarray(region.astype(np.float32)).resize((right - left, bottom - top),
-                                                                        Image.BILINEAR))
-    heat[top:bottom, left:right] = resized
+    heat[top:bottom, left:right] = np.asarray(
+        Image.fromarray(region.astype(np.float32)).resize((right - left, bottom - top), Image.BILINEAR))
     if where is not None:
         heat[~where] = 0
+    return heat
+
+
+def _heatmap_png(gray: np.ndarray, heat: np.ndarray, path: Path, notice: str | None) -> None:
+    """Key image: lung-window slice with the activation map in red."""
     rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
     alpha = np.clip((heat - 0.5) * 2, 0, 1)[..., None] * 0.6
     rgb = rgb * (1 - alpha) + np.array([255.0, 40.0, 0.0]) * alpha
@@ -109,6 +112,10 @@ def run(volume: CTVolume, seg: Segmentation, session, pack, artefacts: Path | No
     probabilities, maps = np.concatenate(probs), np.concatenate(cams)
     score = aggregate(probabilities)
     findings: list[dict[str, Any]] = []
+    heats = [_heat(grays[j], maps[j], _lung_overlay_mask(seg, int(k), grays[j].shape)) for j, k in enumerate(indices)]
+    if artefacts is not None:
+        overlays.save(artefacts / f"overlay-{MODEL_ID}.npz", [int(k) for k in indices],
+                      [overlays.shrink(np.clip((h - 0.5) * 2, 0, 1)) for h in heats])
     for rank, j in enumerate(np.argsort(probabilities)[::-1][:KEY_SLICES]):
         k = int(indices[j])
         centre = volume.world(np.array([k, volume.hu.shape[1] / 2, volume.hu.shape[2] / 2]))
@@ -116,8 +123,7 @@ def run(volume: CTVolume, seg: Segmentation, session, pack, artefacts: Path | No
                    "probability": round(float(probabilities[j]), 4), "z_mm": round(float(centre[2]), 1)}
         if artefacts is not None:
             path = artefacts / f"{MODEL_ID}-key{rank + 1}-slice{k:04d}.png"
-            _heatmap_png(grays[j], maps[j], path, None if pack.validated else "Not validated: research use only",
-                         _lung_overlay_mask(seg, k, grays[j].shape))
+            _heatmap_png(grays[j], heats[j], path, None if pack.validated else "Not validated: research use only")
             finding["key_image"] = str(path)
         findings.append(finding)
     findings.append({"name": "slices scored", "count": int(len(indices)),

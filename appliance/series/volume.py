@@ -25,6 +25,7 @@ class CTVolume:
     slices: int  # frames that went into it
     excluded: list[tuple[str, str]]
     seconds: dict[str, float]
+    frames: list = dataclasses.field(default_factory=list)  # the frames in stacking order (headers.Frame)
 
     @property
     def spacing_mm_zyx(self) -> tuple[float, float, float]:
@@ -103,7 +104,7 @@ def load_series(paths: Iterable[Path], settings) -> CTVolume:
         hu = resample_slices(hu, plan.source_z_mm, plan.target_z_mm, plan.shear_mm_per_row,
                              plan.shear_mm_per_column)
     t_end = time.perf_counter()
-    return CTVolume(hu=hu, plan=plan, slices=len(ordered), excluded=series.excluded,
+    return CTVolume(hu=hu, plan=plan, slices=len(ordered), excluded=series.excluded, frames=ordered,
                     seconds={"headers": t_headers - t0, "decode": t_decode - t_headers, "resample": t_end - t_decode})
 
 

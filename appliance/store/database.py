@@ -92,6 +92,32 @@ def m003_outbox(db: sqlite_utils.Database) -> None:
     db["outbox"].create_index(["destination", "sop_instance_uid"], unique=True)
 
 
+@migrations()
+def m004_web(db: sqlite_utils.Database) -> None:
+    db["users"].create({
+        "username": str, "password_hash": str, "role": str, "disabled": int, "language": str,
+        "created_at": str, "password_changed_at": str,
+    }, pk="username")
+    db["login_failures"].create({"id": int, "username": str, "address": str, "at": str}, pk="id")
+    db["login_failures"].create_index(["at"])
+    db["reviews"].create({
+        "id": int, "result_id": int, "study_instance_uid": str, "series_instance_uid": str, "model": str,
+        "decision": str, "comment": str, "reviewer": str, "at": str,
+    }, pk="id", foreign_keys=[("result_id", "results")])
+    db["reviews"].create_index(["study_instance_uid"])
+    db["results"].create_index(["series_instance_uid"])
+    db["jobs"].create_index(["series_instance_uid"])
+    db["jobs"].create_index(["study_instance_uid", "state"])
+    db["analyses"].create_index(["study_instance_uid", "superseded"])
+    db["studies"].create_index(["study_date", "study_time"])
+    db["studies"].create_index(["created_at"])
+    db["audit_log"].create_index(["at"])
+    db["imports"].create({
+        "id": int, "source": str, "actor": str, "state": str, "files_read": int, "stored": int, "duplicates": int,
+        "quarantined": int, "series": int, "started_at": str, "finished_at": str,
+    }, pk="id")
+
+
 def site_threshold(db: sqlite_utils.Database, model: str, model_version: str) -> float | None:
     """The site's own decision threshold for this model version, when the admin recorded one."""
     row = db.execute("SELECT threshold FROM operating_points WHERE model = ? AND model_version = ? "

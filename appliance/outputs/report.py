@@ -1,0 +1,191 @@
+"""The study report: one A4 document (site, patient and study, findings, key images, model identity,
+disclaimers) in the reader's language, as the web page shows it and as a PDF (fpdf2).
+
+``_`` is the translation function of the caller: Flask-Babel's in the web UI, a catalogue loaded
+with :func:`translations` in the worker.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fpdf import FPDF
+
+Gettext = Callable[..., str]
+FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+CATALOGUES = Path(__file__).resolve().parents[1] / "web" / "translations"
+
+
+def translations(language: str) -> Gettext:
+    """A gettext for ``language`` read straight from the package's ``.po`` catalogue (English: identity)."""
+    from babel.messages.pofile import read_po
+
+    po = CATALOGUES / language / "LC_MESSAGES" / "messages.po"
+    if language == "en" or not po.is_file():
+        return lambda text, **kw: text % kw if kw else text
+    with open(po, "rb") as f:
+        catalog = read_po(f)
+    table = {m.id: m.string for m in catalog if m.id and m.string}
+
+    def gettext(text: str, **kw: Any) -> str:
+        out = table.get(text, text)
+        return out % kw if kw else out
+    return gettext
+
+
+def disclaimers(_: Gettext) -> list[str]:
+    return [
+        _("This report was produced by screening software. It is not a diagnosis: a qualified radiologist "
+          "must read the images before any clinical decision."),
+        _("A negative screening result does not rule out disease."),
+    ]
+
+
+def model_notice(result: dict[str, Any], _: Gettext) -> str | None:
+    if result.get("validated"):
+        return None
+    return _("Not validated on clinical data: research use only. Do not use this result for diagnosis.")
+
+
+def format_date(value: str | None) -> str:
+    """``YYYYMMDD`` as ``YYYY-MM-DD`` (anything else as it is)."""
+    if value and len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return value or ""
+
+
+def patient_lines(study: dict[str, Any], _: Gettext) -> list[tuple[str, str]]:
+    return [(_("Patient"), (study.get("patient_name") or "").replace("^", " ").strip()),
+            (_("Patient ID"), study.get("patient_id") or ""),
+            (_("Birth date"), format_date(study.get("patient_birth_date"))),
+            (_("Sex"), study.get("patient_sex") or ""),
+            (_("Study date"), format_date(study.get("study_date"))),
+            (_("Accession number"), study.get("accession_number") or ""),
+            (_("Study description"), study.get("study_description") or "")]
+
+
+def result_summary(result: dict[str, Any], _: Gettext) -> str:
+    verdict = _("FLAGGED for review") if result["flagged"] else _("not flagged")
+    if result.get("score") is None or result.get("threshold") is None:
+        return verdict
+    return _("score %(score).3f against threshold %(threshold).3f: %(verdict)s",
+             score=result["score"], threshold=result["threshold"], verdict=verdict)
+
+
+def model_identity(result: dict[str, Any], _: Gettext) -> str:
+    return _("model %(model)s version %(version)s, %(backend)s %(precision)s",
+             model=result["model"], version=result["model_version"], backend=result["backend"],
+             precision=result["precision"])
+
+
+def review_line(review: dict[str, Any] | None, _: Gettext) -> str:
+    if review is None:
+        return _("Not yet reviewed by a radiologist.")
+    decision = _("confirmed") if review["decision"] == "confirmed" else _("rejected")
+    line = _("Reviewed by %(reviewer)s on %(at)s: %(decision)s", reviewer=review["reviewer"],
+             at=review["at"][:16].replace("T", " "), decision=decision)
+    return f"{line}. {review['comment']}" if review.get("comment") else line
+
+
+class _Report(FPDF):
+    def __init__(self, footer_text: str, font: str):
+        super().__init__(format="A4")
+        self.footer_text, self.font_name = footer_text, font
+
+    def footer(self) -> None:
+        self.set_y(-12)
+        self.set_font(self.font_name, size=7)
+        self.cell(0, 5, f"{self.footer_text}  {self.page_no()}/{{nb}}", align="C")
+
+
+def _fonts(pdf: FPDF) -> str:
+    regular, bold = FONT_DIR / "DejaVuSans.ttf", FONT_DIR / "DejaVuSans-Bold.ttf"
+    if regular.is_file() and bold.is_file():
+        pdf.add_font("DejaVu", "", str(regular))
+        pdf.add_font("DejaVu", "B", str(bold))
+        return "DejaVu"
+    return "Helvetica"  # Latin-1 only: other characters become '?'
+
+
+def _text(font: str, value: str) -> str:
+    return value if font == "DejaVu" else value.encode("latin-1", "replace").decode("latin-1")
+
+
+def render_pdf(study: dict[str, Any], reviews: dict[int, dict[str, Any]], site_name: str, _: Gettext,
+               key_image: Callable[[dict[str, Any], int], Path | None]) -> bytes:
+    """The report of ``study`` (as :func:`appliance.store.studies.study` returns it) as PDF bytes."""
+    generated = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    pdf = _Report(_("Screening report, generated %(at)s", at=generated), "Helvetica")
+    font = pdf.font_name = _fonts(pdf)
+    t = lambda value: _text(font, str(value))  # noqa: E731
+    pdf.set_title(t(_("CT screening report")))
+    pdf.alias_nb_pages()
+    pdf.set_auto_page_break(True, margin=15)
+    pdf.add_page()
+    pdf.set_font(font, "B", 15)
+    pdf.multi_cell(0, 8, t(site_name), new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font(font, "B", 12)
+    pdf.multi_cell(0, 7, t(_("CT screening report")), new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(2)
+    pdf.set_font(font, size=9)
+    for label, value in patient_lines(study, _):
+        pdf.set_font(font, "B", 9)
+        pdf.cell(45, 5, t(label))
+        pdf.set_font(font, size=9)
+        pdf.multi_cell(0, 5, t(value), new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(3)
+    _findings(pdf, font, t, study, reviews, _, key_image)
+    pdf.ln(3)
+    pdf.set_font(font, "B", 10)
+    pdf.multi_cell(0, 6, t(_("Disclaimers")), new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font(font, size=8)
+    for line in disclaimers(_):
+        pdf.multi_cell(0, 4.5, t(line), new_x="LMARGIN", new_y="NEXT")
+    return bytes(pdf.output())
+
+
+def _findings(pdf: FPDF, font: str, t: Callable[[Any], str], study: dict[str, Any],
+              reviews: dict[int, dict[str, Any]], _: Gettext, key_image) -> None:
+    pdf.set_font(font, "B", 11)
+    pdf.multi_cell(0, 7, t(_("Findings")), new_x="LMARGIN", new_y="NEXT")
+    for series in study["series"]:
+        pdf.set_font(font, "B", 9)
+        title = _("Series %(number)s %(description)s", number=series.get("series_number") or "",
+                  description=series.get("series_description") or "")
+        pdf.multi_cell(0, 5, t(title), new_x="LMARGIN", new_y="NEXT")
+        pdf.set_font(font, size=9)
+        if series["status"] == "rejected":
+            pdf.multi_cell(0, 5, t(_("Not analysed: %(code)s. %(reason)s", code=series["reason_code"],
+                                     reason=series["reason"] or "")), new_x="LMARGIN", new_y="NEXT")
+        if series["status"] == "analyzed" and not series["results"]:
+            pdf.multi_cell(0, 5, t(_("No screening model applies to this series.")), new_x="LMARGIN", new_y="NEXT")
+        for result in series["results"]:
+            _result_block(pdf, font, t, result, reviews.get(result["id"]), _, key_image)
+
+
+def _result_block(pdf: FPDF, font: str, t, result: dict[str, Any], review, _: Gettext, key_image) -> None:
+    pdf.set_font(font, "B", 9)
+    pdf.multi_cell(0, 5, t(f"{result['model']}: {result_summary(result, _)}"), new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font(font, size=8)
+    pdf.multi_cell(0, 4.5, t(model_identity(result, _)), new_x="LMARGIN", new_y="NEXT")
+    notice = model_notice(result, _)
+    if notice:
+        pdf.set_text_color(160, 0, 0)
+        pdf.set_font(font, "B", 8)
+        pdf.multi_cell(0, 4.5, t(notice), new_x="LMARGIN", new_y="NEXT")
+        pdf.set_text_color(0, 0, 0)
+        pdf.set_font(font, size=8)
+    pdf.multi_cell(0, 4.5, t(review_line(review, _)), new_x="LMARGIN", new_y="NEXT")
+    images = [p for p in (key_image(result, n) for n in result["key_images"][:3]) if p is not None]
+    if images:
+        size = 55.0
+        if pdf.get_y() + size > pdf.h - 20:
+            pdf.add_page()
+        y = pdf.get_y() + 1
+        for i, path in enumerate(images):
+            pdf.image(str(path), x=pdf.l_margin + i * (size + 4), y=y, w=size, h=size)
+        pdf.set_y(y + size + 2)
+    pdf.ln(1)

@@ -1,0 +1,175 @@
+"""The web UI: worklist, study page and viewer, report, import and admin pages (Flask app factory).
+
+The web process reads the database, stores uploads and reviews and queues work; it never runs a model.
+Every asset is served from the box; every state-changing request carries a CSRF token.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, g, jsonify, redirect, render_template, request, session, url_for
+from flask_babel import Babel, get_locale
+from flask_babel import gettext as _
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from werkzeug.exceptions import HTTPException
+
+from appliance.config import Settings
+from appliance.store.database import connect, open_database
+from appliance.store.users import admin_count
+from appliance.web.i18n import LANGUAGES, compile_catalogues, select_locale
+
+SECRET_KEY_FILE = "web-secret.key"
+# many files per request in the single-request path; the browser page sends batches well below this
+MAX_FORM_PARTS = 5000
+
+
+def _secret_key(home: Path) -> bytes:
+    """The key that signs session cookies: made once per box, readable by its owner only."""
+    path = home / SECRET_KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+        f.flush()
+        os.fsync(f.fileno())
+    return path.read_bytes()
+
+
+def create_app(settings: Settings) -> Flask:
+    """A fresh app over the data directory of ``settings`` (migrated on creation)."""
+    home = settings.home_path
+    open_database(home).conn.close()
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=_secret_key(home),
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=bool(settings.web_secure_cookies),
+        SESSION_COOKIE_NAME="appliance_session",
+        MAX_CONTENT_LENGTH=int(settings.max_upload_bytes),
+        MAX_FORM_PARTS=MAX_FORM_PARTS,
+        WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session (idle timeout applies)
+        APPLIANCE_SETTINGS=settings,
+        SITE_LANGUAGE=settings.web_language if settings.web_language in LANGUAGES else "en",
+        BABEL_TRANSLATION_DIRECTORIES=str(compile_catalogues(home / "cache" / "translations")),
+    )
+    CSRFProtect(app)
+    Babel(app, locale_selector=select_locale)
+    _register(app)
+    return app
+
+
+def _register(app: Flask) -> None:
+    from appliance.web import admin, auth, importing, report, study, worklist
+
+    for module in (auth, worklist, study, report, importing, admin):
+        app.register_blueprint(module.bp)
+    app.before_request(_open_request)
+    app.teardown_appcontext(_close_db)
+    app.after_request(_security_headers)
+    app.register_error_handler(CSRFError, _csrf_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.context_processor(lambda: {"languages": LANGUAGES, "get_locale": get_locale, "site_name": settings_of(app).site_name,
+                                   "user": g.get("user"), "research_notice": _research_notice})
+
+
+def settings_of(app: Flask | None = None) -> Settings:
+    from flask import current_app
+
+    return (app or current_app).config["APPLIANCE_SETTINGS"]
+
+
+def get_db():
+    """This request's database connection (durable: reviews and audit entries survive a power cut)."""
+    if "db" not in g:
+        g.db = connect(settings_of().home_path / "appliance.sqlite")
+    return g.db
+
+
+def _open_request() -> Any:
+    from appliance.web.auth import load_user
+
+    g.started = time.perf_counter()
+    return load_user()
+
+
+def _close_db(_exc: BaseException | None) -> None:
+    db = g.pop("db", None)
+    if db is not None:
+        db.conn.close()
+
+
+def _security_headers(response):
+    response.headers.setdefault("Content-Security-Policy",
+                                "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
+                                "script-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'; "
+                                "form-action 'self'")
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "same-origin"
+    if request.endpoint != "static":
+        response.headers["Cache-Control"] = "no-store"  # patient data stays off shared caches and back buttons
+    return response
+
+
+def wants_json() -> bool:
+    return request.path.startswith("/api/") or request.accept_mimetypes.best == "application/json"
+
+
+def _csrf_error(error: CSRFError):
+    message = _("This form expired or did not come from this appliance; reload the page and try again.")
+    if wants_json():
+        return jsonify(error="CSRF", message=message), 400
+    return render_template("error.html", code=400, message=message), 400
+
+
+def _http_error(error: HTTPException):
+    messages = {
+        403: _("Your account's role does not allow this."),
+        404: _("Not found."),
+        413: _("The upload is larger than this appliance accepts (%(mib)d MiB).",
+               mib=settings_of().max_upload_bytes // 2**20),
+        429: _("Too many wrong passwords: wait a minute, then try again."),
+    }
+    message = messages.get(error.code or 500, error.description)
+    if wants_json() or request.path.startswith("/import/upload"):
+        return jsonify(error=error.name, message=message), error.code
+    return render_template("error.html", code=error.code, message=message), error.code
+
+
+def _research_notice(result: dict[str, Any]) -> str | None:
+    if result.get("validated"):
+        return None
+    return _("Not validated on clinical data: research use only. Do not use this result for diagnosis.")
+
+
+def bind_address(settings: Settings) -> tuple[str, str | None]:
+    """Where the UI listens: ``web_host`` once an admin exists, else loopback (and why, for the log)."""
+    host = settings.web_host
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return host, None
+    db = open_database(settings.home_path)
+    try:
+        admins = admin_count(db)
+    finally:
+        db.conn.close()
+    if admins:
+        return host, None
+    return "127.0.0.1", (f"web_host {host} is not used until the first admin account exists "
+                         "(create it at this address, or with `appliance users add NAME --role admin`)")
+
+
+def redirect_to(endpoint: str, **values: Any):
+    return redirect(url_for(endpoint, **values))

@@ -1,0 +1,181 @@
+"""Admin pages: model packs and engines, disk, DICOM nodes (with C-ECHO), users, audit log, settings."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+from flask import Blueprint, abort, flash, g, redirect, render_template, request, url_for
+from flask_babel import gettext as _
+
+from appliance import config
+from appliance.inference import packs
+from appliance.outputs.outbox import parse_destinations
+from appliance.store import users
+from appliance.store.database import audit, write_transaction
+from appliance.web import get_db, settings_of
+from appliance.web.auth import role_required
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+AUDIT_PAGE = 100
+DICOM_SETTINGS = ("dicom_ae_title", "dicom_port", "dicom_allowed_callers", "pacs_destinations")
+
+
+@bp.before_request
+@role_required("admin")
+def _admins_only() -> None:
+    return None
+
+
+def _audit(action: str, obj: str = "", **detail: Any) -> None:
+    db = get_db()
+    with write_transaction(db):
+        audit(db, g.user["username"], action, obj, **detail)
+
+
+def _no_engine(precision: str) -> None:
+    return None
+
+
+def _pack_rows() -> tuple[list[dict[str, Any]], list, Any]:
+    from appliance.inference.backends import tensorrt as trt_backend
+    from appliance.inference.registry import _engine_lookup, choose
+
+    settings = settings_of()
+    loaded, refused = packs.load_packs(settings.engines_path)
+    availability = trt_backend.is_available()
+    rows = []
+    for pack in loaded:
+        record = pack.build_record()
+        # without TensorRT there is no GPU identity and nothing cached to look up
+        lookup = _engine_lookup(pack, record, settings.engine_cache_path) if availability else _no_engine
+        choice = choose(pack, record, availability, lookup, settings.min_cpu_int8_speedup, settings.inference_backend)
+        rows.append({"id": pack.id, "version": pack.version, "validated": pack.validated, "threshold": pack.threshold,
+                     "precisions": ", ".join(pack.allowed_precisions), "choice": choice,
+                     "parity": record.get("parity", {}).get("results", []), "built_at": record.get("built_at")})
+    return rows, refused, availability
+
+
+@bp.route("/")
+def index():
+    settings = settings_of()
+    home = settings.home_path
+    disk = shutil.disk_usage(home)
+    db = get_db()
+    stored = db.execute("SELECT coalesce(sum(size_bytes), 0), count(*) FROM instances").fetchone()
+    rows, refused, availability = _pack_rows()
+    return render_template("admin/index.html", packs=rows, refused=refused, tensorrt=availability,
+                           disk={"total": disk.total, "free": disk.free, "used": disk.used,
+                                 "watermark": settings.disk_low_watermark_mb * 2**20, "instances_bytes": stored[0],
+                                 "instances": stored[1]},
+                           outbox=dict(db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()))
+
+
+@bp.route("/dicom", methods=["GET", "POST"])
+def dicom():
+    settings = settings_of()
+    if request.method == "POST":
+        changes = {name: request.form.get(name, "").strip() for name in DICOM_SETTINGS}
+        try:
+            parse_destinations(changes["pacs_destinations"])
+            path = config.save_overrides(changes)
+        except (ValueError, config.SettingsError) as exc:
+            flash(_("Not saved: %(why)s", why=str(exc)))
+        else:
+            _audit("settings_changed", "dicom", **changes)
+            flash(_("Saved to %(path)s; the DICOM receiver uses it after its next restart.", path=str(path)))
+        return redirect(url_for("admin.dicom"))
+    saved = config.load()
+    return render_template("admin/dicom.html", settings=settings, saved=saved, names=DICOM_SETTINGS,
+                           destinations=parse_destinations(settings.pacs_destinations))
+
+
+@bp.route("/dicom/echo", methods=["POST"])
+def echo():
+    """C-ECHO one configured PACS destination and say how it answered."""
+    from pynetdicom import AE
+
+    settings = settings_of()
+    wanted = request.form.get("destination", "")
+    destination = next((d for d in parse_destinations(settings.pacs_destinations) if str(d) == wanted), None)
+    if destination is None:
+        abort(400)
+    ae = AE(ae_title=settings.dicom_ae_title)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.network_timeout = 10
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if assoc.is_established:
+        status = assoc.send_c_echo()
+        assoc.release()
+        ok = bool(status) and status.Status == 0x0000
+        message = _("C-ECHO to %(dest)s succeeded.", dest=wanted) if ok else \
+            _("C-ECHO to %(dest)s answered with an error status.", dest=wanted)
+    else:
+        ok, message = False, _("No association with %(dest)s: it refused, or nothing answers there.", dest=wanted)
+    _audit("dicom_echo", wanted, ok=ok)
+    flash(message)
+    return redirect(url_for("admin.dicom"))
+
+
+@bp.route("/users", methods=["GET", "POST"])
+def users_page():
+    db = get_db()
+    if request.method == "POST":
+        form = request.form
+        try:
+            if form.get("action") == "add":
+                users.add_user(db, form.get("username", "").strip(), form.get("password", ""), form.get("role", ""),
+                               actor=g.user["username"])
+            elif form.get("action") == "password":
+                users.set_password(db, form["username"], form.get("password", ""), actor=g.user["username"])
+            elif form.get("action") == "change":
+                users.set_user(db, form["username"], g.user["username"], role=form.get("role") or None,
+                               disabled=form.get("disabled") == "1")
+            else:
+                abort(400)
+        except users.AccountError as exc:
+            flash(str(exc))
+        else:
+            flash(_("Saved."))
+        return redirect(url_for("admin.users_page"))
+    rows = list(db.query("SELECT username, role, disabled, created_at, password_changed_at FROM users ORDER BY username"))
+    return render_template("admin/users.html", users=rows, roles=users.ROLES, min_length=users.MIN_PASSWORD_LENGTH)
+
+
+@bp.route("/audit")
+def audit_log():
+    db = get_db()
+    page = max(1, request.args.get("page", 1, type=int) or 1)
+    action, actor = request.args.get("action", "").strip(), request.args.get("actor", "").strip()
+    where, args = [], []
+    if action:
+        where.append("action = ?")
+        args.append(action)
+    if actor:
+        where.append("actor = ?")
+        args.append(actor)
+    clause = (" WHERE " + " AND ".join(where)) if where else ""
+    rows = list(db.query(f"SELECT * FROM audit_log{clause} ORDER BY id DESC LIMIT ? OFFSET ?",
+                         args + [AUDIT_PAGE, (page - 1) * AUDIT_PAGE]))
+    actions = [r[0] for r in db.execute("SELECT DISTINCT action FROM audit_log ORDER BY action")]
+    return render_template("admin/audit.html", rows=rows, page=page, action=action, actor=actor, actions=actions,
+                           more=len(rows) == AUDIT_PAGE)
+
+
+@bp.route("/settings", methods=["GET", "POST"])
+def settings_page():
+    if request.method == "POST":
+        name, value = request.form.get("name", ""), request.form.get("value", "")
+        try:
+            path = config.save_overrides({name: value})
+        except config.SettingsError as exc:
+            flash(_("Not saved: %(why)s", why=str(exc)))
+        else:
+            _audit("settings_changed", name, value=value)
+            flash(_("Saved to %(path)s; it applies when the services next start.", path=str(path)))
+        return redirect(url_for("admin.settings_page"))
+    saved = config.load()
+    rows = [{"setting": s, "in_force": settings_of().values[s.name], "saved": saved.values[s.name],
+             "from_environment": s.env_var in os.environ} for s in config.SETTINGS if s.name != "home"]
+    return render_template("admin/settings.html", rows=rows)

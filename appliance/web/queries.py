@@ -1,0 +1,118 @@
+"""Read queries behind the screens: worklist page, study detail, progress of running work.
+
+Aggregates are computed for the rows of one page only, so the worklist stays fast with 50,000 studies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import sqlite_utils
+
+from appliance.store.studies import STUDY_STATUS_SQL
+
+PAGE_SIZE = 50
+STATUSES = ("queued", "running", "done", "failed", "rejected")
+
+FLAGGED_SQL = """EXISTS (SELECT 1 FROM analyses a JOIN results r ON r.analysis_id = a.id
+  WHERE a.study_instance_uid = st.study_instance_uid AND a.superseded = 0 AND r.flagged = 1)"""
+
+
+@dataclasses.dataclass
+class WorklistFilter:
+    """What the technician narrowed the worklist to (all optional)."""
+
+    text: str = ""
+    status: str = ""
+    flagged: bool = False
+    date_from: str = ""  # YYYYMMDD, as StudyDate
+    date_to: str = ""
+    page: int = 1
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses, args = [], []
+        if self.text:
+            like = f"%{self.text}%"
+            clauses.append("(p.patient_name LIKE ? OR p.patient_id LIKE ? OR st.accession_number LIKE ? "
+                           "OR st.study_description LIKE ?)")
+            args += [like] * 4
+        if self.date_from:
+            clauses.append("st.study_date >= ?")
+            args.append(self.date_from)
+        if self.date_to:
+            clauses.append("st.study_date <= ?")
+            args.append(self.date_to)
+        if self.flagged:
+            clauses.append(FLAGGED_SQL)
+        if self.status in STATUSES:
+            clauses.append(f"({STUDY_STATUS_SQL}) = ?")
+            args.append(self.status)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+
+def worklist(db: sqlite_utils.Database, flt: WorklistFilter) -> tuple[list[dict[str, Any]], int]:
+    """One page of studies, newest first, with status, progress and per-model flags; and the total count."""
+    where, args = flt.where()
+    base = f"FROM studies st LEFT JOIN patients p ON p.patient_key = st.patient_key{where}"
+    total = int(db.execute(f"SELECT count(*) {base}", args).fetchone()[0])
+    offset = (max(flt.page, 1) - 1) * PAGE_SIZE
+    rows = list(db.query(
+        f"SELECT st.study_instance_uid, st.study_date, st.study_time, st.study_description, st.accession_number, "
+        f"st.created_at, p.patient_name, p.patient_id, {STUDY_STATUS_SQL} AS status {base} "
+        f"ORDER BY st.study_date DESC, st.study_time DESC, st.created_at DESC LIMIT ? OFFSET ?",
+        args + [PAGE_SIZE, offset]))
+    _decorate(db, rows)
+    return rows, total
+
+
+def _in(values: list[str]) -> str:
+    return ",".join("?" * len(values))
+
+
+def _decorate(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
+    """Series count, modalities, progress, failure reason and flags of the studies on one page."""
+    uids = [r["study_instance_uid"] for r in rows]
+    if not uids:
+        return
+    info = {uid: {"series_count": 0, "modalities": set(), "flags": [], "progress": None, "error": None,
+                  "reasons": set()} for uid in uids}
+    for uid, modality, status, reason_code in db.execute(
+            f"SELECT study_instance_uid, modality, status, reason_code FROM series "
+            f"WHERE study_instance_uid IN ({_in(uids)})", uids):
+        info[uid]["series_count"] += 1
+        info[uid]["modalities"].add(modality or "?")
+        if status == "rejected" and reason_code:
+            info[uid]["reasons"].add(reason_code)
+    for uid, progress in db.execute(
+            f"SELECT study_instance_uid, avg(progress) FROM jobs WHERE state = 'running' "
+            f"AND study_instance_uid IN ({_in(uids)}) GROUP BY study_instance_uid", uids):
+        info[uid]["progress"] = progress
+    for uid, error in db.execute(
+            f"SELECT study_instance_uid, error FROM jobs WHERE state = 'failed' "
+            f"AND study_instance_uid IN ({_in(uids)}) ORDER BY id", uids):
+        info[uid]["error"] = error
+    for uid, model, flagged, score, validated in db.execute(
+            f"SELECT a.study_instance_uid, r.model, max(r.flagged), max(r.score), min(r.validated) "
+            f"FROM analyses a JOIN results r ON r.analysis_id = a.id WHERE a.superseded = 0 "
+            f"AND r.score IS NOT NULL AND a.study_instance_uid IN ({_in(uids)}) "
+            f"GROUP BY a.study_instance_uid, r.model ORDER BY r.model", uids):
+        info[uid]["flags"].append({"model": model, "flagged": bool(flagged), "score": score,
+                                   "validated": bool(validated)})
+    for row in rows:
+        extra = info[row["study_instance_uid"]]
+        extra["modalities"] = ", ".join(sorted(extra["modalities"]))
+        extra["reasons"] = ", ".join(sorted(extra["reasons"]))
+        row.update(extra)
+
+
+def progress(db: sqlite_utils.Database, study_uids: list[str]) -> dict[str, dict[str, Any]]:
+    """Status and progress of these studies, for the worklist's live refresh."""
+    uids = study_uids[:PAGE_SIZE]
+    if not uids:
+        return {}
+    rows = list(db.query(f"SELECT st.study_instance_uid, {STUDY_STATUS_SQL} AS status FROM studies st "
+                         f"WHERE st.study_instance_uid IN ({_in(uids)})", uids))
+    _decorate(db, rows)
+    return {r["study_instance_uid"]: {"status": r["status"], "progress": r["progress"], "error": r["error"],
+                                      "reasons": r["reasons"], "flags": r["flags"]} for r in rows}

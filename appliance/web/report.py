@@ -1,0 +1,51 @@
+"""The printable A4 report page and its PDF download."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Response, abort, g, render_template
+from flask_babel import get_locale
+from flask_babel import gettext as _
+
+from appliance.outputs import report
+from appliance.store.database import audit, write_transaction
+from appliance.store.studies import latest_reviews, study
+from appliance.web import get_db, settings_of
+
+bp = Blueprint("report", __name__)
+
+
+def _study_or_404(uid: str) -> dict[str, Any]:
+    doc = study(get_db(), uid)
+    if doc is None:
+        abort(404)
+    return doc
+
+
+def key_image_path(result: dict[str, Any], n: int) -> Path | None:
+    """The stored key image ``n`` of ``result`` when it lies inside the artefacts folder."""
+    root = (settings_of().home_path / "artefacts").resolve()
+    path = Path(result["findings"][n].get("key_image", "")).resolve()
+    return path if path.is_relative_to(root) and path.is_file() else None
+
+
+@bp.route("/study/<uid>/report")
+def page(uid: str):
+    doc = _study_or_404(uid)
+    return render_template("report.html", study=doc, reviews=latest_reviews(doc["reviews"]), report=report,
+                           gettext=_)
+
+
+@bp.route("/study/<uid>/report.pdf")
+def pdf(uid: str):
+    doc = _study_or_404(uid)
+    data = report.render_pdf(doc, latest_reviews(doc["reviews"]), settings_of().site_name, _, key_image_path)
+    db = get_db()
+    with write_transaction(db):
+        audit(db, g.user["username"], "report_exported", uid, language=str(get_locale()), bytes=len(data))
+    name = json.dumps(f"report-{doc.get('accession_number') or uid[-12:]}.pdf")
+    return Response(data, mimetype="application/pdf",
+                    headers={"Content-Disposition": f"attachment; filename={name}"})

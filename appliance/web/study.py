@@ -1,0 +1,140 @@
+"""The study page: findings per model, key images, slice viewer data and the radiologist's review."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from flask import Blueprint, Response, abort, flash, g, redirect, render_template, request, send_file, url_for
+from flask_babel import gettext as _
+
+from appliance.pipelines import overlays
+from appliance.store.database import audit, utcnow, write_transaction
+from appliance.web import get_db, settings_of
+from appliance.web.auth import role_required
+from appliance.store.studies import latest_reviews, study
+
+bp = Blueprint("study", __name__)
+DECISIONS = ("confirmed", "rejected")
+MAX_COMMENT = 2000
+
+
+def _inside(root: Path, path: Path) -> Path:
+    """``path`` resolved, refusing anything outside ``root`` (artefact paths come from the database)."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        abort(404)
+    return resolved
+
+
+@bp.route("/study/<uid>")
+def page(uid: str):
+    db = get_db()
+    doc = study(db, uid)
+    if doc is None:
+        abort(404)
+    with write_transaction(db):
+        audit(db, g.user["username"], "study_viewed", uid)
+    return render_template("study.html", study=doc, reviews=latest_reviews(doc["reviews"]),
+                           can_review=g.user["role"] == "radiologist")
+
+
+@bp.route("/study/<uid>/review", methods=["POST"])
+@role_required("radiologist")
+def review(uid: str):
+    """Confirm or reject one finding, with a comment; every decision is kept and audited."""
+    db = get_db()
+    result_id = request.form.get("result_id", type=int)
+    decision = request.form.get("decision")
+    row = db.execute("SELECT r.series_instance_uid, r.model, s.study_instance_uid FROM results r "
+                     "JOIN series s ON s.series_instance_uid = r.series_instance_uid WHERE r.id = ?",
+                     [result_id]).fetchone()
+    if row is None or row[2] != uid or decision not in DECISIONS:
+        abort(400)
+    comment = request.form.get("comment", "").strip()[:MAX_COMMENT]
+    with write_transaction(db):
+        db["reviews"].insert({"result_id": result_id, "study_instance_uid": uid, "series_instance_uid": row[0],
+                              "model": row[1], "decision": decision, "comment": comment,
+                              "reviewer": g.user["username"], "at": utcnow()})
+        audit(db, g.user["username"], "review", uid, result_id=result_id, model=row[1], decision=decision)
+    flash(_("Review saved."))
+    return redirect(url_for("study.page", uid=uid) + f"#result-{result_id}")
+
+
+@bp.route("/result/<int:result_id>/key/<int:n>.png")
+def key_image(result_id: int, n: int):
+    row = get_db().execute("SELECT findings FROM results WHERE id = ?", [result_id]).fetchone()
+    if row is None:
+        abort(404)
+    findings = json.loads(row[0] or "[]")
+    if not 0 <= n < len(findings) or not findings[n].get("key_image"):
+        abort(404)
+    path = _inside(settings_of().home_path / "artefacts", Path(findings[n]["key_image"]))
+    if not path.is_file():
+        abort(404)
+    return send_file(path, mimetype="image/png", max_age=3600)
+
+
+def _series_artefacts(series_uid: str) -> Path:
+    row = get_db().execute("SELECT study_instance_uid FROM series WHERE series_instance_uid = ?",
+                           [series_uid]).fetchone()
+    if row is None:
+        abort(404)
+    return _inside(settings_of().home_path / "artefacts", settings_of().home_path / "artefacts" / row[0] / series_uid)
+
+
+def _viewer_index(series_uid: str) -> dict:
+    path = _series_artefacts(series_uid) / "viewer.json"
+    if not path.is_file():
+        abort(404)
+    return json.loads(path.read_text())
+
+
+@bp.route("/series/<uid>/viewer.json")
+def viewer_index(uid: str):
+    doc = _viewer_index(uid)
+    folder = _series_artefacts(uid)
+    models = sorted(p.stem.removeprefix("overlay-") for p in folder.glob("overlay-*.npz"))
+    return {"slices": len(doc["frames"]), "rows": doc["frames"][0]["rows"] if doc["frames"] else 0,
+            "columns": doc["frames"][0]["columns"] if doc["frames"] else 0,
+            "pixel_spacing_mm": doc["pixel_spacing_mm"], "overlays": models}
+
+
+@bp.route("/series/<uid>/slice/<int:k>")
+def slice_pixels(uid: str, k: int):
+    """Slice ``k`` (stacking order) in HU as little-endian int16, rows x columns; the browser windows it."""
+    from pydicom.pixels import pixel_array
+
+    frames = _viewer_index(uid)["frames"]
+    if not 0 <= k < len(frames):
+        abort(404)
+    frame = frames[k]
+    home = settings_of().home_path
+    path = _inside(home / "instances", home / frame["path"])
+    pixels = pixel_array(str(path), index=frame["frame"]) if frame["frame"] is not None else pixel_array(str(path))
+    hu = pixels.astype(np.float32) * frame["slope"] + frame["intercept"]
+    data = np.clip(hu, -32768, 32767).astype("<i2").tobytes()
+    response = Response(data, mimetype="application/octet-stream")
+    response.headers["X-Rows"], response.headers["X-Columns"] = str(hu.shape[0]), str(hu.shape[1])
+    return response
+
+
+@bp.route("/series/<uid>/overlay/<model>/<int:k>.png")
+def overlay(uid: str, model: str, k: int):
+    """The model's map over slice ``k`` as a red PNG whose alpha is the map (transparent where none)."""
+    from PIL import Image
+
+    frames = _viewer_index(uid)["frames"]
+    if not 0 <= k < len(frames) or not model.replace("-", "").replace("_", "").isalnum():
+        abort(404)
+    heat = overlays.load_slice(_series_artefacts(uid) / f"overlay-{model}.npz", frames[k]["volume_index"])
+    size = overlays.OVERLAY_SIZE
+    rgba = np.zeros((size, size, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 1] = 255, 40
+    if heat is not None:
+        rgba[..., 3] = heat
+    out = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(out, format="PNG")
+    return Response(out.getvalue(), mimetype="image/png")
