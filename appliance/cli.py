@@ -8,7 +8,6 @@ import json
 import logging
 import shutil
 import sys
-import time
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
