@@ -196,17 +196,31 @@ def markdown_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_overrides(changes: dict[str, Any], environ: dict[str, str] | None = None) -> Path:
-    """Write ``changes`` (validated) into the site's TOML file, keeping its other entries; returns its path.
+def config_path(home: Path, environ: dict[str, str] | None = None) -> Path:
+    """The site's TOML file: ``APPLIANCE_CONFIG`` when set, else ``appliance.toml`` in ``home``."""
+    env = os.environ if environ is None else environ
+    return Path(env.get("APPLIANCE_CONFIG", Path(home) / "appliance.toml"))
+
+
+def saved_values(path: Path) -> dict[str, Any]:
+    """Every setting as the TOML file at ``path`` would make it (defaults where the file is silent)."""
+    values = {s.name: s.default for s in SETTINGS}
+    if path.is_file():
+        with open(path, "rb") as f:
+            for name, value in tomllib.load(f).items():
+                if name in _BY_NAME:
+                    values[name] = _coerce(_BY_NAME[name], value)
+    return values
+
+
+def save_overrides(changes: dict[str, Any], path: Path) -> Path:
+    """Write ``changes`` (validated) into the site's TOML file at ``path``, keeping its other entries.
 
     Values take effect when each service next starts; ``APPLIANCE_*`` variables still win over the file.
     """
     from appliance.inference.packs import _toml_value
     from appliance.store.files import write_bytes_durably
 
-    env = os.environ if environ is None else environ
-    home = env.get("APPLIANCE_HOME", _BY_NAME["home"].default)
-    path = Path(env.get("APPLIANCE_CONFIG", Path(home) / "appliance.toml"))
     current: dict[str, Any] = {}
     if path.is_file():
         with open(path, "rb") as f:

@@ -118,28 +118,34 @@ def _members(paths: Iterable[Path], settings: Settings) -> Iterator[_Member | tu
 
 
 def import_paths(store: InstanceStore, paths: Iterable[Path], settings: Settings, *, source: str = "import",
-                 progress: Callable[[ImportSummary], None] | None = None) -> ImportSummary:
-    """Import files, folders and zip archives; bad files are quarantined, good ones stored."""
+                 progress: Callable[[ImportSummary], None] | None = None,
+                 label: Callable[[str], str] = str) -> ImportSummary:
+    """Import files, folders and zip archives; bad files are quarantined, good ones stored.
+
+    ``label`` turns a file's name here into the name the user knows it by (for uploads: the
+    browser's file name rather than the spool file's).
+    """
     summary = ImportSummary()
     for item in _members(paths, settings):
         if isinstance(item, str):
             summary.skipped += 1
             continue
         if isinstance(item, tuple):
-            name, rejection = item
+            name, rejection = label(item[0]), item[1]
             quarantine.record(store.db, store.home, None, source=source, original_name=name, size=None,
                               sha256=None, rejection=rejection)
             summary.quarantined.append({"file": name, "reason_code": rejection.reason_code.value,
                                         "reason": rejection.reason})
             continue
+        name = label(item.name)
         try:
             with item.open() as stream:
-                accepted = store.accept(stream, source=source, original_name=item.name)
+                accepted = store.accept(stream, source=source, original_name=name)
         except InstanceRejected as exc:
-            summary.quarantined.append({"file": item.name, "reason_code": exc.reason_code.value, "reason": exc.reason})
+            summary.quarantined.append({"file": name, "reason_code": exc.reason_code.value, "reason": exc.reason})
         except OSError as exc:
-            log.warning("cannot read %s: %s", item.name, exc)
-            summary.quarantined.append({"file": item.name, "reason_code": "UNREADABLE", "reason": str(exc)})
+            log.warning("cannot read %s: %s", name, exc)
+            summary.quarantined.append({"file": name, "reason_code": "UNREADABLE", "reason": str(exc)})
         else:
             summary.series[accepted.header.series_instance_uid] = accepted.header.study_instance_uid
             if accepted.status == "stored":

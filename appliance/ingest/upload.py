@@ -31,16 +31,37 @@ class UploadTooLarge(ApplianceError):
     http_status = 413
 
 
-def _spool(parts: Iterable[tuple[str, BinaryIO]], folder: Path, limit: int) -> int:
-    total = 0
-    for index, (_client_name, stream) in enumerate(parts):
-        with open(folder / f"part-{index:06d}", "xb") as out:
+def _client_name(name: str) -> str:
+    """The browser's file name, for messages only: its last part, printable, at most 200 characters."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    return "".join(c for c in base if c.isprintable())[:200] or "unnamed"
+
+
+def _spool(parts: Iterable[tuple[str, BinaryIO]], folder: Path, limit: int) -> dict[str, str]:
+    """Write the parts under generated names; returns spool path -> the client's file name."""
+    total, names = 0, {}
+    for index, (client_name, stream) in enumerate(parts):
+        path = folder / f"part-{index:06d}"
+        names[str(path)] = _client_name(client_name)
+        with open(path, "xb") as out:
             while chunk := stream.read(CHUNK):
                 total += len(chunk)
                 if total > limit:
                     raise UploadTooLarge(f"the upload is larger than the {limit // 2**20} MiB this appliance accepts")
                 out.write(chunk)
-    return total
+    return names
+
+
+def _labeller(names: dict[str, str]):
+    """Spool paths (and the ``part-N:member`` labels of zip members) back to the client's names."""
+    by_name = {Path(spooled).name: client for spooled, client in names.items()}
+
+    def label(name: str) -> str:
+        if name in names:
+            return names[name]
+        head, sep, rest = name.partition(":")
+        return by_name[head] + sep + rest if head in by_name else name
+    return label
 
 
 def receive_upload(parts: Iterable[tuple[str, BinaryIO]], store: InstanceStore, settings: Settings,
@@ -53,8 +74,8 @@ def receive_upload(parts: Iterable[tuple[str, BinaryIO]], store: InstanceStore, 
     folder = store.home / UPLOADS_DIR / uuid.uuid4().hex
     folder.mkdir(parents=True)
     try:
-        _spool(parts, folder, settings.max_upload_bytes)
-        summary = import_paths(store, [folder], settings, source="upload")
+        names = _spool(parts, folder, settings.max_upload_bytes)
+        summary = import_paths(store, [folder], settings, source="upload", label=_labeller(names))
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # stored files are in the instance store now
     if queue_series:

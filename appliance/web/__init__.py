@@ -43,8 +43,12 @@ def _secret_key(home: Path) -> bytes:
     return path.read_bytes()
 
 
-def create_app(settings: Settings) -> Flask:
-    """A fresh app over the data directory of ``settings`` (migrated on creation)."""
+def create_app(settings: Settings, environ: dict[str, str] | None = None) -> Flask:
+    """A fresh app over the data directory of ``settings`` (migrated on creation).
+
+    ``environ`` is where ``APPLIANCE_*`` variables came from (``os.environ`` by default), to tell the
+    admin which settings the environment fixes.
+    """
     home = settings.home_path
     open_database(home).conn.close()
     app = Flask(__name__)
@@ -58,6 +62,7 @@ def create_app(settings: Settings) -> Flask:
         MAX_FORM_PARTS=MAX_FORM_PARTS,
         WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session (idle timeout applies)
         APPLIANCE_SETTINGS=settings,
+        APPLIANCE_ENVIRON=dict(os.environ if environ is None else environ),
         SITE_LANGUAGE=settings.web_language if settings.web_language in LANGUAGES else "en",
         BABEL_TRANSLATION_DIRECTORIES=str(compile_catalogues(home / "cache" / "translations")),
     )

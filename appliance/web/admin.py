@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from typing import Any
 
-from flask import Blueprint, abort, flash, g, redirect, render_template, request, url_for
+from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 
 from appliance import config
@@ -32,6 +31,10 @@ def _audit(action: str, obj: str = "", **detail: Any) -> None:
     db = get_db()
     with write_transaction(db):
         audit(db, g.user["username"], action, obj, **detail)
+
+
+def _config_file():
+    return config.config_path(settings_of().home_path, current_app.config["APPLIANCE_ENVIRON"])
 
 
 def _no_engine(precision: str) -> None:
@@ -79,14 +82,14 @@ def dicom():
         changes = {name: request.form.get(name, "").strip() for name in DICOM_SETTINGS}
         try:
             parse_destinations(changes["pacs_destinations"])
-            path = config.save_overrides(changes)
+            path = config.save_overrides(changes, _config_file())
         except (ValueError, config.SettingsError) as exc:
             flash(_("Not saved: %(why)s", why=str(exc)))
         else:
             _audit("settings_changed", "dicom", **changes)
             flash(_("Saved to %(path)s; the DICOM receiver uses it after its next restart.", path=str(path)))
         return redirect(url_for("admin.dicom"))
-    saved = config.load()
+    saved = config.saved_values(_config_file())
     return render_template("admin/dicom.html", settings=settings, saved=saved, names=DICOM_SETTINGS,
                            destinations=parse_destinations(settings.pacs_destinations))
 
@@ -168,14 +171,14 @@ def settings_page():
     if request.method == "POST":
         name, value = request.form.get("name", ""), request.form.get("value", "")
         try:
-            path = config.save_overrides({name: value})
+            path = config.save_overrides({name: value}, _config_file())
         except config.SettingsError as exc:
             flash(_("Not saved: %(why)s", why=str(exc)))
         else:
             _audit("settings_changed", name, value=value)
             flash(_("Saved to %(path)s; it applies when the services next start.", path=str(path)))
         return redirect(url_for("admin.settings_page"))
-    saved = config.load()
-    rows = [{"setting": s, "in_force": settings_of().values[s.name], "saved": saved.values[s.name],
-             "from_environment": s.env_var in os.environ} for s in config.SETTINGS if s.name != "home"]
+    saved = config.saved_values(_config_file())
+    rows = [{"setting": s, "in_force": settings_of().values[s.name], "saved": saved[s.name],
+             "from_environment": s.env_var in current_app.config["APPLIANCE_ENVIRON"]} for s in config.SETTINGS if s.name != "home"]
     return render_template("admin/settings.html", rows=rows)
