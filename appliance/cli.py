@@ -337,7 +337,7 @@ def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
     store = open_store(settings)  # migrate and sweep before anything else starts
     incoming = settings.home_path / "incoming"
     incoming.mkdir(parents=True, exist_ok=True)
-    first_start = not store.db.execute("SELECT 1 FROM studies LIMIT 1").fetchone()
+    first_start = settings.first_start_sample and not store.db.execute("SELECT 1 FROM studies LIMIT 1").fetchone()
     if args.once:
         if first_start:
             print("First start: analysing the bundled synthetic sample study.")

@@ -90,6 +90,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("inference_threads", 0, "ONNX Runtime threads per operator (0 = one per CPU core)."),
     Setting("min_cpu_int8_speedup", 1.2,
             "INT8 runs on the CPU only when parity passed and it measured at least this much faster than FP32."),
+    Setting("first_start_sample", True,
+            "On the first start of `appliance serve`, analyse a bundled synthetic study so the screens show one."),
     Setting("web_host", "127.0.0.1",
             "Address of the web UI. Another address is used only once the first admin account exists."),
     Setting("web_port", 8080, "TCP port of the web UI."),
