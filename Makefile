@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/int8_vs_fp32.py
 	$(BIN)/python bench/analyze_e2e.py
 	$(BIN)/python bench/receive_throughput.py
+	$(BIN)/python bench/web_pages.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

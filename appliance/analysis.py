@@ -24,7 +24,7 @@ from appliance.ingest.importer import ImportSummary, import_paths
 from appliance.inference.registry import Registry
 from appliance.pipelines import StepResult, abdomen_pancreas, chest_covid19, lungs, series_qa
 from appliance.series.volume import CTVolume, load_series
-from appliance.store.database import open_database, site_threshold, utcnow, write_transaction
+from appliance.store.database import open_database, refresh_study, site_threshold, utcnow, write_transaction
 from appliance.store.files import write_bytes_durably
 from appliance.store.instances import InstanceStore
 
@@ -213,6 +213,7 @@ def _save(db: sqlite_utils.Database, record: dict[str, Any]) -> None:
             })
         db.execute("UPDATE series SET status = ?, reason_code = ?, reason = ?, updated_at = ? "
                    "WHERE series_instance_uid = ?", [record["status"], record["reason_code"], record["reason"], now, uid])
+        refresh_study(db, study)
 
 
 def _run_job(store: InstanceStore, series_uid: str, study_uid: str, settings: Settings,

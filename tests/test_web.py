@@ -184,6 +184,11 @@ def test_worklist_lists_the_study_with_flags_and_filters(analysed_home):
     page = client.get("/").get_data(as_text=True)
     assert "PHANTOM" in page and "chest-covid19" in page and "s-done" in page
     assert "No study matches" in client.get("/?q=nobody-by-that-name").get_data(as_text=True)
+    assert "PHANTOM" in client.get("/?q=phantom synthetic3").get_data(as_text=True)  # name components spaced
+    assert "PHANTOM" in client.get("/?q=SYN-000003").get_data(as_text=True)  # patient ID, any case
+    assert "No study matches" in client.get("/?q=%25").get_data(as_text=True)  # a literal % is no wildcard
+    flagged = client.get("/?flagged=1").get_data(as_text=True)
+    assert ("PHANTOM" in flagged) == ("flag on" in page)
     assert "PHANTOM" in client.get("/?status=done").get_data(as_text=True)
     assert "No study matches" in client.get("/?status=failed").get_data(as_text=True)
     uid = _study_uid(client)

@@ -92,6 +92,25 @@ def m003_outbox(db: sqlite_utils.Database) -> None:
     db["outbox"].create_index(["destination", "sop_instance_uid"], unique=True)
 
 
+# lower-case patient name (components spaced), patient ID, accession number and study description
+SEARCH_TEXT_SQL = """SELECT lower(replace(coalesce(p.patient_name, ''), '^', ' ') || ' ' || coalesce(p.patient_id, '')
+  || ' ' || coalesce(studies.accession_number, '') || ' ' || coalesce(studies.study_description, ''))
+  FROM patients p WHERE p.patient_key = studies.patient_key"""
+# whether any current result of the study is flagged (CROSS JOIN: the study's analyses first)
+FLAGGED_SQL = """SELECT EXISTS (SELECT 1 FROM analyses a CROSS JOIN results r ON r.analysis_id = a.id
+  WHERE a.study_instance_uid = studies.study_instance_uid AND a.superseded = 0 AND r.flagged = 1)"""
+
+
+def refresh_study(db: sqlite_utils.Database, study_instance_uid: str) -> None:
+    """Recompute the study row's search text and flag (inside the caller's transaction)."""
+    db.execute(f"UPDATE studies SET search_text = ({SEARCH_TEXT_SQL}), flagged = ({FLAGGED_SQL}) "
+               "WHERE study_instance_uid = ?", [study_instance_uid])
+
+
+def refresh_all_studies(db: sqlite_utils.Database) -> None:
+    db.execute(f"UPDATE studies SET search_text = ({SEARCH_TEXT_SQL}), flagged = ({FLAGGED_SQL})")
+
+
 @migrations()
 def m004_web(db: sqlite_utils.Database) -> None:
     db["users"].create({
@@ -109,7 +128,12 @@ def m004_web(db: sqlite_utils.Database) -> None:
     db["jobs"].create_index(["series_instance_uid"])
     db["jobs"].create_index(["study_instance_uid", "state"])
     db["analyses"].create_index(["study_instance_uid", "superseded"])
-    db["studies"].create_index(["study_date", "study_time"])
+    # what the worklist searches and flags, kept on the study row so a filter reads one table
+    db["studies"].add_column("search_text", str)
+    db["studies"].add_column("flagged", int, not_null_default=0)
+    refresh_all_studies(db)
+    db["studies"].create_index(["study_date", "study_time", "created_at"])
+    db["series"].create_index(["status", "study_instance_uid"])
     db["studies"].create_index(["created_at"])
     db["audit_log"].create_index(["at"])
     db["imports"].create({

@@ -20,7 +20,7 @@ import sqlite_utils
 from appliance.errors import InstanceRejected
 from appliance.ingest.validate import InstanceHeader, is_valid_uid, read_header
 from appliance.store import quarantine
-from appliance.store.database import utcnow, write_transaction
+from appliance.store.database import refresh_study, utcnow, write_transaction
 from appliance.store.files import copy_to_temp, durable_rename
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,9 @@ def _index(db: sqlite_utils.Database, header: InstanceHeader, path: Path, size: 
     db.execute("UPDATE series SET instance_count = instance_count + 1, last_received_at = ?, updated_at = ?,"
                " status = 'received' WHERE series_instance_uid = ?", [now, now, header.series_instance_uid])
     db.execute("UPDATE studies SET updated_at = ? WHERE study_instance_uid = ?", [now, header.study_instance_uid])
+    if db.execute("SELECT search_text IS NULL FROM studies WHERE study_instance_uid = ?",
+                  [header.study_instance_uid]).fetchone()[0]:
+        refresh_study(db, header.study_instance_uid)
 
 
 class InstanceStore:

@@ -15,8 +15,28 @@ from appliance.store.studies import STUDY_STATUS_SQL
 PAGE_SIZE = 50
 STATUSES = ("queued", "running", "done", "failed", "rejected")
 
-FLAGGED_SQL = """EXISTS (SELECT 1 FROM analyses a JOIN results r ON r.analysis_id = a.id
-  WHERE a.study_instance_uid = st.study_instance_uid AND a.superseded = 0 AND r.flagged = 1)"""
+# studies in each state, as sets the database builds once per query (cheap membership tests per row)
+_RUNNING = "SELECT study_instance_uid FROM jobs WHERE state = 'running'"
+_QUEUED_JOB = "SELECT study_instance_uid FROM jobs WHERE state = 'queued'"
+_RECEIVED = "SELECT study_instance_uid FROM series WHERE status = 'received'"
+_FAILED = ("SELECT s.study_instance_uid FROM series s JOIN jobs j ON j.series_instance_uid = s.series_instance_uid "
+           "WHERE s.status = 'received' AND j.state = 'failed' AND j.created_at >= s.last_received_at")
+_ANALYZED = "SELECT study_instance_uid FROM series WHERE status = 'analyzed'"
+
+def _status_clause(status: str) -> str:
+    """SQL true for studies whose :data:`STUDY_STATUS_SQL` is ``status``, by set membership."""
+    uid = "st.study_instance_uid"
+    def is_in(sql: str) -> str:
+        return f"{uid} IN ({sql})"
+    def not_in(sql: str) -> str:
+        return f"{uid} NOT IN ({sql})"
+    return {
+        "running": is_in(_RUNNING),
+        "queued": f"{not_in(_RUNNING)} AND ({is_in(_QUEUED_JOB)} OR ({not_in(_FAILED)} AND {is_in(_RECEIVED)}))",
+        "failed": f"{not_in(_RUNNING)} AND {not_in(_QUEUED_JOB)} AND {is_in(_FAILED)}",
+        "done": f"{not_in(_RUNNING)} AND {not_in(_QUEUED_JOB)} AND {not_in(_RECEIVED)} AND {is_in(_ANALYZED)}",
+        "rejected": f"{not_in(_RUNNING)} AND {not_in(_QUEUED_JOB)} AND {not_in(_RECEIVED)} AND {not_in(_ANALYZED)}",
+    }[status]
 
 
 @dataclasses.dataclass
@@ -33,10 +53,9 @@ class WorklistFilter:
     def where(self) -> tuple[str, list[Any]]:
         clauses, args = [], []
         if self.text:
-            like = f"%{self.text}%"
-            clauses.append("(p.patient_name LIKE ? OR p.patient_id LIKE ? OR st.accession_number LIKE ? "
-                           "OR st.study_description LIKE ?)")
-            args += [like] * 4
+            clauses.append("st.search_text LIKE ? ESCAPE '\\'")
+            escaped = self.text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            args.append(f"%{escaped}%")
         if self.date_from:
             clauses.append("st.study_date >= ?")
             args.append(self.date_from)
@@ -44,24 +63,32 @@ class WorklistFilter:
             clauses.append("st.study_date <= ?")
             args.append(self.date_to)
         if self.flagged:
-            clauses.append(FLAGGED_SQL)
+            clauses.append("st.flagged = 1")
         if self.status in STATUSES:
-            clauses.append(f"({STUDY_STATUS_SQL}) = ?")
-            args.append(self.status)
+            clauses.append(_status_clause(self.status))
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
 def worklist(db: sqlite_utils.Database, flt: WorklistFilter) -> tuple[list[dict[str, Any]], int]:
-    """One page of studies, newest first, with status, progress and per-model flags; and the total count."""
+    """One page of studies, newest first, with status, progress and per-model flags; and the total count.
+
+    The page's studies are chosen first on cheap columns; status and aggregates are then computed
+    for those 50 rows only.
+    """
     where, args = flt.where()
-    base = f"FROM studies st LEFT JOIN patients p ON p.patient_key = st.patient_key{where}"
+    base = f"FROM studies st{where}"
     total = int(db.execute(f"SELECT count(*) {base}", args).fetchone()[0])
     offset = (max(flt.page, 1) - 1) * PAGE_SIZE
-    rows = list(db.query(
+    uids = [r[0] for r in db.execute(
+        f"SELECT st.study_instance_uid {base} ORDER BY st.study_date DESC, st.study_time DESC, st.created_at DESC "
+        "LIMIT ? OFFSET ?", args + [PAGE_SIZE, offset])]
+    if not uids:
+        return [], total
+    found = {r["study_instance_uid"]: r for r in db.query(
         f"SELECT st.study_instance_uid, st.study_date, st.study_time, st.study_description, st.accession_number, "
-        f"st.created_at, p.patient_name, p.patient_id, {STUDY_STATUS_SQL} AS status {base} "
-        f"ORDER BY st.study_date DESC, st.study_time DESC, st.created_at DESC LIMIT ? OFFSET ?",
-        args + [PAGE_SIZE, offset]))
+        f"st.created_at, p.patient_name, p.patient_id, {STUDY_STATUS_SQL} AS status FROM studies st "
+        f"LEFT JOIN patients p ON p.patient_key = st.patient_key WHERE st.study_instance_uid IN ({_in(uids)})", uids)}
+    rows = [found[uid] for uid in uids]
     _decorate(db, rows)
     return rows, total
 
