@@ -1,5 +1,6 @@
-"""DICOM outputs (SR, key-image SC) written, read back and checked; store-and-forward to Orthanc."""
+"""DICOM outputs (SR, key-image SC, Encapsulated PDF report) written, read back and checked; store-and-forward to Orthanc."""
 
+import io
 import json
 import shutil
 import socket
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pypdf import PdfReader
 
 from appliance import config
 from appliance.ingest.importer import import_paths
@@ -71,7 +73,7 @@ def test_outputs_are_written_read_back_and_reference_the_study(tmp_path, synthet
     worker = _analysed_worker(tmp_path, synthetic_chest, "")
     files = sorted((tmp_path / "home" / "artefacts").rglob("dicom/*.dcm"))
     modalities = sorted(pydicom.dcmread(f).Modality for f in files)
-    assert modalities[-1] == "SR" and modalities.count("OT") == len(files) - 1 >= 1
+    assert modalities[0] == "DOC" and modalities[-1] == "SR" and modalities.count("OT") == len(files) - 2 >= 1
     study = pydicom.dcmread(next(synthetic_chest.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
     sr = hd.sr.srread(next(f for f in files if f.name.startswith("sr-")))
     assert sr.StudyInstanceUID == study
@@ -85,6 +87,12 @@ def test_outputs_are_written_read_back_and_reference_the_study(tmp_path, synthet
     assert "chest-covid19" in text and "NOT VALIDATED" in text
     sc = pydicom.dcmread(next(f for f in files if f.name.startswith("ot-")))
     assert sc.pixel_array.ndim == 3 and sc.StudyInstanceUID == study
+    doc = pydicom.dcmread(next(f for f in files if f.name.startswith("doc-")))
+    assert doc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.104.1" and doc.StudyInstanceUID == study
+    assert doc.MIMETypeOfEncapsulatedDocument == "application/pdf" and doc.BurnedInAnnotation == "YES"
+    pdf = bytes(doc.EncapsulatedDocument)[:doc.EncapsulatedDocumentLength]
+    text = " ".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)
+    assert "CT screening report" in text and "chest-covid19" in text and "PHANTOM" in text
     assert worker.store.db.execute("SELECT count(*) FROM outbox").fetchone()[0] == 0  # no PACS configured
 
 
@@ -107,7 +115,11 @@ def test_results_reach_orthanc_and_wait_while_it_is_down(tmp_path, synthetic_che
         assert orthanc_get(http_port, "/statistics")["CountInstances"] == produced
         modalities = {orthanc_get(http_port, f"/instances/{i}/simplified-tags")["Modality"]
                       for i in orthanc_get(http_port, "/instances")}
-        assert modalities == {"SR", "OT"}
+        assert modalities == {"SR", "OT", "DOC"}
+        doc = next(i for i in orthanc_get(http_port, "/instances")
+                   if orthanc_get(http_port, f"/instances/{i}/simplified-tags")["Modality"] == "DOC")
+        pdf = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/instances/{doc}/pdf", timeout=10).read()
+        assert pdf.startswith(b"%PDF")  # Orthanc opens the report
         worker.forward()  # nothing is sent twice
         assert orthanc_get(http_port, "/statistics")["CountInstances"] == produced
     finally:

@@ -19,8 +19,9 @@ def test_units_render_without_placeholders(tmp_path):
     written = systemd_units.install(tmp_path, user="appliance", home=Path("/var/lib/appliance"),
                                     venv=Path(sys.prefix), engines=tmp_path)
     names = {p.name for p in written}
-    assert {"appliance-dicom.service", "appliance-worker.service", "appliance-import@.service",
-            "appliance-build-engines.service", "99-appliance-usb.rules"} <= names
+    assert {"appliance-dicom.service", "appliance-worker.service", "appliance-web.service",
+            "appliance-import@.service", "appliance-build-engines.service", "appliance-export.service",
+            "appliance-export.timer", "99-appliance-usb.rules"} <= names
     for path in written:
         assert "@" not in path.read_text().replace("appliance-import@", "").replace("%I", ""), path.name
     worker = (tmp_path / "appliance-worker.service").read_text()
@@ -32,7 +33,7 @@ def test_units_render_without_placeholders(tmp_path):
 def test_units_pass_systemd_analyze_verify(tmp_path):
     written = systemd_units.install(tmp_path, user="root", home=tmp_path / "home", venv=Path(sys.prefix),
                                     engines=tmp_path)
-    units = [str(p) for p in written if p.suffix == ".service" and "@" not in p.name]
+    units = [str(p) for p in written if p.suffix in (".service", ".timer") and "@" not in p.name]
     units.append(str(tmp_path / "appliance-import@sdb1.service"))
     shutil.copy(tmp_path / "appliance-import@.service", units[-1])
     run = subprocess.run([SYSTEMD_ANALYZE, "verify", *units], capture_output=True, text=True,

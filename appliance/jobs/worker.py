@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 from appliance.analysis import analyze_series, artefact_dir, open_store, series_paths
 from appliance.config import Settings
@@ -30,9 +31,26 @@ class Worker:
         """Write the series' SR and key images, read them back, and queue them for every PACS."""
         series_uid = job["series_instance_uid"]
         out_dir = artefact_dir(self.store, series_uid) / "dicom"
-        paths = write_outputs(record, series_paths(self.store, series_uid), out_dir)
+        paths = write_outputs(record, series_paths(self.store, series_uid), out_dir,
+                              report_pdf=self._report(job["study_instance_uid"]))
         if self.destinations:
             outbox.enqueue(self.store.db, self.destinations, paths, self.store.home, series_uid)
+
+    def _report(self, study_uid: str) -> tuple[bytes, str]:
+        """The study's PDF report as it stands now, in the site's language, and its title."""
+        from appliance.outputs import report
+        from appliance.store.studies import latest_reviews, study
+
+        doc = study(self.store.db, study_uid)
+        _ = report.translations(self.settings.web_language)
+        root = (self.store.home / "artefacts").resolve()
+
+        def key_image(result: dict, n: int) -> Path | None:
+            path = Path(result["findings"][n].get("key_image", "")).resolve()
+            return path if path.is_relative_to(root) and path.is_file() else None
+
+        pdf = report.render_pdf(doc, latest_reviews(doc["reviews"]), self.settings.site_name, _, key_image)
+        return pdf, _("CT screening report")
 
     def forward(self) -> None:
         if not self.destinations:

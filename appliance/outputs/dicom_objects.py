@@ -2,7 +2,9 @@
 
 - a Comprehensive SR: one container per model with its identity, validation
   status, score, threshold, flag and findings, referencing the analysed images;
-- one Secondary Capture per key image (PNG with overlay), in the patient's study.
+- one Secondary Capture per key image (PNG with overlay), in the patient's study;
+- the study's PDF report as Encapsulated PDF (highdicom has no builder for it: written
+  with pydicom, module by module from PS3.3 A.45.1).
 
 Objects are written, read back and checked before they are queued for a PACS.
 """
@@ -22,6 +24,11 @@ from appliance import __version__
 MANUFACTURER = "CT screening appliance"
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
+PDF_SERIES_NUMBER = 9903
+ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
+PATIENT_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+                          "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
+                          "StudyDescription")
 REPORT_TITLE = ("126000", "DCM", "Imaging Measurement Report")
 ALGORITHM_NAME = ("111001", "DCM", "Algorithm Name")
 ALGORITHM_VERSION = ("111003", "DCM", "Algorithm Version")
@@ -95,8 +102,40 @@ def build_key_image(reference: pydicom.Dataset, png: Path, instance_number: int,
     return sc
 
 
-def write_outputs(record: dict[str, Any], image_paths: list[Path], out_dir: Path) -> list[Path]:
-    """Build, write and read back the SR and key images of an analysed series; returns their paths."""
+def build_encapsulated_pdf(reference: pydicom.Dataset, pdf: bytes, title: str) -> pydicom.Dataset:
+    """An Encapsulated PDF instance of ``pdf`` in the reference image's patient and study."""
+    import datetime
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    now = datetime.datetime.now()
+    ds = pydicom.Dataset()
+    for keyword in PATIENT_STUDY_KEYWORDS:  # Patient and General Study modules, as in the images
+        setattr(ds, keyword, reference.get(keyword, ""))
+    ds.SOPClassUID, ds.SOPInstanceUID = ENCAPSULATED_PDF_STORAGE, generate_uid()
+    ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "DOC", generate_uid(), PDF_SERIES_NUMBER
+    ds.SeriesDescription = "AI screening report (NOT for diagnosis)"
+    ds.Manufacturer, ds.SoftwareVersions, ds.ConversionType = MANUFACTURER, __version__, "WSD"
+    ds.InstanceNumber = 1
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
+    ds.BurnedInAnnotation = "YES"  # the report names the patient
+    ds.DocumentTitle = title[:64]
+    ds.ConceptNameCodeSequence = []
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = pdf + (b"\0" if len(pdf) % 2 else b"")
+    ds.EncapsulatedDocumentLength = len(pdf)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def write_outputs(record: dict[str, Any], image_paths: list[Path], out_dir: Path,
+                  report_pdf: tuple[bytes, str] | None = None) -> list[Path]:
+    """Build, write and read back the SR, key images and (given ``(pdf, title)``) the report of an analysed
+    series; returns their paths."""
     import highdicom as hd
 
     from appliance.store.files import write_bytes_durably
@@ -106,6 +145,8 @@ def write_outputs(record: dict[str, Any], image_paths: list[Path], out_dir: Path
     sc_series = hd.UID()
     pngs = [Path(f["key_image"]) for r in record["results"] for f in r["findings"] if f.get("key_image")]
     objects += [build_key_image(evidence[0], png, k + 1, sc_series) for k, png in enumerate(pngs)]
+    if report_pdf is not None:
+        objects.append(build_encapsulated_pdf(evidence[0], *report_pdf))
     written = []
     for ds in objects:
         path = out_dir / f"{ds.Modality.lower()}-{ds.SOPInstanceUID}.dcm"
