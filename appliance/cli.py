@@ -6,6 +6,7 @@ import argparse
 import getpass
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,6 +25,11 @@ EXAMPLES = {
               "  appliance synth --out /tmp/tilted --slices 120 --tilt 15 --transfer-syntax jpeg2000\n"
               "  appliance synth --out /tmp/lesion --slices 200 --region abdomen --lesion pancreas-hypo"),
     "serve": "examples:\n  APPLIANCE_HOME=/var/lib/appliance appliance serve",
+    "export": "examples:\n  appliance export                       # last month, into export_dir\n"
+              "  appliance export --month 2026-10 --out /media/usb",
+    "hub": "examples:\n  appliance hub init --hub /srv/hub\n  appliance hub add-site BASE64KEY --name 'Clinic A'\n"
+           "  appliance hub import /media/usb/*.ctx\n  appliance hub report --out /srv/hub/report\n"
+           "  appliance hub import --db postgresql://hub@db/screening bundle.ctx",
     "users": "examples:\n  appliance users add amina --role technician   (asks for the password)\n"
              "  echo \"$PASSWORD\" | appliance users add admin --role admin\n  appliance users list",
     "settings": "examples:\n  appliance settings",
@@ -436,6 +442,90 @@ def cmd_users(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace, settings: config.Settings) -> int:
+    """``keys init``: the site's signing key and pseudonym secret; ``keys show``: the public key to register."""
+    from appliance.export import keys
+
+    home = settings.home_path
+    public = keys.init_site_keys(home) if args.action == "init" else keys.site_public_key(home)
+    if public is None:
+        print("error: NO_SITE_KEY: run `appliance keys init` first", file=sys.stderr)
+        return 1
+    print(f"site signing key fingerprint: {keys.fingerprint(public)}")
+    print(f"public key (give it to the hub: appliance hub add-site KEY --name NAME): {keys.encode_public(public)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Write a month's de-identified, signed, encrypted bundle; say when the medium may be removed."""
+    from appliance.export import run
+
+    month = args.month or run.previous_month()
+    out = args.out or (Path(settings.export_dir) if settings.export_dir else settings.home_path / "exports")
+    result = run.export_month(settings, month, out, images=args.images or settings.export_images)
+    if result.reused:
+        print(f"{month}: nothing changed since {result.path.name} (revision {result.revision}); it stands.")
+    else:
+        print(f"{month}: wrote {result.path} (revision {result.revision}, {result.studies} studies, "
+              f"{result.results} results, {result.images} images), sha256 {result.sha256}")
+    os.sync()  # flush the medium before saying it may be pulled out
+    print(f"verified; SAFE TO REMOVE the medium holding {result.path.parent}", flush=True)
+    return 0
+
+
+def _hub_dir(args: argparse.Namespace) -> Path:
+    return Path(args.hub or os.environ.get("APPLIANCE_HUB_HOME", "./hub"))
+
+
+def _hub_db(args: argparse.Namespace):
+    from appliance.hub.store import HubDB, default_url
+
+    return HubDB(args.db or os.environ.get("APPLIANCE_HUB_DB") or default_url(_hub_dir(args)))
+
+
+def cmd_hub(args: argparse.Namespace, settings: config.Settings) -> int:
+    """The programme hub: init, add-site, import, report."""
+    from appliance.export import keys
+    from appliance.export.bundle import BundleRefused
+    from appliance.hub import merge, report
+
+    hub_dir = _hub_dir(args)
+    if args.action == "init":
+        public = keys.init_hub_keys(hub_dir)
+        _hub_db(args).close()
+        print(f"hub key fingerprint: {keys.fingerprint(public)}")
+        print(f"hub public key (set hub_public_key on every site to it): {keys.encode_public(public)}")
+        return 0
+    db = _hub_db(args)
+    try:
+        if args.action == "add-site":
+            if len(args.items) != 1 or not args.name:
+                print("error: hub add-site needs one PUBKEY and --name", file=sys.stderr)
+                return 2
+            print(f"registered {merge.add_site(db, args.items[0], args.name, args.site_id)}")
+            return 0
+        if args.action == "report":
+            for path in report.write_report(db, args.out or hub_dir / "report"):
+                print(path)
+            return 0
+        refused = 0
+        for item in args.items:
+            try:
+                doc = merge.import_bundle(db, hub_dir, Path(item))
+            except BundleRefused as exc:
+                refused += 1
+                print(f"refused {item}: {exc.reason_code}: {exc.reason}")
+            except OSError as exc:
+                refused += 1
+                print(f"refused {item}: UNREADABLE: {exc}")
+            else:
+                print(f"merged {item}: {doc['site_id']} {doc['month']} revision {doc['revision']}, "
+                      f"{doc['results']} results{' (supersedes the earlier revision)' if doc['superseded'] else ''}")
+        return 1 if refused else 0
+    finally:
+        db.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Offline CT screening appliance.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -492,6 +582,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("add", "list"))
     p.add_argument("name", nargs="?")
     p.add_argument("--role", choices=("technician", "radiologist", "admin"))
+    p = add("keys", cmd_keys, "The site's signing key for exports: init (once) or show its public key.")
+    p.add_argument("action", choices=("init", "show"))
+    p = add("export", cmd_export, "Write a month's de-identified, signed, encrypted bundle for the programme hub.")
+    p.add_argument("--month", help="YYYY-MM (default: last month)")
+    p.add_argument("--out", type=Path, help="target folder, e.g. a USB stick (default: the export_dir setting)")
+    p.add_argument("--images", choices=("none", "flagged", "all"), help="de-identified key images to include")
+    p = add("hub", cmd_hub, "The programme hub: init, add-site PUBKEY --name NAME, import BUNDLE..., report.")
+    p.add_argument("action", choices=("init", "add-site", "import", "report"))
+    p.add_argument("items", nargs="*", metavar="ITEM", help="the site's public key, or bundle files")
+    p.add_argument("--hub", help="hub folder (keys, SQLite database, reports; default $APPLIANCE_HUB_HOME or ./hub)")
+    p.add_argument("--db", help="database URL: sqlite:///PATH or postgresql://... (default: SQLite in the hub folder)")
+    p.add_argument("--name", help="the site's name (add-site)")
+    p.add_argument("--site-id", help="the site's id (add-site; default: from its key, as the site derives it)")
+    p.add_argument("--out", type=Path, help="report folder (default: HUB/report)")
     p = add("serve", cmd_serve, "Run the appliance: DICOM receiver, worker, web UI and the incoming drop folder.")
     p.add_argument("--once", action="store_true", help="process the incoming folder once and exit")
     p.add_argument("--poll-seconds", type=float, default=2.0)

@@ -101,6 +101,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("web_login_attempts_per_minute", 5,
             "Wrong passwords allowed per minute for one account or address; beyond it: 429."),
     Setting("web_language", "en", "Language of the UI and reports when the browser asks for none we have (en, fr, es)."),
+    Setting("site_id", "", "This site's identifier in exports (empty = derived from its signing key's fingerprint)."),
+    Setting("hub_public_key", "",
+            "The programme hub's X25519 public key (base64, from `appliance hub init`); exports are sealed to it."),
+    Setting("export_dir", "", "Where the monthly export timer writes bundles (empty = exports/ in the data directory)."),
+    Setting("export_images", "none",
+            "De-identified key images in exports: none, flagged (studies with a flag) or all."),
     Setting("body_threshold_hu", -500, "Voxels above this HU may belong to the body in segmentation."),
     Setting("lung_threshold_hu", -400, "Voxels inside the body below this HU may belong to the lungs."),
 )

@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from appliance.config import Settings
 from appliance.inference import packs
@@ -138,3 +139,25 @@ class Registry:
                 choice = Choice("onnxruntime", precision, path, f"TensorRT engine failed to load: {exc}; {why}")
         log.info("model %s", choice.log_line(pack.id))
         return ort_backend.OnnxRuntimeSession(choice.path, choice.precision, self.settings.inference_threads), choice
+
+
+def _no_engine(precision: str) -> None:
+    return None
+
+
+def inventory(settings: Settings) -> tuple[list[dict[str, Any]], list[packs.PackRefused], Availability]:
+    """Every model pack with the backend and precision it would run on here, and its parity results
+    (for the admin page and the monthly export); also the refused packs and TensorRT's availability."""
+    loaded, refused = packs.load_packs(settings.engines_path)
+    availability = trt_backend.is_available()
+    rows = []
+    for pack in loaded:
+        record = pack.build_record()
+        # without TensorRT there is no GPU identity and nothing cached to look up
+        lookup = _engine_lookup(pack, record, settings.engine_cache_path) if availability else _no_engine
+        choice = choose(pack, record, availability, lookup, settings.min_cpu_int8_speedup, settings.inference_backend)
+        rows.append({"id": pack.id, "version": pack.version, "validated": pack.validated, "threshold": pack.threshold,
+                     "model_sha256": pack.model_sha256, "precisions": ", ".join(pack.allowed_precisions),
+                     "choice": choice, "parity": record.get("parity", {}).get("results", []),
+                     "built_at": record.get("built_at")})
+    return rows, refused, availability

@@ -142,6 +142,16 @@ def m004_web(db: sqlite_utils.Database) -> None:
     }, pk="id")
 
 
+@migrations()
+def m005_exports(db: sqlite_utils.Database) -> None:
+    db["exports"].create({
+        "id": int, "month": str, "revision": int, "state": str, "path": str, "sha256": str, "content_sha256": str,
+        "size_bytes": int, "studies": int, "results": int, "actor": str, "started_at": str, "finished_at": str,
+        "error": str,
+    }, pk="id")
+    db["exports"].create_index(["month", "revision"])
+
+
 def site_threshold(db: sqlite_utils.Database, model: str, model_version: str) -> float | None:
     """The site's own decision threshold for this model version, when the admin recorded one."""
     row = db.execute("SELECT threshold FROM operating_points WHERE model = ? AND model_version = ? "

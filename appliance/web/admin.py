@@ -8,8 +8,13 @@ from typing import Any
 from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 
+from pathlib import Path
+
 from appliance import config
-from appliance.inference import packs
+from appliance.errors import ApplianceError
+from appliance.export import keys
+from appliance.export import run as export_run
+from appliance.inference.registry import inventory
 from appliance.outputs.outbox import parse_destinations
 from appliance.store import users
 from appliance.store.database import audit, write_transaction
@@ -37,29 +42,6 @@ def _config_file():
     return config.config_path(settings_of().home_path, current_app.config["APPLIANCE_ENVIRON"])
 
 
-def _no_engine(precision: str) -> None:
-    return None
-
-
-def _pack_rows() -> tuple[list[dict[str, Any]], list, Any]:
-    from appliance.inference.backends import tensorrt as trt_backend
-    from appliance.inference.registry import _engine_lookup, choose
-
-    settings = settings_of()
-    loaded, refused = packs.load_packs(settings.engines_path)
-    availability = trt_backend.is_available()
-    rows = []
-    for pack in loaded:
-        record = pack.build_record()
-        # without TensorRT there is no GPU identity and nothing cached to look up
-        lookup = _engine_lookup(pack, record, settings.engine_cache_path) if availability else _no_engine
-        choice = choose(pack, record, availability, lookup, settings.min_cpu_int8_speedup, settings.inference_backend)
-        rows.append({"id": pack.id, "version": pack.version, "validated": pack.validated, "threshold": pack.threshold,
-                     "precisions": ", ".join(pack.allowed_precisions), "choice": choice,
-                     "parity": record.get("parity", {}).get("results", []), "built_at": record.get("built_at")})
-    return rows, refused, availability
-
-
 @bp.route("/")
 def index():
     settings = settings_of()
@@ -67,12 +49,40 @@ def index():
     disk = shutil.disk_usage(home)
     db = get_db()
     stored = db.execute("SELECT coalesce(sum(size_bytes), 0), count(*) FROM instances").fetchone()
-    rows, refused, availability = _pack_rows()
+    rows, refused, availability = inventory(settings)
     return render_template("admin/index.html", packs=rows, refused=refused, tensorrt=availability,
+                           exports=export_run.recent(db), site_key=_fingerprint(keys.site_public_key(home)),
+                           hub_key=_hub_fingerprint(settings.hub_public_key), last_month=export_run.previous_month(),
                            disk={"total": disk.total, "free": disk.free, "used": disk.used,
                                  "watermark": settings.disk_low_watermark_mb * 2**20, "instances_bytes": stored[0],
                                  "instances": stored[1]},
                            outbox=dict(db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()))
+
+
+def _fingerprint(key) -> str | None:
+    return keys.fingerprint(key) if key is not None else None
+
+
+def _hub_fingerprint(text: str) -> str | None:
+    try:
+        return keys.fingerprint(keys.parse_x25519_public(text)) if text else None
+    except keys.KeyProblem:
+        return None
+
+
+@bp.route("/export", methods=["POST"])
+def export():
+    """Write a month's bundle into the export folder now (the monthly timer does the same)."""
+    settings = settings_of()
+    month = request.form.get("month", "").strip() or export_run.previous_month()
+    out = Path(settings.export_dir) if settings.export_dir else settings.home_path / "exports"
+    try:
+        result = export_run.export_month(settings, month, out, images=settings.export_images)
+    except ApplianceError as exc:
+        flash(_("Export not written: %(why)s", why=str(exc)))
+    else:
+        flash(_("Export of %(month)s written and verified: %(path)s", month=month, path=str(result.path)))
+    return redirect(url_for("admin.index"))
 
 
 @bp.route("/dicom", methods=["GET", "POST"])

@@ -1,0 +1,1 @@
+"""The programme hub: registers sites, checks and merges their monthly bundles, reports across sites."""

@@ -1,0 +1,81 @@
+"""The hub database: SQLite by default, PostgreSQL by URL; one small adapter, one portable schema."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS sites (site_id TEXT PRIMARY KEY, name TEXT, public_key TEXT UNIQUE NOT NULL, "
+    "added_at TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS bundles (sha256 TEXT PRIMARY KEY, site_id TEXT NOT NULL, month TEXT NOT NULL, "
+    "revision INTEGER NOT NULL, created_at TEXT NOT NULL, imported_at TEXT NOT NULL, superseded INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS results (site_id TEXT NOT NULL, month TEXT NOT NULL, revision INTEGER NOT NULL, "
+    "study TEXT NOT NULL, patient TEXT NOT NULL, study_date TEXT, series TEXT NOT NULL, model TEXT NOT NULL, "
+    "model_version TEXT, validated INTEGER, backend TEXT, model_precision TEXT, score DOUBLE PRECISION, "
+    "threshold DOUBLE PRECISION, flagged INTEGER NOT NULL, review TEXT, turnaround_seconds DOUBLE PRECISION)",
+    "CREATE INDEX IF NOT EXISTS results_site_month ON results (site_id, month)",
+    "CREATE TABLE IF NOT EXISTS stats (site_id TEXT NOT NULL, month TEXT NOT NULL, revision INTEGER NOT NULL, "
+    "name TEXT NOT NULL, value DOUBLE PRECISION)",
+    "CREATE TABLE IF NOT EXISTS models (site_id TEXT NOT NULL, month TEXT NOT NULL, revision INTEGER NOT NULL, "
+    "model TEXT NOT NULL, version TEXT, validated INTEGER, backend TEXT, model_precision TEXT, model_sha256 TEXT)",
+]
+
+
+class HubDB:
+    """A DB-API connection with ``?`` placeholders whatever the server, and explicit transactions."""
+
+    def __init__(self, url: str):
+        self.url = url
+        if url.startswith(("postgresql://", "postgres://")):
+            import psycopg
+
+            self.conn = psycopg.connect(url, autocommit=True)  # transactions only where transaction() says
+            self.postgres = True
+        else:
+            path = url.removeprefix("sqlite:///")
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(path, isolation_level=None)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.postgres = False
+        with self.transaction():
+            for statement in SCHEMA:
+                self.execute(statement)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        if self.postgres:
+            sql = sql.replace("?", "%s")
+        cursor = self.conn.cursor()
+        cursor.execute(sql, tuple(params))
+        return cursor
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        cursor = self.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One writer at a time; everything inside commits together or not at all."""
+        if self.postgres:
+            with self.conn.transaction():
+                yield
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def default_url(hub_dir: Path) -> str:
+    return f"sqlite:///{hub_dir / 'hub.sqlite'}"
