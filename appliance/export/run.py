@@ -125,14 +125,16 @@ def _start(db: sqlite_utils.Database, month: str) -> tuple[int, int]:
         return int(table.last_pk), last + 1
 
 
-def _unchanged(db: sqlite_utils.Database, month: str, content_sha: str) -> Path | None:
-    """The month's last bundle when it holds this very content and is still where it was written."""
+def _unchanged(db: sqlite_utils.Database, month: str, content_sha: str, out_dir: Path) -> Path | None:
+    """The month's last bundle when it holds this very content for this hub and is still in ``out_dir``."""
     row = db.execute("SELECT path, sha256, content_sha256 FROM exports WHERE month = ? AND state = 'done' "
                      "ORDER BY revision DESC LIMIT 1", [month]).fetchone()
     if row is None or row[2] != content_sha:
         return None
     path = Path(row[0])
-    return path if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == row[1] else None
+    if path.parent.resolve() != out_dir.resolve() or not path.is_file():
+        return None
+    return path if hashlib.sha256(path.read_bytes()).hexdigest() == row[1] else None
 
 
 def write_durably(data: bytes, final: Path) -> None:
@@ -191,7 +193,8 @@ def _members(db, settings: Settings, month: str, sid: str, images: str, pseudo: 
 def _export(db, settings, month, out_dir, images, now, hub, sid, signer, pseudo) -> ExportResult:
     members, rows, content_sha, n_images, left_out = _members(db, settings, month, sid, images, pseudo)
     studies = len({r["study"] for r in rows})
-    existing = _unchanged(db, month, content_sha)
+    content_sha = hashlib.sha256((content_sha + keys.fingerprint(hub)).encode()).hexdigest()  # same content, same hub
+    existing = _unchanged(db, month, content_sha, out_dir)
     if existing is not None:
         revision = db.execute("SELECT revision FROM exports WHERE path = ?", [str(existing)]).fetchone()[0]
         return ExportResult(existing, month, revision, hashlib.sha256(existing.read_bytes()).hexdigest(), studies,

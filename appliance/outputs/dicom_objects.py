@@ -132,6 +132,14 @@ def build_encapsulated_pdf(reference: pydicom.Dataset, pdf: bytes, title: str) -
     return ds
 
 
+def _conformant(reference: pydicom.Dataset) -> pydicom.Dataset:
+    """The reference image with values highdicom would refuse made empty (a scanner's odd Patient's Sex
+    must not stop the results from reaching the PACS)."""
+    if str(reference.get("PatientSex", "")) not in ("", "M", "F", "O"):
+        reference.PatientSex = ""
+    return reference
+
+
 def write_outputs(record: dict[str, Any], image_paths: list[Path], out_dir: Path,
                   report_pdf: tuple[bytes, str] | None = None) -> list[Path]:
     """Build, write and read back the SR, key images and (given ``(pdf, title)``) the report of an analysed
@@ -140,7 +148,7 @@ def write_outputs(record: dict[str, Any], image_paths: list[Path], out_dir: Path
 
     from appliance.store.files import write_bytes_durably
 
-    evidence = [pydicom.dcmread(p, stop_before_pixels=True) for p in image_paths[:1]]
+    evidence = [_conformant(pydicom.dcmread(p, stop_before_pixels=True)) for p in image_paths[:1]]
     objects = [build_sr(evidence, record["results"])]
     sc_series = hd.UID()
     pngs = [Path(f["key_image"]) for r in record["results"] for f in r["findings"] if f.get("key_image")]

@@ -1,0 +1,397 @@
+"""Monthly export and the hub: same counts and flags at both ends, de-identification (canary), signatures,
+encryption, refusals, supersession, kill -9 during an export, PostgreSQL at the hub."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataset import Dataset
+
+from appliance import config
+from appliance.export import bundle, keys
+from appliance.export.deid import Pseudonymizer, profile_keywords
+from appliance.export.run import export_month
+from appliance.hub import merge, report
+from appliance.hub.store import HubDB, default_url
+from appliance.ingest.importer import import_paths
+from appliance.jobs.worker import Worker
+from tests.conftest import CT
+
+MONTH = datetime.date.today().strftime("%Y-%m")
+CANARY = "CANARY7"
+UID_MARKER = "424242424242"
+TEXT_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"}
+
+
+def _analyse(settings: config.Settings, folders: list[Path]) -> None:
+    """Import and analyse as the appliance does (worker: results, SR, key images, report)."""
+    worker = Worker(settings)
+    for folder in folders:
+        import_paths(worker.store, [folder], settings)
+    while worker.run_once():
+        pass
+    worker.store.db.conn.close()
+
+
+def _hub(tmp: Path, site_home: Path, url: str | None = None) -> tuple[Path, HubDB, str]:
+    hub_dir = tmp / "hub"
+    hub_public = keys.init_hub_keys(hub_dir)
+    db = HubDB(url or default_url(hub_dir))
+    merge.add_site(db, keys.encode_public(keys.site_public_key(site_home)), "Clinic A")
+    return hub_dir, db, keys.encode_public(hub_public)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, synthetic_chest):
+    """A site that received a real chest-abdomen CT and a synthetic study this month, with keys."""
+    tmp = tmp_path_factory.mktemp("site")
+    settings = config.load(environ={}, home=str(tmp / "home"), quiet_period_seconds=0.0)
+    folders = [synthetic_chest]
+    if (CT / "tcia-pancreas-ct-chest-abdomen").exists():
+        folders.append(CT / "tcia-pancreas-ct-chest-abdomen")
+    _analyse(settings, folders)
+    keys.init_site_keys(settings.home_path)
+    return settings
+
+
+@pytest.fixture
+def hub(tmp_path, site):
+    hub_dir, db, hub_key = _hub(tmp_path, site.home_path)
+    yield hub_dir, db, site.replace(hub_public_key=hub_key)
+    db.close()
+
+
+def _appliance_results(settings: config.Settings) -> list[tuple]:
+    from appliance.store.database import open_database
+
+    db = open_database(settings.home_path)
+    try:
+        return sorted(db.execute(
+            "SELECT r.model, r.flagged, r.score FROM results r JOIN analyses a ON a.id = r.analysis_id "
+            "WHERE a.superseded = 0").fetchall())
+    finally:
+        db.conn.close()
+
+
+def _hub_results(db: HubDB) -> list[tuple]:
+    return sorted((r["model"], r["flagged"], r["score"]) for r in db.rows("SELECT model, flagged, score FROM results"))
+
+
+def _open(hub_dir: Path, site: config.Settings, path: Path) -> bundle.Opened:
+    return bundle.open_bundle(path.read_bytes(), keys.site_public_key(site.home_path), keys.hub_private_key(hub_dir))
+
+
+def test_export_imported_at_the_hub_gives_the_same_counts_and_flags(hub, tmp_path):
+    hub_dir, db, settings = hub
+    result = export_month(settings, MONTH, tmp_path / "stick")
+    assert result.path.is_file() and not list(result.path.parent.glob(".*.partial"))
+    summary = merge.import_bundle(db, hub_dir, result.path)
+    assert summary["results"] == result.results == len(_appliance_results(settings))
+    assert [(m, f) for m, f, _ in _hub_results(db)] == [(m, f) for m, f, _ in _appliance_results(settings)]
+    for (_, _, hub_score), (_, _, site_score) in zip(_hub_results(db), _appliance_results(settings)):
+        assert hub_score == pytest.approx(site_score)
+    opened = _open(hub_dir, settings, result.path)
+    fhir = json.loads(opened.members["results.fhir.json"])
+    kinds = [e["resource"]["resourceType"] for e in fhir["entry"]]
+    assert fhir["resourceType"] == "Bundle" and kinds.count("Observation") == result.results
+    assert kinds.count("ImagingStudy") == kinds.count("DiagnosticReport") == result.studies
+    urls = {e["fullUrl"] for e in fhir["entry"]}
+    for entry in fhir["entry"]:
+        for ref in entry["resource"].get("result", []) + entry["resource"].get("derivedFrom", []):
+            assert ref["reference"] in urls  # every reference resolves inside the Bundle
+    stats = json.loads(opened.members["statistics.json"])
+    assert stats["studies_received"] == result.studies and stats["turnaround_seconds"]["count"] >= 1
+    inventory = json.loads(opened.members["inventory.json"])
+    assert {m["id"] for m in inventory["models"]} >= {"chest-covid19", "abdomen-pancreas"}
+    paths = report.write_report(db, tmp_path / "report")
+    page = paths[0].read_text()
+    assert "Clinic A" in page and "chest-covid19" in page and "<svg" in page and "http" not in page.split("<svg")[0]
+    volumes = list(csv.DictReader((tmp_path / "report" / "volumes.csv").open()))
+    assert int(volumes[0]["studies"]) == result.studies
+
+
+def test_same_bundle_twice_adds_nothing_and_a_corrected_reexport_supersedes(hub, tmp_path):
+    hub_dir, db, settings = hub
+    first = export_month(settings, MONTH, tmp_path / "stick")
+    merge.import_bundle(db, hub_dir, first.path)
+    count = len(_hub_results(db))
+    with pytest.raises(bundle.BundleRefused) as refused:
+        merge.import_bundle(db, hub_dir, first.path)
+    assert refused.value.reason_code == "REPLAYED" and len(_hub_results(db)) == count
+    again = export_month(settings, MONTH, tmp_path / "stick")
+    assert again.reused and again.path == first.path  # nothing changed: no second bundle
+    _review_one(settings, "confirmed")
+    corrected = export_month(settings, MONTH, tmp_path / "stick")
+    assert corrected.revision == first.revision + 1 and not corrected.reused
+    summary = merge.import_bundle(db, hub_dir, corrected.path)
+    assert summary["superseded"] and len(_hub_results(db)) == count
+    assert db.rows("SELECT count(*) AS n FROM results WHERE review = 'confirmed'")[0]["n"] == 1
+    assert {r["revision"] for r in db.rows("SELECT revision FROM results")} == {corrected.revision}
+    with pytest.raises(bundle.BundleRefused) as stale:  # the older revision cannot come back
+        shutil.copy(first.path, tmp_path / "old.ctx")
+        merge.import_bundle(db, hub_dir, tmp_path / "old.ctx")
+    assert stale.value.reason_code in ("REPLAYED", "STALE")
+
+
+def _review_one(settings: config.Settings, decision: str) -> None:
+    from appliance.store.database import open_database, utcnow, write_transaction
+
+    db = open_database(settings.home_path)
+    with write_transaction(db):
+        rid, series, model, study = db.execute(
+            "SELECT r.id, r.series_instance_uid, r.model, s.study_instance_uid FROM results r JOIN series s "
+            "ON s.series_instance_uid = r.series_instance_uid ORDER BY r.id DESC LIMIT 1").fetchone()
+        db["reviews"].insert({"result_id": rid, "study_instance_uid": study, "series_instance_uid": series,
+                              "model": model, "decision": decision, "comment": "", "reviewer": "rad", "at": utcnow()})
+    db.conn.close()
+
+
+def test_flipping_any_byte_or_truncating_is_refused_and_nothing_is_merged(hub, tmp_path):
+    hub_dir, db, settings = hub
+    path = export_month(settings, MONTH, tmp_path / "stick").path
+    data = path.read_bytes()
+    header_end = len(bundle.MAGIC) + 4 + int.from_bytes(data[8:12], "big")
+    rng = random.Random(7)
+    positions = {0, 5, 9, 12, 20, header_end - 1, header_end, header_end + 1, len(data) // 2, len(data) - 65,
+                 len(data) - 64, len(data) - 1} | {rng.randrange(len(data)) for _ in range(40)}
+    bad = tmp_path / "bad.ctx"
+    codes = set()
+    for position in sorted(positions):
+        damaged = bytearray(data)
+        damaged[position] ^= 0x01
+        bad.write_bytes(bytes(damaged))
+        with pytest.raises(bundle.BundleRefused) as refused:
+            merge.import_bundle(db, hub_dir, bad)
+        codes.add(refused.value.reason_code)
+    for length in (0, 7, 40, header_end, len(data) - 1):
+        bad.write_bytes(data[:length])
+        with pytest.raises(bundle.BundleRefused) as refused:
+            merge.import_bundle(db, hub_dir, bad)
+        codes.add(refused.value.reason_code)
+    assert codes <= {"NOT_A_BUNDLE", "TRUNCATED", "TAMPERED", "UNKNOWN_SITE", "WRONG_SITE_KEY"}
+    assert db.rows("SELECT count(*) AS n FROM results")[0]["n"] == 0
+    assert db.rows("SELECT count(*) AS n FROM bundles")[0]["n"] == 0
+    merge.import_bundle(db, hub_dir, path)  # the intact bundle still merges
+
+
+def test_wrong_keys_and_future_dates_are_refused(hub, tmp_path):
+    hub_dir, db, settings = hub
+    other_hub = keys.encode_public(keys.init_hub_keys(tmp_path / "other-hub"))
+    sealed_elsewhere = export_month(settings.replace(hub_public_key=other_hub), MONTH, tmp_path / "a").path
+    with pytest.raises(bundle.BundleRefused) as refused:
+        merge.import_bundle(db, hub_dir, sealed_elsewhere)
+    assert refused.value.reason_code == "WRONG_HUB_KEY"
+    # another appliance claiming this site's id, signing with its own key
+    impostor = settings.replace(home=str(tmp_path / "impostor"), site_id=merge_site_id(db))
+    shutil.copytree(settings.home_path, impostor.home_path, ignore=shutil.ignore_patterns("keys"))
+    keys.init_site_keys(impostor.home_path)
+    forged = export_month(impostor, MONTH, tmp_path / "b").path
+    with pytest.raises(bundle.BundleRefused) as refused:
+        merge.import_bundle(db, hub_dir, forged)
+    assert refused.value.reason_code == "WRONG_SITE_KEY"
+    unknown = settings.replace(home=str(tmp_path / "unknown"))
+    shutil.copytree(settings.home_path, unknown.home_path, ignore=shutil.ignore_patterns("keys"))
+    keys.init_site_keys(unknown.home_path)
+    with pytest.raises(bundle.BundleRefused) as refused:
+        merge.import_bundle(db, hub_dir, export_month(unknown, MONTH, tmp_path / "c").path)
+    assert refused.value.reason_code == "UNKNOWN_SITE"
+    future = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=40)
+    dated = export_month(settings, f"{future:%Y-%m}", tmp_path / "d", now=future).path
+    with pytest.raises(bundle.BundleRefused) as refused:
+        merge.import_bundle(db, hub_dir, dated)
+    assert refused.value.reason_code == "FUTURE_DATED"
+    assert db.rows("SELECT count(*) AS n FROM bundles")[0]["n"] == 0
+
+
+def merge_site_id(db: HubDB) -> str:
+    return db.rows("SELECT site_id FROM sites")[0]["site_id"]
+
+
+def test_keys_are_private_and_kept(tmp_path):
+    home = tmp_path / "home"
+    first = keys.init_site_keys(home)
+    assert keys.encode_public(keys.init_site_keys(home)) == keys.encode_public(first)
+    for name in (keys.SIGNING_KEY, keys.PSEUDONYM_SECRET):
+        assert (home / keys.KEYS_DIR / name).stat().st_mode & 0o777 == 0o600
+    os.chmod(home / keys.KEYS_DIR / keys.SIGNING_KEY, 0o644)
+    with pytest.raises(keys.KeyProblem):
+        keys.signing_key(home)
+
+
+def test_pseudonyms_are_consistent_and_keyed():
+    a, b = Pseudonymizer(b"a" * 32), Pseudonymizer(b"b" * 32)
+    assert a.patient("k1") == a.patient("k1") != a.patient("k2") and a.patient("k1") != b.patient("k1")
+    assert a.uid("1.2.3") == a.uid("1.2.3") and a.uid("1.2.3").startswith("2.25.") and len(a.uid("1.2.3")) <= 64
+    shift = a.day_shift("k1")
+    assert 1 <= shift <= 365
+    moved = a.shift_date("20260115-20260220", "k1")
+    first, second = (datetime.datetime.strptime(d, "%Y%m%d") for d in moved.split("-"))
+    assert (datetime.datetime(2026, 1, 15) - first).days == shift and (second - first).days == 36
+    assert a.shift_date("20260115101500.5", "k1").endswith("101500.5")
+
+
+def _canary_series(source: Path, out: Path) -> None:
+    """The synthetic series with a canary in every text attribute the profile lists, canary UIDs, a
+    canary in a sequence item and in a private attribute."""
+    out.mkdir()
+    uids = {kw: f"1.2.826.0.1.3680043.9.7.{UID_MARKER}.{n}" for n, kw in enumerate(
+        ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"), start=1)}
+    for n, path in enumerate(sorted(source.glob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        for keyword in profile_keywords():
+            vr = dictionary_VR(tag_for_keyword(keyword))
+            if vr in TEXT_VRS:
+                setattr(ds, keyword, CANARY if vr in ("CS", "AE") else f"{CANARY} {keyword}")
+            elif vr == "SQ":
+                item = Dataset()
+                item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "1", "99X", f"{CANARY} item"
+                setattr(ds, keyword, [item])
+        ds.BurnedInAnnotation = "NO"
+        for keyword, uid in uids.items():
+            setattr(ds, keyword, uid)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.9.7.{UID_MARKER}.9.{n}"
+        block = ds.private_block(0x0011, "CANARY CREATOR", create=True)
+        block.add_new(0x01, "LO", f"{CANARY} private")
+        ds.save_as(out / path.name, enforce_file_format=True)
+
+
+def test_canary_every_profile_attribute_leaves_no_trace_in_the_bundle(tmp_path, synthetic_chest):
+    settings = config.load(environ={}, home=str(tmp_path / "home"), quiet_period_seconds=0.0)
+    series = tmp_path / "canary"
+    _canary_series(synthetic_chest, series)
+    original = pydicom.dcmread(next(series.glob("*.dcm")))
+    _analyse(settings, [series])
+    keys.init_site_keys(settings.home_path)
+    hub_dir, db, hub_key = _hub(tmp_path, settings.home_path)
+    result = export_month(settings.replace(hub_public_key=hub_key), MONTH, tmp_path / "stick", images="all")
+    assert result.images >= 1 and result.results >= 1
+    opened = _open(hub_dir, settings, result.path)
+    everything = [result.path.read_bytes()] + list(opened.members.values())
+    for blob in everything:
+        assert CANARY.encode() not in blob.upper() and UID_MARKER.encode() not in blob
+        assert original.PatientName.family_name.encode() not in blob
+    image = pydicom.dcmread(io.BytesIO(next(v for k, v in opened.members.items() if k.startswith("images/"))))
+    assert image.PatientIdentityRemoved == "YES" and image.LongitudinalTemporalInformationModified == "MODIFIED"
+    shift = (datetime.datetime.strptime(original.StudyDate, "%Y%m%d")
+             - datetime.datetime.strptime(image.StudyDate, "%Y%m%d")).days
+    assert 1 <= shift <= 365
+    assert not any(elem.tag.is_private for elem in image.iterall())
+    merge.import_bundle(db, hub_dir, result.path)
+    db.close()
+
+
+def test_kill_9_during_export_then_rerun_gives_one_valid_bundle(hub, tmp_path):
+    hub_dir, db, settings = hub
+    out = tmp_path / "stick"
+    env = {**os.environ, "APPLIANCE_HOME": str(settings.home_path), "APPLIANCE_HUB_PUBLIC_KEY": settings.hub_public_key,
+           "APPLIANCE_QUIET_PERIOD_SECONDS": "0"}
+    command = [sys.executable, "-m", "appliance.cli", "export", "--month", MONTH, "--out", str(out), "--images", "all"]
+    t0 = time.perf_counter()
+    subprocess.run(command, env=env, check=True, capture_output=True)  # how long one takes here
+    duration = time.perf_counter() - t0
+    for path in out.glob("*.ctx"):
+        path.unlink()  # as if that stick was lost: the next runs must write the month again
+    rng = random.Random(3)
+    for _ in range(4):
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.2, duration))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "SAFE TO REMOVE" in done.stdout
+    bundles = list(out.glob("*.ctx"))
+    assert len(bundles) == 1 and not list(out.glob(".*"))
+    merge.import_bundle(db, hub_dir, bundles[0])
+
+
+def _start_postgres(tmp: Path) -> tuple[str, callable]:
+    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not binaries:
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
+    bindir = binaries[-1].parent
+    data, sock = tmp / "pgdata", tmp / "pgsock"
+    sock.mkdir(parents=True)
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        tmp.chmod(0o755)
+        shutil.chown(sock, "postgres")
+        data.mkdir()
+        shutil.chown(data, "postgres")
+    subprocess.run(as_postgres + [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "hub"], check=True,
+                   capture_output=True)
+    import socket as _socket
+
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run(as_postgres + [str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(data / "log"), "-o",
+                                  f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+
+    def stop() -> None:
+        subprocess.run(as_postgres + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+    return f"postgresql://hub@127.0.0.1:{port}/postgres", stop
+
+
+def test_hub_on_postgresql(site, tmp_path):
+    import tempfile
+
+    pg_root = Path(tempfile.mkdtemp(prefix="hub-pg-"))  # outside pytest's 0700 folders: the server runs as postgres
+    url, stop = _start_postgres(pg_root)
+    try:
+        hub_dir, db, hub_key = _hub(tmp_path, site.home_path, url)
+        settings = site.replace(hub_public_key=hub_key)
+        result = export_month(settings, MONTH, tmp_path / "stick")
+        summary = merge.import_bundle(db, hub_dir, result.path)
+        assert summary["results"] == len(_appliance_results(settings))
+        assert [(m, f) for m, f, _ in _hub_results(db)] == [(m, f) for m, f, _ in _appliance_results(settings)]
+        with pytest.raises(bundle.BundleRefused):
+            merge.import_bundle(db, hub_dir, result.path)
+        assert db.rows("SELECT count(*) AS n FROM bundles")[0]["n"] == 1
+        assert "Clinic A" in report.write_report(db, tmp_path / "report")[0].read_text()
+        db.close()
+    finally:
+        stop()
+        shutil.rmtree(pg_root, ignore_errors=True)
+
+
+def test_admin_writes_an_export_from_the_ui(hub, tmp_path):
+    from appliance.web import create_app
+    from tests.web_helpers import csrf, login, make_accounts
+
+    _hub_dir, _db, settings = hub
+    settings = settings.replace(export_dir=str(tmp_path / "exports"))
+    if not list((settings.home_path).glob("appliance.sqlite")):
+        pytest.skip("no site database")
+    from appliance.store import users
+    from appliance.store.database import open_database
+
+    site_db = open_database(settings.home_path)
+    if not users.has_users(site_db):
+        make_accounts(settings.home_path)
+    site_db.conn.close()
+    client = create_app(settings, environ={}).test_client()
+    login(client, "admin")
+    page = client.get("/admin/").get_data(as_text=True)
+    assert keys.fingerprint(keys.site_public_key(settings.home_path)) in page
+    token = csrf(client, "/admin/")
+    done = client.post("/admin/export", data={"month": MONTH, "csrf_token": token}, follow_redirects=True)
+    assert "written and verified" in done.get_data(as_text=True)
+    assert list((tmp_path / "exports").glob("*.ctx"))
+    assert MONTH in client.get("/admin/").get_data(as_text=True)
