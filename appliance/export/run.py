@@ -218,6 +218,7 @@ def _export(db, settings, month, out_dir, images, now, hub, sid, signer, pseudo)
                                       "results": len(rows), "finished_at": utcnow()})
         audit(db, getpass.getuser(), "export", month, revision=revision, path=str(final), sha256=digest,
               studies=studies, results=len(rows), images=n_images)
+    log.info("export %s revision %d written to %s (%d bytes, sha256 %s)", month, revision, final, len(data), digest)
     return ExportResult(final, month, revision, digest, studies, len(rows), n_images, False)
 
 
