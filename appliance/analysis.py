@@ -209,7 +209,7 @@ def _save(db: sqlite_utils.Database, record: dict[str, Any]) -> None:
                 "model_version": r["model_version"], "validated": int(r["validated"]), "backend": r["backend"],
                 "precision": r["precision"], "score": r["score"], "threshold": r["threshold"],
                 "flagged": int(r["flagged"]), "findings": json.dumps(r["findings"]), "seconds": r["seconds"],
-                "created_at": now,
+                "created_at": now, "notice": r.get("notice"),
             })
         db.execute("UPDATE series SET status = ?, reason_code = ?, reason = ?, updated_at = ? "
                    "WHERE series_instance_uid = ?", [record["status"], record["reason_code"], record["reason"], now, uid])

@@ -203,6 +203,7 @@ def test_study_page_shows_models_banner_key_images_and_viewer(analysed_home):
     uid = _study_uid(client)
     page = client.get(f"/study/{uid}").get_data(as_text=True)
     assert "chest-covid19" in page and "onnxruntime" in page and "Not validated on clinical data" in page
+    assert "SARS-CoV-2 CT-scan dataset" in page  # the model's own note on what it was trained on
     key = re.search(r'src="(/result/\d+/key/\d+\.png)"', page).group(1)
     image = client.get(key)
     assert image.status_code == 200 and image.data[:4] == b"\x89PNG"

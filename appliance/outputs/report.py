@@ -45,9 +45,12 @@ def disclaimers(_: Gettext) -> list[str]:
 
 
 def model_notice(result: dict[str, Any], _: Gettext) -> str | None:
+    """For a model not validated on clinical data: the warning, and the model's own note (e.g. trained
+    on synthetic data only)."""
     if result.get("validated"):
         return None
-    return _("Not validated on clinical data: research use only. Do not use this result for diagnosis.")
+    warning = _("Not validated on clinical data: research use only. Do not use this result for diagnosis.")
+    return f"{warning} ({result['notice']})" if result.get("notice") else warning
 
 
 def format_date(value: str | None) -> str:

@@ -125,6 +125,7 @@ def m004_web(db: sqlite_utils.Database) -> None:
     }, pk="id", foreign_keys=[("result_id", "results")])
     db["reviews"].create_index(["study_instance_uid"])
     db["results"].create_index(["series_instance_uid"])
+    db["results"].add_column("notice", str)  # the model's own words on its validation, shown with the result
     db["jobs"].create_index(["series_instance_uid"])
     db["jobs"].create_index(["study_instance_uid", "state"])
     db["analyses"].create_index(["study_instance_uid", "superseded"])

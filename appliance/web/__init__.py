@@ -151,9 +151,9 @@ def _http_error(error: HTTPException):
 
 
 def _research_notice(result: dict[str, Any]) -> str | None:
-    if result.get("validated"):
-        return None
-    return _("Not validated on clinical data: research use only. Do not use this result for diagnosis.")
+    from appliance.outputs.report import model_notice
+
+    return model_notice(result, _)
 
 
 def bind_address(settings: Settings) -> tuple[str, str | None]:
