@@ -128,6 +128,10 @@ def test_idle_session_must_log_in_again(tmp_path):
     login(client, "tech")
     assert client.get("/").status_code == 200
     with client.session_transaction() as session:
+        session["seen"] = time.time() - 20
+    assert client.get("/api/progress").status_code == 200  # polling is allowed but is not activity
+    with client.session_transaction() as session:
+        assert time.time() - session["seen"] >= 20
         session["seen"] = time.time() - 31
     assert client.get("/").status_code == 302
 

@@ -33,7 +33,8 @@ def load_user() -> Any:
             user = users.get_user(get_db(), username)
             if user and not user["disabled"]:
                 g.user = user
-                session["seen"] = time.time()
+                if not request.path.startswith("/api/"):  # the worklist's own polling is not activity
+                    session["seen"] = time.time()
             else:
                 session.clear()
     if g.user is None and request.endpoint not in PUBLIC_ENDPOINTS:
