@@ -46,6 +46,7 @@ EXAMPLES = {
 def _setup_logging(settings: config.Settings) -> None:
     logging.basicConfig(level=getattr(logging, str(settings.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("fontTools").setLevel(logging.WARNING)  # font subsetting for each PDF report is not news
 
 
 def _print_summary(doc: dict[str, Any]) -> None:
