@@ -395,3 +395,29 @@ def test_admin_writes_an_export_from_the_ui(hub, tmp_path):
     assert "written and verified" in done.get_data(as_text=True)
     assert list((tmp_path / "exports").glob("*.ctx"))
     assert MONTH in client.get("/admin/").get_data(as_text=True)
+
+
+def test_the_commands_end_to_end(site, tmp_path):
+    env = {**os.environ, "APPLIANCE_HOME": str(site.home_path)}
+
+    def appliance(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "appliance.cli", *args], env={**env, **extra},
+                              capture_output=True, text=True)
+
+    hub_dir = str(tmp_path / "hub")
+    shown = appliance("keys", "show")
+    assert shown.returncode == 0 and "fingerprint" in shown.stdout
+    site_key = shown.stdout.strip().splitlines()[-1].rsplit(": ", 1)[1]
+    hub_key = appliance("hub", "init", "--hub", hub_dir).stdout.strip().splitlines()[-1].rsplit(": ", 1)[1]
+    assert appliance("hub", "add-site", site_key, "--name", "Clinic B", "--hub", hub_dir).returncode == 0
+    no_key = appliance("export", "--month", MONTH, "--out", str(tmp_path / "x"))
+    assert no_key.returncode == 1 and "NO_HUB_KEY" in no_key.stderr
+    done = appliance("export", "--month", MONTH, "--out", str(tmp_path / "stick"), APPLIANCE_HUB_PUBLIC_KEY=hub_key)
+    assert done.returncode == 0 and "SAFE TO REMOVE" in done.stdout, done.stderr
+    path = str(next((tmp_path / "stick").glob("*.ctx")))
+    merged = appliance("hub", "import", path, "--hub", hub_dir)
+    assert merged.returncode == 0 and "merged" in merged.stdout
+    again = appliance("hub", "import", path, "--hub", hub_dir)
+    assert again.returncode == 1 and "REPLAYED" in again.stdout
+    report_run = appliance("hub", "report", "--hub", hub_dir)
+    assert report_run.returncode == 0 and (Path(hub_dir) / "report" / "report.html").is_file()
