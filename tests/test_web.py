@@ -396,3 +396,27 @@ def test_no_page_loads_an_asset_from_outside_the_box(analysed_home):
     for path in ("/", f"/study/{uid}", f"/study/{uid}/report", "/import", "/admin/", "/admin/settings"):
         html = client.get(path).get_data(as_text=True)
         assert not re.search(r'(src|href)="(https?:)?//', html), path
+
+
+def test_c_echo_button_reports_a_pacs_that_answers(tmp_path):
+    import socket
+
+    from appliance.ingest import dicom_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    peer_settings = web_settings(tmp_path / "peer", dicom_ae_title="PEERPACS")
+    stop = dicom_server.start(peer_settings, port=port, address="127.0.0.1")
+    try:
+        settings = web_settings(tmp_path, pacs_destinations=f"PEERPACS@127.0.0.1:{port}")
+        make_accounts(settings.home_path)
+        client = create_app(settings, environ={}).test_client()
+        login(client, "admin")
+        token = csrf(client, "/admin/dicom")
+        page = client.post("/admin/dicom/echo", data={"destination": f"PEERPACS@127.0.0.1:{port}", "csrf_token": token},
+                           follow_redirects=True).get_data(as_text=True)
+        assert f"C-ECHO to PEERPACS@127.0.0.1:{port} succeeded" in page
+        assert json.loads(_audit(settings.home_path, "dicom_echo")[-1]["detail"])["ok"] is True
+    finally:
+        stop()
