@@ -125,3 +125,31 @@ def test_results_reach_orthanc_and_wait_while_it_is_down(tmp_path, synthetic_che
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_review_sends_the_reviewed_report_again(tmp_path, synthetic_chest):
+    from appliance.jobs import queue
+    from appliance.store.database import utcnow
+
+    worker = _analysed_worker(tmp_path, synthetic_chest, "PACS@127.0.0.1:9")
+    db = worker.store.db
+    before = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+    result_id, series, study = db.execute("SELECT r.id, r.series_instance_uid, s.study_instance_uid FROM results r "
+                                          "JOIN series s USING (series_instance_uid) WHERE r.model = 'chest-covid19'"
+                                          ).fetchone()
+    with write_transaction(db):
+        db["reviews"].insert({"result_id": result_id, "study_instance_uid": study, "series_instance_uid": series,
+                              "model": "chest-covid19", "decision": "confirmed", "comment": "", "reviewer": "dr_a",
+                              "at": utcnow()})
+    queue.enqueue_series(db, series, study, priority=1, kind=queue.REPORT)
+    assert worker.run_once()
+    assert db.execute("SELECT state FROM jobs WHERE kind = 'report'").fetchone()[0] == "done"
+    rows = db.execute("SELECT path FROM outbox ORDER BY id").fetchall()
+    assert len(rows) == before + 1
+    doc = pydicom.dcmread(worker.store.home / rows[-1][0])
+    pdf = bytes(doc.EncapsulatedDocument)[:doc.EncapsulatedDocumentLength]
+    text = " ".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)
+    assert "Reviewed by dr_a" in text and "confirmed" in text
+    # the study stays "done" on the worklist while its report is re-sent
+    from appliance.store.studies import study as study_doc
+    assert study_doc(db, study)["status"] == "done"

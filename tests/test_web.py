@@ -252,6 +252,9 @@ def test_radiologist_review_is_stored_audited_and_shown(analysed_home):
     assert "motion artefact" in page and "Reviewed by rad" in page
     entry = _audit(analysed_home.home_path, "review")[-1]
     assert entry["actor"] == "rad" and json.loads(entry["detail"])["decision"] == "rejected"
+    db = open_database(analysed_home.home_path)
+    assert db.execute("SELECT count(*) FROM jobs WHERE kind = 'report' AND state = 'queued'").fetchone()[0] == 1
+    db.conn.close()
     bad = client.post(f"/study/{uid}/review", data={"result_id": result_id, "decision": "maybe", "csrf_token": token})
     assert bad.status_code == 400
 

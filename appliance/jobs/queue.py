@@ -17,6 +17,7 @@ from appliance.store.database import utcnow, write_transaction
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 ANALYZE = "analyze"
+REPORT = "report"  # send the study's report again (after a radiologist's review)
 
 
 def _at(seconds_from_now: float) -> str:
@@ -24,14 +25,17 @@ def _at(seconds_from_now: float) -> str:
     return moment.isoformat(timespec="milliseconds")
 
 
-def enqueue_series(db: sqlite_utils.Database, series_uid: str, study_uid: str, priority: int = 0) -> int | None:
-    """Queue an analysis of the series unless one is already queued; returns the new job id or None."""
+def enqueue_series(db: sqlite_utils.Database, series_uid: str, study_uid: str, priority: int = 0,
+                   kind: str = ANALYZE) -> int | None:
+    """Queue an analysis (or ``kind`` job) of the series unless one is already queued; returns the new job id
+    or None."""
     with write_transaction(db):
-        if db.execute("SELECT 1 FROM jobs WHERE series_instance_uid = ? AND state = ?", [series_uid, QUEUED]).fetchone():
+        if db.execute("SELECT 1 FROM jobs WHERE series_instance_uid = ? AND state = ? AND kind = ?",
+                      [series_uid, QUEUED, kind]).fetchone():
             return None
         now = utcnow()
         jobs = db["jobs"]
-        jobs.insert({"kind": ANALYZE, "study_instance_uid": study_uid, "series_instance_uid": series_uid,
+        jobs.insert({"kind": kind, "study_instance_uid": study_uid, "series_instance_uid": series_uid,
                            "state": QUEUED, "priority": priority, "attempts": 0, "not_before": now,
                            "lease_until": None, "progress": 0.0, "error": None, "created_at": now, "updated_at": now})
         return int(jobs.last_pk)
@@ -43,8 +47,8 @@ def ready_series(db: sqlite_utils.Database, quiet_seconds: float) -> list[tuple[
     return [tuple(r) for r in db.execute(
         "SELECT s.series_instance_uid, s.study_instance_uid FROM series s WHERE s.status = 'received' "
         "AND s.last_received_at <= ? AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid = "
-        "s.series_instance_uid AND (j.state IN ('queued', 'running') OR (j.state = 'failed' AND "
-        "j.created_at >= s.last_received_at)))", [cutoff])]
+        "s.series_instance_uid AND j.kind = 'analyze' AND (j.state IN ('queued', 'running') OR (j.state = 'failed' "
+        "AND j.created_at >= s.last_received_at)))", [cutoff])]
 
 
 def enqueue_ready(db: sqlite_utils.Database, quiet_seconds: float) -> int:

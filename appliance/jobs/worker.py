@@ -52,6 +52,25 @@ class Worker:
         pdf = report.render_pdf(doc, latest_reviews(doc["reviews"]), self.settings.site_name, _, key_image)
         return pdf, _("CT screening report")
 
+    def _run_report(self, job: dict) -> bool:
+        """Send the study's report as it stands now (with its reviews) to every PACS."""
+        from appliance.outputs.dicom_objects import write_report_object
+
+        db, series_uid = self.store.db, job["series_instance_uid"]
+        try:
+            path = write_report_object(series_paths(self.store, series_uid)[0], *self._report(job["study_instance_uid"]),
+                                       artefact_dir(self.store, series_uid) / "dicom")
+            if self.destinations:
+                outbox.enqueue(db, self.destinations, [path], self.store.home, series_uid)
+        except Exception as exc:
+            s = self.settings
+            log.exception("job %d: the report of study %s was not built", job["id"], job["study_instance_uid"])
+            queue.fail(db, job["id"], repr(exc), s.job_max_attempts, s.job_backoff_seconds)
+            return True
+        queue.complete(db, job["id"])
+        log.info("job %d: report of study %s written to %s", job["id"], job["study_instance_uid"], path.name)
+        return True
+
     def forward(self) -> None:
         if not self.destinations:
             return
@@ -70,6 +89,8 @@ class Worker:
         job = queue.claim(db, s.job_lease_seconds)
         if job is None:
             return False
+        if job["kind"] == queue.REPORT:
+            return self._run_report(job)
         try:
             record = analyze_series(self.store, job["series_instance_uid"], s, self.registry)
         except Exception as exc:  # any failure is the job's, never the worker's

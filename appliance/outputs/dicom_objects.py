@@ -140,13 +140,34 @@ def _conformant(reference: pydicom.Dataset) -> pydicom.Dataset:
     return reference
 
 
+def _write_and_check(ds: pydicom.Dataset, out_dir: Path, study_uid: str) -> Path:
+    """Write ``ds`` durably under its modality and SOP Instance UID, read it back, check it."""
+    import io
+
+    from appliance.store.files import write_bytes_durably
+
+    path = out_dir / f"{ds.Modality.lower()}-{ds.SOPInstanceUID}.dcm"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    write_bytes_durably(buffer.getvalue(), path)
+    back = pydicom.dcmread(path)
+    if back.SOPInstanceUID != ds.SOPInstanceUID or back.StudyInstanceUID != study_uid:
+        raise ValueError(f"{path.name} did not read back as written")
+    return path
+
+
+def write_report_object(reference_path: Path, pdf: bytes, title: str, out_dir: Path) -> Path:
+    """The study report alone as Encapsulated PDF (sent again after a review); returns its path."""
+    reference = _conformant(pydicom.dcmread(reference_path, stop_before_pixels=True))
+    return _write_and_check(build_encapsulated_pdf(reference, pdf, title), out_dir, reference.StudyInstanceUID)
+
+
 def write_outputs(record: dict[str, Any], image_paths: list[Path], out_dir: Path,
                   report_pdf: tuple[bytes, str] | None = None) -> list[Path]:
     """Build, write and read back the SR, key images and (given ``(pdf, title)``) the report of an analysed
     series; returns their paths."""
     import highdicom as hd
 
-    from appliance.store.files import write_bytes_durably
 
     evidence = [_conformant(pydicom.dcmread(p, stop_before_pixels=True)) for p in image_paths[:1]]
     objects = [build_sr(evidence, record["results"])]
@@ -155,16 +176,4 @@ def write_outputs(record: dict[str, Any], image_paths: list[Path], out_dir: Path
     objects += [build_key_image(evidence[0], png, k + 1, sc_series) for k, png in enumerate(pngs)]
     if report_pdf is not None:
         objects.append(build_encapsulated_pdf(evidence[0], *report_pdf))
-    written = []
-    for ds in objects:
-        path = out_dir / f"{ds.Modality.lower()}-{ds.SOPInstanceUID}.dcm"
-        import io
-
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        write_bytes_durably(buffer.getvalue(), path)
-        back = pydicom.dcmread(path)
-        if back.SOPInstanceUID != ds.SOPInstanceUID or back.StudyInstanceUID != evidence[0].StudyInstanceUID:
-            raise ValueError(f"{path.name} did not read back as written")
-        written.append(path)
-    return written
+    return [_write_and_check(ds, out_dir, evidence[0].StudyInstanceUID) for ds in objects]

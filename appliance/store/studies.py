@@ -10,13 +10,16 @@ import sqlite_utils
 # one study's state from its series and jobs, most urgent first
 STUDY_STATUS_SQL = """
 CASE
-  WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.study_instance_uid = st.study_instance_uid AND j.state = 'running')
+  WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.study_instance_uid = st.study_instance_uid AND j.state = 'running'
+               AND j.kind = 'analyze')
     THEN 'running'
-  WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.study_instance_uid = st.study_instance_uid AND j.state = 'queued')
+  WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.study_instance_uid = st.study_instance_uid AND j.state = 'queued'
+               AND j.kind = 'analyze')
     THEN 'queued'
   WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_instance_uid = st.study_instance_uid AND s.status = 'received'
                AND EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid = s.series_instance_uid
-                           AND j.state = 'failed' AND j.created_at >= s.last_received_at))
+                           AND j.state = 'failed' AND j.kind = 'analyze'
+                           AND j.created_at >= s.last_received_at))
     THEN 'failed'
   WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_instance_uid = st.study_instance_uid AND s.status = 'received')
     THEN 'queued'
@@ -45,6 +48,7 @@ def study(db: sqlite_utils.Database, study_uid: str) -> dict[str, Any] | None:
         analysis = db["analyses"].get(series["analysis_id"]) if series["analysis_id"] else None
         series["problems"] = json.loads(analysis["problems"]) if analysis and analysis["problems"] else []
         series["job"] = next(db.query("SELECT state, progress, error, attempts FROM jobs WHERE series_instance_uid = ? "
+                                      "AND kind = 'analyze' "
                                       "ORDER BY id DESC LIMIT 1", [series["series_instance_uid"]]), None)
     doc["reviews"] = list(db.query("SELECT * FROM reviews WHERE study_instance_uid = ? ORDER BY id", [study_uid]))
     return doc

@@ -16,11 +16,12 @@ PAGE_SIZE = 50
 STATUSES = ("queued", "running", "done", "failed", "rejected")
 
 # studies in each state, as sets the database builds once per query (cheap membership tests per row)
-_RUNNING = "SELECT study_instance_uid FROM jobs WHERE state = 'running'"
-_QUEUED_JOB = "SELECT study_instance_uid FROM jobs WHERE state = 'queued'"
+_RUNNING = "SELECT study_instance_uid FROM jobs WHERE state = 'running' AND kind = 'analyze'"
+_QUEUED_JOB = "SELECT study_instance_uid FROM jobs WHERE state = 'queued' AND kind = 'analyze'"
 _RECEIVED = "SELECT study_instance_uid FROM series WHERE status = 'received'"
 _FAILED = ("SELECT s.study_instance_uid FROM series s JOIN jobs j ON j.series_instance_uid = s.series_instance_uid "
-           "WHERE s.status = 'received' AND j.state = 'failed' AND j.created_at >= s.last_received_at")
+           "WHERE s.status = 'received' AND j.state = 'failed' AND j.kind = 'analyze' "
+           "AND j.created_at >= s.last_received_at")
 _ANALYZED = "SELECT study_instance_uid FROM series WHERE status = 'analyzed'"
 
 def _status_clause(status: str) -> str:
@@ -112,11 +113,11 @@ def _decorate(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
         if status == "rejected" and reason_code:
             info[uid]["reasons"].add(reason_code)
     for uid, progress in db.execute(
-            f"SELECT study_instance_uid, avg(progress) FROM jobs WHERE state = 'running' "
+            f"SELECT study_instance_uid, avg(progress) FROM jobs WHERE state = 'running' AND kind = 'analyze' "
             f"AND study_instance_uid IN ({_in(uids)}) GROUP BY study_instance_uid", uids):
         info[uid]["progress"] = progress
     for uid, error in db.execute(
-            f"SELECT study_instance_uid, error FROM jobs WHERE state = 'failed' "
+            f"SELECT study_instance_uid, error FROM jobs WHERE state = 'failed' AND kind = 'analyze' "
             f"AND study_instance_uid IN ({_in(uids)}) ORDER BY id", uids):
         info[uid]["error"] = error
     for uid, model, flagged, score, validated in db.execute(

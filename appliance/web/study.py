@@ -10,6 +10,7 @@ import numpy as np
 from flask import Blueprint, Response, abort, flash, g, redirect, render_template, request, send_file, url_for
 from flask_babel import gettext as _
 
+from appliance.jobs import queue
 from appliance.pipelines import overlays
 from appliance.store.database import audit, utcnow, write_transaction
 from appliance.web import get_db, settings_of
@@ -59,6 +60,7 @@ def review(uid: str):
                               "model": row[1], "decision": decision, "comment": comment,
                               "reviewer": g.user["username"], "at": utcnow()})
         audit(db, g.user["username"], "review", uid, result_id=result_id, model=row[1], decision=decision)
+    queue.enqueue_series(db, row[0], uid, priority=1, kind=queue.REPORT)  # the PACS gets the reviewed report
     flash(_("Review saved."))
     return redirect(url_for("study.page", uid=uid) + f"#result-{result_id}")
 
