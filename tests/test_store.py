@@ -1,6 +1,7 @@
 import io
 import os
 import shutil
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -97,3 +98,22 @@ def test_file_written_by_another_process_concurrently_is_not_lost(settings, synt
             (a if i % 2 else b).accept(f, source="test", original_name=path.name)
     assert counts(a.db)["instances"] == 10
     assert len(list(os.scandir(a.home / "instances"))) == 2  # one study folder + .tmp
+
+
+def test_a_first_release_database_upgrades_in_place(tmp_path):
+    """A box running the first release (m001-m003) keeps its studies and gains the web and export tables."""
+    import sqlite3
+
+    home = tmp_path / "home"
+    home.mkdir()
+    conn = sqlite3.connect(home / "appliance.sqlite")
+    conn.executescript((Path(__file__).parent / "data" / "schema-release-1.sql").read_text())
+    conn.execute("INSERT INTO patients VALUES ('k', 'ID1', 'DOE^JANE', '19700101', 'F')")
+    conn.execute("INSERT INTO studies VALUES ('1.2.3', 'k', '20260101', '', 'CT CHEST', 'A1', '2026-01-01', '2026-01-01')")
+    conn.commit()
+    conn.close()
+    db = open_database(home)
+    assert {"users", "reviews", "imports", "exports", "login_failures"} <= set(db.table_names())
+    row = db.execute("SELECT search_text, flagged FROM studies WHERE study_instance_uid = '1.2.3'").fetchone()
+    assert row == ("doe jane id1 a1 ct chest", 0)
+    assert "notice" in db["results"].columns_dict
