@@ -27,7 +27,7 @@ from appliance.errors import ApplianceError
 from appliance.export import bundle, content, keys
 from appliance.export.deid import DEID_METHOD, Pseudonymizer
 from appliance.store.database import audit, open_database, utcnow, write_transaction
-from appliance.store.files import fsync_dir
+from appliance.store.files import durable_rename
 
 log = logging.getLogger(__name__)
 IMAGE_CHOICES = ("none", "flagged", "all")
@@ -140,13 +140,12 @@ def _unchanged(db: sqlite_utils.Database, month: str, content_sha: str, out_dir:
 def write_durably(data: bytes, final: Path) -> None:
     """Temporary name -> write -> fsync -> rename -> fsync folder -> read back and compare."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.partial")
+    tmp = final.with_name(f".{final.name}.partial")  # a fixed name: the next run overwrites what a crash left
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    durable_rename(tmp, final)
     if final.read_bytes() != data:
         raise ExportError(f"WRITE_FAILED: {final} did not read back as written (failing medium?)")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 
 from appliance.analysis import analyze_series, artefact_dir, open_store, series_paths
 from appliance.config import Settings
@@ -43,13 +42,8 @@ class Worker:
 
         doc = study(self.store.db, study_uid)
         _ = report.translations(self.settings.web_language)
-        root = (self.store.home / "artefacts").resolve()
-
-        def key_image(result: dict, n: int) -> Path | None:
-            path = Path(result["findings"][n].get("key_image", "")).resolve()
-            return path if path.is_relative_to(root) and path.is_file() else None
-
-        pdf = report.render_pdf(doc, latest_reviews(doc["reviews"]), self.settings.site_name, _, key_image)
+        pdf = report.render_pdf(doc, latest_reviews(doc["reviews"]), self.settings.site_name, _,
+                                report.key_image_finder(self.store.home))
         return pdf, _("CT screening report")
 
     def _run_report(self, job: dict) -> bool:

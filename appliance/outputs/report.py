@@ -36,6 +36,16 @@ def translations(language: str) -> Gettext:
     return gettext
 
 
+def key_image_finder(home: Path) -> Callable[[dict[str, Any], int], Path | None]:
+    """``find(result, n)``: the stored key image ``n`` of ``result`` when it lies inside the artefacts folder."""
+    root = (home / "artefacts").resolve()
+
+    def find(result: dict[str, Any], n: int) -> Path | None:
+        path = Path(result["findings"][n].get("key_image", "")).resolve()
+        return path if path.is_relative_to(root) and path.is_file() else None
+    return find
+
+
 def disclaimers(_: Gettext) -> list[str]:
     return [
         _("This report was produced by screening software. It is not a diagnosis: a qualified radiologist "

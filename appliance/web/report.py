@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, abort, g, render_template
@@ -25,13 +24,6 @@ def _study_or_404(uid: str) -> dict[str, Any]:
     return doc
 
 
-def key_image_path(result: dict[str, Any], n: int) -> Path | None:
-    """The stored key image ``n`` of ``result`` when it lies inside the artefacts folder."""
-    root = (settings_of().home_path / "artefacts").resolve()
-    path = Path(result["findings"][n].get("key_image", "")).resolve()
-    return path if path.is_relative_to(root) and path.is_file() else None
-
-
 @bp.route("/study/<uid>/report")
 def page(uid: str):
     doc = _study_or_404(uid)
@@ -42,7 +34,8 @@ def page(uid: str):
 @bp.route("/study/<uid>/report.pdf")
 def pdf(uid: str):
     doc = _study_or_404(uid)
-    data = report.render_pdf(doc, latest_reviews(doc["reviews"]), settings_of().site_name, _, key_image_path)
+    data = report.render_pdf(doc, latest_reviews(doc["reviews"]), settings_of().site_name, _,
+                             report.key_image_finder(settings_of().home_path))
     db = get_db()
     with write_transaction(db):
         audit(db, g.user["username"], "report_exported", uid, language=str(get_locale()), bytes=len(data))

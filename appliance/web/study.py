@@ -11,6 +11,7 @@ from flask import Blueprint, Response, abort, flash, g, redirect, render_templat
 from flask_babel import gettext as _
 
 from appliance.jobs import queue
+from appliance.outputs import report
 from appliance.pipelines import overlays
 from appliance.store.database import audit, utcnow, write_transaction
 from appliance.web import get_db, settings_of
@@ -71,10 +72,8 @@ def key_image(result_id: int, n: int):
     if row is None:
         abort(404)
     findings = json.loads(row[0] or "[]")
-    if not 0 <= n < len(findings) or not findings[n].get("key_image"):
-        abort(404)
-    path = _inside(settings_of().home_path / "artefacts", Path(findings[n]["key_image"]))
-    if not path.is_file():
+    path = report.key_image_finder(settings_of().home_path)({"findings": findings}, n) if 0 <= n < len(findings) else None
+    if path is None:
         abort(404)
     return send_file(path, mimetype="image/png", max_age=3600)
 
