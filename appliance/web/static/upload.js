@@ -33,9 +33,9 @@
         let body = {};
         try { body = JSON.parse(xhr.responseText); } catch (e) { /* not JSON */ }
         if (xhr.status === 200) resolve(body);
-        else reject(new Error(xhr.status + " " + (body.message || xhr.statusText)));
+        else reject(new Error(body.message || xhr.status + " " + xhr.statusText));
       };
-      xhr.onerror = () => reject(new Error("network error"));
+      xhr.onerror = () => reject(new Error(zone.dataset.msgNetwork));
       xhr.send(form);
     });
   }
@@ -45,7 +45,7 @@
     if (!files.length) return;
     const total = files.reduce((n, f) => n + f.size, 0);
     if (total > +zone.dataset.maxBytes) {
-      status.textContent = zone.dataset.msgError + ": 413";
+      status.textContent = zone.dataset.msgError + ": " + zone.dataset.msgTooLarge;
       return;
     }
     const parts = batches(files);
