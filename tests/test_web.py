@@ -423,3 +423,14 @@ def test_c_echo_button_reports_a_pacs_that_answers(tmp_path):
         assert json.loads(_audit(settings.home_path, "dicom_echo")[-1]["detail"])["ok"] is True
     finally:
         stop()
+
+
+def test_every_page_title_is_plain_text(analysed_home):
+    """Regression: a template block closed in the wrong place put the admin page's markup into its <title>."""
+    client = create_app(analysed_home, environ={}).test_client()
+    login(client, "admin")
+    uid = _study_uid(client)
+    for path in ("/", f"/study/{uid}", f"/study/{uid}/report", "/import", "/admin/", "/admin/dicom", "/admin/users",
+                 "/admin/audit", "/admin/settings"):
+        html = client.get(path).get_data(as_text=True)
+        assert re.search(r"<title>[^<]*</title>", html), path
