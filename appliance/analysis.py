@@ -1,8 +1,8 @@
 """Run every analysis step on a stored series and keep the results.
 
-The flow of ``appliance analyze``: import -> assemble each series -> series
-QA and segmentation (and the screening models as they are added) -> results
-in SQLite. A new analysis of a series supersedes the earlier one; both stay.
+Called by the job runner (:mod:`appliance.jobs.runner`) only: assemble the series -> series QA and
+segmentation -> the screening models -> results in SQLite, the whole record kept with the analysis.
+A new analysis of a series supersedes the earlier one; both stay. Long steps report progress.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,14 @@ import numpy as np
 import sqlite_utils
 
 from appliance.config import Settings
-from appliance.errors import NothingUsable, SeriesRejected
-from appliance.ingest.importer import ImportSummary, import_paths
+from appliance.errors import SeriesRejected
 from appliance.inference.registry import Registry
+from appliance.jobs import queue
 from appliance.pipelines import StepResult, abdomen_pancreas, chest_covid19, lungs, series_qa
 from appliance.series.volume import CTVolume, load_series
-from appliance.store.database import open_database, refresh_study, site_threshold, utcnow, write_transaction
+from appliance.store.database import refresh_study, site_threshold, utcnow, write_transaction
+from appliance.store.datadir import DataDirectory
+from appliance.store.states import SeriesStatus
 from appliance.store.files import write_bytes_durably
 from appliance.store.instances import InstanceStore
 
@@ -49,6 +51,7 @@ class StepContext:
 
 
 Step = Callable[[CTVolume, StepContext], "StepResult | None"]
+Progress = Callable[[float, str], None]  # (fraction done 0..1, stage)
 
 
 def _series_qa(volume: CTVolume, ctx: StepContext) -> StepResult:
@@ -101,40 +104,46 @@ def _abdomen_pancreas(volume: CTVolume, ctx: StepContext) -> StepResult | None:
 STEPS: tuple[Step, ...] = (_series_qa, _lungs, _chest_covid19, _abdomen_pancreas)
 
 
-def open_store(settings: Settings) -> InstanceStore:
-    """Open the data directory's database and instance store, sweeping what a crash left."""
-    home = settings.home_path
-    db = open_database(home)
-    store = InstanceStore(home, db, max_bytes=settings.max_instance_bytes,
-                          max_rows_columns=settings.max_rows_columns, max_frames=settings.max_frames)
-    removed = store.sweep_orphans()
-    if removed:
-        log.info("removed %d file(s) left by an interrupted write", removed)
-    return store
-
-
 def series_paths(store: InstanceStore, series_instance_uid: str) -> list[Path]:
     rows = store.db.execute("SELECT path FROM instances WHERE series_instance_uid = ? ORDER BY path",
                             [series_instance_uid]).fetchall()
     return [store.home / r[0] for r in rows]
 
 
-def _run_steps(volume: CTVolume, ctx: StepContext) -> list[StepResult]:
+# share of a job's progress reached once the series is loaded, and once every step has run
+LOADED, STEPS_DONE = 0.4, 0.9
+
+
+def _run_steps(volume: CTVolume, ctx: StepContext, progress: Progress) -> list[StepResult]:
     results = []
-    for step in STEPS:
+    for n, step in enumerate(STEPS):
+        progress(LOADED + (STEPS_DONE - LOADED) * n / len(STEPS), step.__name__.strip("_"))
         t0 = time.perf_counter()
         result = step(volume, ctx)
         if result is not None:
             result.seconds = round(time.perf_counter() - t0, 3)
             results.append(result)
+    progress(STEPS_DONE, "saving")
     return results
+
+
+def _no_progress(fraction: float, stage: str) -> None:
+    """The default progress report: none."""
 
 
 def artefact_dir(store: InstanceStore, series_instance_uid: str) -> Path:
     """``artefacts/<StudyInstanceUID>/<SeriesInstanceUID>/`` (UIDs validated when the series was stored)."""
     study = store.db.execute("SELECT study_instance_uid FROM series WHERE series_instance_uid = ?",
                              [series_instance_uid]).fetchone()[0]
-    return store.home / "artefacts" / study / series_instance_uid
+    return DataDirectory(store.home).series_artefacts(study, series_instance_uid)
+
+
+def _relative_key_images(results: list[dict[str, Any]], ddir: DataDirectory) -> None:
+    """Key images are kept as paths relative to the data directory, so a moved or restored one still finds them."""
+    for result in results:
+        for finding in result["findings"]:
+            if finding.get("key_image"):
+                finding["key_image"] = ddir.relative(Path(finding["key_image"]))
 
 
 def write_viewer_index(volume: CTVolume, artefacts: Path, home: Path) -> None:
@@ -151,13 +160,17 @@ def write_viewer_index(volume: CTVolume, artefacts: Path, home: Path) -> None:
     write_bytes_durably(json.dumps(doc).encode(), artefacts / "viewer.json")
 
 
-def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Settings,
-                   registry: Registry | None = None) -> dict[str, Any]:
-    """Assemble, check and analyse one stored series; store and return its result record."""
-    registry = registry or Registry(settings)
+def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Settings, registry: Registry,
+                   *, job_id: int | None = None, progress: Progress = _no_progress) -> dict[str, Any]:
+    """Assemble, check and analyse one stored series; store and return its result record.
+
+    ``progress(fraction, stage)`` is called as the work goes on; ``job_id`` is the job the analysis
+    is recorded against (in the same transaction as the results).
+    """
     t0 = time.perf_counter()
+    progress(0.0, "loading")
     paths = series_paths(store, series_instance_uid)
-    record: dict[str, Any] = {"series_instance_uid": series_instance_uid, "status": "analyzed", "reason_code": None,
+    record: dict[str, Any] = {"series_instance_uid": series_instance_uid, "status": SeriesStatus.ANALYZED.value, "reason_code": None,
                               "reason": None, "slices": len(paths), "shape_zyx": None, "spacing_mm_zyx": None,
                               "problems": [], "excluded": [], "results": []}
     seconds = {"load": 0.0, "preprocess": 0.0, "infer": 0.0}
@@ -165,7 +178,7 @@ def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Set
         volume = load_series(paths, settings)
     except SeriesRejected as exc:
         seconds["load"] = time.perf_counter() - t0
-        record.update(status="rejected", reason_code=exc.reason_code.value, reason=exc.reason,
+        record.update(status=SeriesStatus.REJECTED.value, reason_code=exc.reason_code.value, reason=exc.reason,
                       problems=[p.as_dict() for p in exc.problems])
     else:
         seconds["load"] = volume.seconds["headers"] + volume.seconds["decode"]
@@ -173,7 +186,8 @@ def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Set
         t_infer = time.perf_counter()
         ctx = StepContext(settings, registry, artefact_dir(store, series_instance_uid), store.db)
         write_viewer_index(volume, ctx.artefacts, store.home)
-        results = _run_steps(volume, ctx)
+        progress(LOADED, "analysing")
+        results = _run_steps(volume, ctx, progress)
         seconds["infer"] = time.perf_counter() - t_infer
         record["skipped_models"] = ctx.skipped
         record.update(slices=volume.slices, shape_zyx=list(volume.hu.shape),
@@ -181,30 +195,41 @@ def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Set
                       problems=[p.as_dict() for p in volume.plan.problems],
                       excluded=[{"sop_instance_uid": uid, "why": why} for uid, why in volume.excluded],
                       results=[r.as_dict() for r in results])
+        _relative_key_images(record["results"], DataDirectory(store.home))
         del volume
     seconds["total"] = time.perf_counter() - t0
     record["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-    _save(store.db, record)
+    record["analysis_id"] = _save(store.db, record, job_id)
     return record
 
 
-def _save(db: sqlite_utils.Database, record: dict[str, Any]) -> None:
+def stored_record(db: sqlite_utils.Database, analysis_id: int) -> dict[str, Any]:
+    """The record an analysis saved, as :func:`analyze_series` returned it."""
+    row = db.execute("SELECT record FROM analyses WHERE id = ?", [analysis_id]).fetchone()
+    if row is None or not row[0]:
+        raise LookupError(f"analysis {analysis_id} has no stored record")
+    return dict(json.loads(row[0]), analysis_id=analysis_id)
+
+
+def _save(db: sqlite_utils.Database, record: dict[str, Any], job_id: int | None) -> int:
     uid = record["series_instance_uid"]
     now = utcnow()
     with write_transaction(db):
         study = db.execute("SELECT study_instance_uid FROM series WHERE series_instance_uid = ?", [uid]).fetchone()[0]
         db.execute("UPDATE analyses SET superseded = 1 WHERE series_instance_uid = ?", [uid])
-        analyses = db["analyses"]
+        analyses = db.table("analyses")
         analyses.insert({
             "series_instance_uid": uid, "study_instance_uid": study, "status": record["status"],
             "reason_code": record["reason_code"], "reason": record["reason"], "problems": json.dumps(record["problems"]),
             "slices": record["slices"], "shape_zyx": json.dumps(record["shape_zyx"]),
             "spacing_mm_zyx": json.dumps(record["spacing_mm_zyx"]), "seconds": json.dumps(record["seconds"]),
-            "created_at": now, "superseded": 0,
+            "created_at": now, "superseded": 0, "record": json.dumps(record),
         })
-        analysis_id = analyses.last_pk
+        analysis_id = int(analyses.last_pk)
+        if job_id is not None:
+            queue.record_analysis(db, job_id, analysis_id)
         for r in record["results"]:
-            db["results"].insert({
+            db.table("results").insert({
                 "analysis_id": analysis_id, "series_instance_uid": uid, "model": r["model"],
                 "model_version": r["model_version"], "validated": int(r["validated"]), "backend": r["backend"],
                 "precision": r["precision"], "score": r["score"], "threshold": r["threshold"],
@@ -214,41 +239,4 @@ def _save(db: sqlite_utils.Database, record: dict[str, Any]) -> None:
         db.execute("UPDATE series SET status = ?, reason_code = ?, reason = ?, updated_at = ? "
                    "WHERE series_instance_uid = ?", [record["status"], record["reason_code"], record["reason"], now, uid])
         refresh_study(db, study)
-
-
-def _run_job(store: InstanceStore, series_uid: str, study_uid: str, settings: Settings,
-             registry: Registry) -> dict[str, Any]:
-    db = store.db
-    with write_transaction(db):
-        jobs = db["jobs"]
-        jobs.insert({"kind": "analyze", "study_instance_uid": study_uid, "series_instance_uid": series_uid,
-                     "state": "running", "priority": 0, "attempts": 1, "progress": 0.0,
-                     "created_at": utcnow(), "updated_at": utcnow()})
-        job_id = jobs.last_pk
-    try:
-        record = analyze_series(store, series_uid, settings, registry)
-    except BaseException as exc:
-        with write_transaction(db):
-            db["jobs"].update(job_id, {"state": "failed", "error": repr(exc), "updated_at": utcnow()})
-        raise
-    with write_transaction(db):
-        db["jobs"].update(job_id, {"state": "done", "progress": 1.0, "updated_at": utcnow()})
-    return record
-
-
-def analyze_paths(paths: Iterable[Path], settings: Settings,
-                  progress: Callable[[ImportSummary], None] | None = None) -> dict[str, Any]:
-    """Import ``paths`` and analyse every series they hold. Returns the ``--json`` document.
-
-    Raises :class:`NothingUsable` when no DICOM instance was found.
-    """
-    store = open_store(settings)
-    summary = import_paths(store, paths, settings, progress=progress)
-    if not summary.series:
-        raise NothingUsable(f"no DICOM images found ({len(summary.quarantined)} file(s) quarantined)")
-    studies: dict[str, list[dict[str, Any]]] = {}
-    registry = Registry(settings)
-    for series_uid, study_uid in summary.series.items():
-        studies.setdefault(study_uid, []).append(_run_job(store, series_uid, study_uid, settings, registry))
-    return {"import": summary.as_dict(),
-            "studies": [{"study_instance_uid": uid, "series": series} for uid, series in studies.items()]}
+    return analysis_id

@@ -7,10 +7,8 @@ import getpass
 import json
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from appliance import __version__, config
@@ -80,7 +78,7 @@ def _print_summary(doc: dict[str, Any]) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace, settings: config.Settings) -> int:
-    from appliance.analysis import analyze_paths
+    from appliance.jobs.intake import analyze_paths
 
     missing = [p for p in args.paths if not p.exists()]
     if missing:
@@ -179,10 +177,10 @@ def cmd_evaluate(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def cmd_dicom(args: argparse.Namespace, settings: config.Settings) -> int:
-    from appliance.analysis import open_store
     from appliance.ingest import dicom_server
+    from appliance.store.instances import open_store
 
-    open_store(settings)  # migrate and sweep before the first association
+    open_store(settings)  # migrate, and recover from a crash if no other writer is alive
     print(f"DICOM receiver {settings.dicom_ae_title} on {settings.dicom_bind_address}:{settings.dicom_port}; "
           f"allowed callers: {settings.dicom_allowed_callers}", flush=True)
     try:
@@ -198,11 +196,9 @@ def cmd_import(args: argparse.Namespace, settings: config.Settings) -> int:
         from appliance.ingest.usb import import_device
 
         return import_device(args.usb, settings.home_path)
-    from appliance.analysis import open_store
-    from appliance.ingest.importer import import_paths
-    from appliance.jobs import queue
-
+    from appliance.jobs.intake import import_and_queue
     from appliance.store import imports
+    from appliance.store.instances import open_store
 
     store = open_store(settings)
     import_id = imports.start(store.db, args.source, getpass.getuser())
@@ -213,10 +209,8 @@ def cmd_import(args: argparse.Namespace, settings: config.Settings) -> int:
             print(f"  {done} files read ...", flush=True)
             imports.update(store.db, import_id, summary)
 
-    summary = import_paths(store, args.paths, settings, source=args.source, progress=progress)
+    summary = import_and_queue(store, args.paths, settings, source=args.source, progress=progress).summary
     imports.finish(store.db, import_id, summary)
-    for series_uid, study_uid in summary.series.items():
-        queue.enqueue_series(store.db, series_uid, study_uid, priority=1)  # an explicit import is complete
     doc = {**summary.as_dict(), "queued_series": len(summary.series)}
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -248,54 +242,6 @@ def cmd_settings(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0
 
 
-def _ensure_sample(settings: config.Settings) -> Path:
-    from appliance.synth.writer import SynthOptions, write_series
-
-    sample = settings.home_path / "samples" / "synthetic-chest"
-    if not (sample / "ground_truth.json").exists():
-        write_series(sample, SynthOptions(slices=120, size=512, region="chest", seed=7))
-    return sample
-
-
-def _queue_sample(settings: config.Settings) -> None:
-    from appliance.analysis import open_store
-    from appliance.ingest.importer import import_paths
-    from appliance.jobs import queue
-
-    store = open_store(settings)
-    summary = import_paths(store, sorted(_ensure_sample(settings).glob("*.dcm")), settings, source="sample")
-    for series_uid, study_uid in summary.series.items():
-        queue.enqueue_series(store.db, series_uid, study_uid)
-
-
-def _start_background(settings: config.Settings, stop) -> Callable[[], None]:
-    """Start the DICOM receiver and the worker beside the drop-folder loop of ``serve``; returns their stopper."""
-    import threading
-
-    from appliance.ingest import dicom_server
-    from appliance.jobs.worker import Worker
-
-    try:
-        stop_receiver = dicom_server.start(settings)
-        print(f"DICOM receiver {settings.dicom_ae_title} on port {settings.dicom_port} "
-              f"(allowed callers: {settings.dicom_allowed_callers})")
-    except OSError as exc:
-        print(f"error: DICOM_PORT_UNAVAILABLE: cannot listen on port {settings.dicom_port} ({exc}); "
-              "studies can still be dropped into the incoming folder")
-        stop_receiver = None
-    worker = Worker(settings)
-    thread = threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True)
-    thread.start()
-
-    def shutdown() -> None:
-        stop.set()
-        if stop_receiver is not None:
-            stop_receiver()
-        thread.join(timeout=30)
-
-    return shutdown
-
-
 def cmd_worker(args: argparse.Namespace, settings: config.Settings) -> int:
     import threading
 
@@ -304,8 +250,11 @@ def cmd_worker(args: argparse.Namespace, settings: config.Settings) -> int:
     worker = Worker(settings)
     print(f"worker running on {settings.home_path} (quiet period {settings.quiet_period_seconds:.0f} s)", flush=True)
     if args.once:
-        while worker.run_once():
-            pass
+        try:
+            while worker.run_once():
+                pass
+        finally:
+            worker.runner.close()
         return 0
     try:
         worker.run(threading.Event())
@@ -314,101 +263,22 @@ def cmd_worker(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0
 
 
-def _drain_incoming(entries: list[Path], settings: config.Settings) -> None:
-    """Import and analyse what was dropped in; it is then stored or quarantined, so the drop is emptied.
-    An unexpected failure keeps the files in ``incoming-failed/`` for the admin instead of retrying forever."""
-    from appliance.analysis import analyze_paths
-
-    try:
-        _print_summary(analyze_paths(entries, settings))
-    except NothingUsable as exc:
-        print(f"NOTHING_USABLE: {exc}")
-    except Exception as exc:
-        log.exception("import of the incoming folder failed")
-        kept = settings.home_path / "incoming-failed"
-        kept.mkdir(exist_ok=True)
-        for entry in entries:
-            shutil.move(str(entry), kept / entry.name)
-        print(f"error: IMPORT_FAILED: {exc}; the files were moved to {kept}")
-        return
-    for entry in entries:
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-
-
 def cmd_serve(args: argparse.Namespace, settings: config.Settings) -> int:
-    """Analyse the bundled sample once, then: DICOM receiver + worker, and the ``incoming/`` drop folder."""
-    import threading
+    """The receiver, worker, web UI and ``incoming/`` drop folder together (see :mod:`appliance.serve`)."""
+    from appliance import serve
 
-    from appliance.analysis import analyze_paths, open_store
-
-    store = open_store(settings)  # migrate and sweep before anything else starts
-    incoming = settings.home_path / "incoming"
-    incoming.mkdir(parents=True, exist_ok=True)
-    first_start = settings.first_start_sample and not store.db.execute("SELECT 1 FROM studies LIMIT 1").fetchone()
     if args.once:
-        if first_start:
-            print("First start: analysing the bundled synthetic sample study.")
-            _print_summary(analyze_paths(sorted(_ensure_sample(settings).glob("*.dcm")), settings))
-        _poll_incoming(incoming, settings, threading.Event(), once=True)
-        return 0
-    if first_start:
-        print("First start: the synthetic sample study is queued for analysis.")
-        threading.Thread(target=_queue_sample, args=(settings,), name="sample", daemon=True).start()
-    stop = threading.Event()
-    shutdown = _start_background(settings, stop)
-    threading.Thread(target=_poll_incoming, args=(incoming, settings, stop, args.poll_seconds), name="incoming",
-                     daemon=True).start()
-    print(f"Drop DICOM files, folders or zip archives into {incoming}.")
-    try:
-        _run_web(settings)
-    except KeyboardInterrupt:
-        print("stopped")
-    finally:
-        shutdown()
+        serve.serve_once(settings)
+    else:
+        serve.serve(settings, args.poll_seconds)
     return 0
 
 
-def _poll_incoming(incoming: Path, settings: config.Settings, stop, poll_seconds: float = 2.0,
-                   once: bool = False) -> None:
-    """Import and analyse what appears in the drop folder until ``stop`` is set."""
-    while not stop.is_set():
-        entries = sorted(incoming.iterdir())
-        if entries:
-            _drain_incoming(entries, settings)
-        if once:
-            return
-        stop.wait(poll_seconds)
-
-
-def _run_web(settings: config.Settings) -> None:
-    """Serve the web UI with waitress in this thread until interrupted."""
-    from waitress import create_server
-
-    from appliance.web import bind_address, create_app
-
-    host, why = bind_address(settings)
-    if why:
-        print(f"note: {why}")
-    server = create_server(create_app(settings), host=host, port=settings.web_port, threads=settings.web_threads,
-                           ident="appliance")
-    shown = f"[{host}]" if ":" in host else host
-    print(f"Web UI on http://{shown}:{settings.web_port}/  (Ctrl-C stops the appliance)", flush=True)
-    _notify_ready()
-    try:
-        server.run()
-    finally:
-        server.close()
-
-
-def _notify_ready() -> None:
-    from appliance.jobs.notify import sd_notify
-
-    sd_notify("READY=1")
-
-
 def cmd_web(args: argparse.Namespace, settings: config.Settings) -> int:
+    from appliance.serve import run_web
+
     try:
-        _run_web(settings)
+        run_web(settings)
     except KeyboardInterrupt:
         print("stopped")
     return 0
@@ -598,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site-id", help="the site's id (add-site; default: from its key, as the site derives it)")
     p.add_argument("--out", type=Path, help="report folder (default: HUB/report)")
     p = add("serve", cmd_serve, "Run the appliance: DICOM receiver, worker, web UI and the incoming drop folder.")
-    p.add_argument("--once", action="store_true", help="process the incoming folder once and exit")
+    p.add_argument("--once", action="store_true", help="import the incoming folder once, run every job, and exit")
     p.add_argument("--poll-seconds", type=float, default=2.0)
     return parser
 

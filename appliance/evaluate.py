@@ -22,7 +22,7 @@ import pydicom
 
 from appliance.config import Settings
 from appliance.errors import ApplianceError, SeriesRejected
-from appliance.inference.registry import Registry
+from appliance.inference.registry import shared_registry
 from appliance.metrics import binary_metrics, threshold_for_sensitivity
 from appliance.pipelines import chest_covid19
 from appliance.pipelines.lungs import segment
@@ -115,7 +115,7 @@ def _csv_scores(path: Path, settings: Settings, model: str) -> tuple[list[int], 
 
 def evaluate(model: str, data: Path, settings: Settings, sensitivity: float = 0.9) -> dict[str, Any]:
     """Score every case of ``data`` and return the evaluation document."""
-    registry = Registry(settings)
+    registry = shared_registry(settings)
     pack = registry.pack(model)
     if pack is None or model not in SCORERS:
         raise EvaluationError(f"no usable model pack {model!r} (installed: {[p.id for p in registry.packs]})")

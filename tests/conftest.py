@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from appliance import config
-from appliance.store.database import open_database
-from appliance.store.instances import InstanceStore
+from appliance.store import datadir
+from appliance.store.instances import InstanceStore, open_store
 from appliance.synth.writer import SynthOptions, write_series
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,9 +31,15 @@ def settings(tmp_path: Path) -> config.Settings:
 
 @pytest.fixture
 def store(settings: config.Settings) -> InstanceStore:
-    db = open_database(settings.home_path)
-    return InstanceStore(settings.home_path, db, max_bytes=settings.max_instance_bytes,
-                         max_rows_columns=settings.max_rows_columns, max_frames=settings.max_frames)
+    return open_store(settings)
+
+
+@pytest.fixture(autouse=True)
+def _release_writer_locks():
+    """Each test's data directory gives its writer lock back when the test ends."""
+    yield
+    for home in list(datadir._held):
+        datadir.release_writer_lock(datadir.DataDirectory(home))
 
 
 @pytest.fixture(scope="session")

@@ -61,13 +61,15 @@ def test_rejected_only_input_exits_non_zero_naming_the_reason(tmp_path):
 
 def test_reanalysis_supersedes_and_keeps_history(synthetic_chest, tmp_path):
     from appliance import config
-    from appliance.analysis import analyze_series, open_store
+    from appliance.analysis import analyze_series
+    from appliance.inference.registry import shared_registry
+    from appliance.store.instances import open_store
 
     appliance("analyze", synthetic_chest, home=tmp_path / "home")
     settings = config.load(environ={}, home=str(tmp_path / "home"))
     store = open_store(settings)
     uid = store.db.execute("SELECT series_instance_uid FROM series").fetchone()[0]
-    analyze_series(store, uid, settings)
+    analyze_series(store, uid, settings, shared_registry(settings))
     rows = store.db.execute("SELECT superseded FROM analyses ORDER BY id").fetchall()
     assert [r[0] for r in rows] == [1, 0]
 

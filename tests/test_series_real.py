@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from appliance.analysis import analyze_paths
+from appliance.jobs.intake import analyze_paths
 from appliance.series.volume import load_series
 
 from .conftest import need_data

@@ -1,6 +1,8 @@
 import io
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -8,6 +10,8 @@ import pytest
 
 from appliance.errors import InstanceRejected, ReasonCode
 from appliance.store.database import counts, open_database
+from appliance.store.datadir import DataDirectory, release_writer_lock, writers_alive
+from appliance.store.instances import open_store
 
 from .conftest import need_data
 
@@ -37,7 +41,7 @@ def test_accepted_instance_is_filed_by_uids_and_indexed(store, synthetic_chest):
     assert expected.read_bytes() == path.read_bytes()  # stored as received, never rewritten
     row = store.db["instances"].get(ds.SOPInstanceUID)
     assert row["series_instance_uid"] == ds.SeriesInstanceUID and row["size_bytes"] == path.stat().st_size
-    assert not any((store.home / "instances" / ".tmp").iterdir())
+    assert not any(store.tmp_dir.iterdir())
 
 
 def test_same_sop_instance_twice_is_stored_once(store, synthetic_chest):
@@ -63,16 +67,38 @@ def test_uid_that_would_escape_the_store_is_refused(store, synthetic_chest, tmp_
     assert counts(store.db)["quarantined"] == 1
 
 
-def test_sweep_removes_temporary_and_unindexed_files(store, synthetic_chest):
+def _crash_leftovers(store, synthetic_chest):
+    """What a writer killed mid-write leaves: a scratch file and a file renamed but never committed."""
     path = _first_file(synthetic_chest)
     with open(path, "rb") as f:
         accepted = store.accept(f, source="test", original_name="x")
-    tmp = store.home / "instances" / ".tmp" / "dead.part"
-    tmp.write_bytes(b"half written")
-    orphan = accepted.path.with_name("1.2.3.dcm")  # renamed but never committed: a crash in between
+    dead = DataDirectory(store.home).scratch / "deadbeef"
+    dead.mkdir()
+    (dead / "x.part").write_bytes(b"half written")
+    dead.with_suffix(".lock").touch()  # its owner's lock, free since the owner died
+    orphan = accepted.path.with_name("1.2.3.dcm")
     shutil.copy(path, orphan)
-    assert store.sweep_orphans() == 2
-    assert not tmp.exists() and not orphan.exists() and accepted.path.exists()
+    return accepted, dead, orphan
+
+
+def test_opening_the_store_never_deletes_while_a_writer_is_alive(store, settings, synthetic_chest):
+    accepted, dead, orphan = _crash_leftovers(store, synthetic_chest)
+    other = subprocess.run([sys.executable, "-c", "from appliance import config; "
+                            "from appliance.store.instances import open_store; "
+                            f"open_store(config.load(environ={{}}, home={str(settings.home_path)!r}))"],
+                           capture_output=True, text=True)
+    assert other.returncode == 0, other.stderr
+    assert orphan.exists() and accepted.path.exists()  # this process still holds the lock shared
+    assert not dead.exists()  # but the scratch of a writer that is gone is removed
+
+
+def test_recovery_runs_when_no_writer_is_alive(store, settings, synthetic_chest):
+    accepted, dead, orphan = _crash_leftovers(store, synthetic_chest)
+    release_writer_lock(DataDirectory(store.home))
+    assert not writers_alive(DataDirectory(store.home))
+    open_store(settings)  # the first writer after a crash recovers
+    assert not orphan.exists() and not dead.exists() and accepted.path.exists()
+    assert writers_alive(DataDirectory(store.home))
 
 
 def test_anonymised_files_without_uids_are_filed_consistently(store):
@@ -90,14 +116,14 @@ def test_file_written_by_another_process_concurrently_is_not_lost(settings, synt
     """Two stores on one database (receiver and importer) each keep every file."""
     from appliance.store.instances import InstanceStore
 
-    a = InstanceStore(settings.home_path, open_database(settings.home_path))
-    b = InstanceStore(settings.home_path, open_database(settings.home_path))
+    a, b = open_store(settings), open_store(settings)
     files = sorted(synthetic_chest.glob("*.dcm"))[:10]
     for i, path in enumerate(files):
         with open(path, "rb") as f:
             (a if i % 2 else b).accept(f, source="test", original_name=path.name)
     assert counts(a.db)["instances"] == 10
     assert len(list(os.scandir(a.home / "instances"))) == 2  # one study folder + .tmp
+    assert a.tmp_dir == b.tmp_dir  # one scratch folder per process
 
 
 def test_a_first_release_database_upgrades_in_place(tmp_path):

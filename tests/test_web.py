@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from pypdf import PdfReader
 
-from appliance.analysis import analyze_paths
+from appliance.jobs.intake import analyze_paths
 from appliance.store.database import open_database
 from appliance.web import bind_address, create_app
 from tests.web_helpers import PASSWORDS, csrf, login, make_accounts, web_settings

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,44 @@ def inventory(settings: Settings) -> tuple[list[dict[str, Any]], list[packs.Pack
                      "choice": choice, "parity": record.get("parity", {}).get("results", []),
                      "built_at": record.get("built_at")})
     return rows, refused, availability
+
+
+# --- one registry per process --------------------------------------------------------------------
+
+_shared: dict[str, Any] = {"key": None, "registry": None}
+_shared_guard = threading.Lock()
+
+
+def _switches(settings: Settings) -> tuple[Any, ...]:
+    """The settings a registry's choices depend on."""
+    return (str(settings.engines_path), str(settings.engine_cache_path), settings.inference_backend,
+            settings.min_cpu_int8_speedup, settings.inference_threads)
+
+
+def packs_fingerprint(engines_dir: Path) -> tuple[tuple[str, int, int], ...]:
+    """Name, size and modification time of every file of every pack: changes when a pack is added,
+    replaced, rebuilt (its build record) or removed."""
+    if not engines_dir.is_dir():
+        return ()
+    found = []
+    for path in sorted(engines_dir.glob("*/*")):
+        if path.is_file():
+            st = path.stat()
+            found.append((str(path.relative_to(engines_dir)), st.st_size, st.st_mtime_ns))
+    return tuple(found)
+
+
+def shared_registry(settings: Settings) -> Registry:
+    """This process's registry: loaded once, reloaded only when the packs or the settings they depend on change.
+
+    Model sessions (and their memory) are kept across jobs; two registries never sit in one process.
+    """
+    key = (_switches(settings), packs_fingerprint(settings.engines_path))
+    with _shared_guard:
+        if _shared["key"] != key:
+            if _shared["registry"] is not None:
+                log.info("model packs or their settings changed: reloading the registry")
+            _shared["registry"] = Registry(settings)
+            _shared["key"] = key
+        registry: Registry = _shared["registry"]
+        return registry

@@ -26,7 +26,7 @@ from pydicom.uid import (
 from appliance.config import Settings
 from appliance.errors import InstanceRejected
 from appliance.store.database import audit, open_database, write_transaction
-from appliance.store.instances import InstanceStore
+from appliance.store.instances import InstanceStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,7 @@ class Receiver:
 
     def _store(self) -> InstanceStore:
         if not hasattr(self._local, "store"):
-            home = self.settings.home_path
-            self._local.store = InstanceStore(home, open_database(home), max_bytes=self.settings.max_instance_bytes,
-                                              max_rows_columns=self.settings.max_rows_columns,
-                                              max_frames=self.settings.max_frames)
+            self._local.store = open_store(self.settings)
         return self._local.store
 
     def handle_requested(self, event) -> None:

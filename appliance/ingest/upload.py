@@ -4,7 +4,7 @@ Parts are spooled under a private folder with generated names (a client's file
 name is never a path here), counted against ``max_upload_bytes`` as they
 arrive (beyond it: :class:`UploadTooLarge`, HTTP 413, and nothing is kept),
 then imported like any folder: zip archives by their content, bad files
-quarantined, and every series touched queued for analysis at once.
+quarantined; the caller queues the series touched.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from typing import BinaryIO
 from appliance.config import Settings
 from appliance.errors import ApplianceError
 from appliance.ingest.importer import ImportSummary, import_paths
-from appliance.jobs import queue
+from appliance.store.datadir import DataDirectory
 from appliance.store.instances import InstanceStore
 
-UPLOADS_DIR = "uploads"
 CHUNK = 1024 * 1024
 
 
@@ -64,21 +63,14 @@ def _labeller(names: dict[str, str]):
     return label
 
 
-def receive_upload(parts: Iterable[tuple[str, BinaryIO]], store: InstanceStore, settings: Settings,
-                   queue_series: bool = True) -> ImportSummary:
-    """Import uploaded files or zip archives; returns the import summary.
-
-    Its series are queued for analysis at once unless ``queue_series`` is false (a batch of a larger
-    upload whose last request queues them all, so no series is analysed half-sent).
-    """
-    folder = store.home / UPLOADS_DIR / uuid.uuid4().hex
+def receive_upload(parts: Iterable[tuple[str, BinaryIO]], store: InstanceStore, settings: Settings) -> ImportSummary:
+    """Import uploaded files or zip archives; returns the import summary, whose series the caller queues
+    (the web UI once the upload's last batch is in, so no series is analysed half-sent)."""
+    folder = DataDirectory(store.home).uploads / uuid.uuid4().hex
     folder.mkdir(parents=True)
     try:
         names = _spool(parts, folder, settings.max_upload_bytes)
         summary = import_paths(store, [folder], settings, source="upload", label=_labeller(names))
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # stored files are in the instance store now
-    if queue_series:
-        for series_uid, study_uid in summary.series.items():
-            queue.enqueue_series(store.db, series_uid, study_uid, priority=1)
     return summary

@@ -163,16 +163,17 @@ def write_report_object(reference_path: Path, pdf: bytes, title: str, out_dir: P
 
 
 def write_outputs(record: dict[str, Any], image_paths: list[Path], out_dir: Path,
-                  report_pdf: tuple[bytes, str] | None = None) -> list[Path]:
+                  report_pdf: tuple[bytes, str] | None = None, home: Path | None = None) -> list[Path]:
     """Build, write and read back the SR, key images and (given ``(pdf, title)``) the report of an analysed
-    series; returns their paths."""
+    series; returns their paths. Key images are found relative to the data directory ``home``."""
     import highdicom as hd
 
 
     evidence = [_conformant(pydicom.dcmread(p, stop_before_pixels=True)) for p in image_paths[:1]]
     objects = [build_sr(evidence, record["results"])]
     sc_series = hd.UID()
-    pngs = [Path(f["key_image"]) for r in record["results"] for f in r["findings"] if f.get("key_image")]
+    root = home or Path.cwd()
+    pngs = [root / f["key_image"] for r in record["results"] for f in r["findings"] if f.get("key_image")]
     objects += [build_key_image(evidence[0], png, k + 1, sc_series) for k, png in enumerate(pngs)]
     if report_pdf is not None:
         objects.append(build_encapsulated_pdf(evidence[0], *report_pdf))

@@ -41,7 +41,10 @@ def key_image_finder(home: Path) -> Callable[[dict[str, Any], int], Path | None]
     root = (home / "artefacts").resolve()
 
     def find(result: dict[str, Any], n: int) -> Path | None:
-        path = Path(result["findings"][n].get("key_image", "")).resolve()
+        stored = result["findings"][n].get("key_image")
+        if not stored:
+            return None
+        path = (home / stored).resolve()  # relative to the data directory (older results: absolute)
         return path if path.is_relative_to(root) and path.is_file() else None
     return find
 

@@ -17,6 +17,8 @@ from typing import Any
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
+from appliance.store.states import STUDY_STATUS_SQL
+
 DATABASE_NAME = "appliance.sqlite"
 BUSY_TIMEOUT_MS = 30_000
 
@@ -102,13 +104,20 @@ FLAGGED_SQL = """SELECT EXISTS (SELECT 1 FROM analyses a CROSS JOIN results r ON
 
 
 def refresh_study(db: sqlite_utils.Database, study_instance_uid: str) -> None:
-    """Recompute the study row's search text and flag (inside the caller's transaction)."""
-    db.execute(f"UPDATE studies SET search_text = ({SEARCH_TEXT_SQL}), flagged = ({FLAGGED_SQL}) "
-               "WHERE study_instance_uid = ?", [study_instance_uid])
+    """Recompute the study row's search text, flag and status (inside the caller's transaction)."""
+    db.execute(f"UPDATE studies SET search_text = ({SEARCH_TEXT_SQL}), flagged = ({FLAGGED_SQL}), "
+               f"status = ({STUDY_STATUS_SQL}) WHERE study_instance_uid = ?", [study_instance_uid])
+
+
+def refresh_study_status(db: sqlite_utils.Database, study_instance_uid: str) -> None:
+    """Store the study's status (:data:`states.STUDY_STATUS_SQL`) after a job or series of it changed."""
+    db.execute(f"UPDATE studies SET status = ({STUDY_STATUS_SQL}) WHERE study_instance_uid = ?",
+               [study_instance_uid])
 
 
 def refresh_all_studies(db: sqlite_utils.Database) -> None:
-    db.execute(f"UPDATE studies SET search_text = ({SEARCH_TEXT_SQL}), flagged = ({FLAGGED_SQL})")
+    db.execute(f"UPDATE studies SET search_text = ({SEARCH_TEXT_SQL}), flagged = ({FLAGGED_SQL}), "
+               f"status = ({STUDY_STATUS_SQL})")
 
 
 @migrations()
@@ -132,7 +141,7 @@ def m004_web(db: sqlite_utils.Database) -> None:
     # what the worklist searches and flags, kept on the study row so a filter reads one table
     db["studies"].add_column("search_text", str)
     db["studies"].add_column("flagged", int, not_null_default=0)
-    refresh_all_studies(db)
+    db.execute(f"UPDATE studies SET search_text = ({SEARCH_TEXT_SQL}), flagged = ({FLAGGED_SQL})")
     db["studies"].create_index(["study_date", "study_time", "created_at"])
     db["series"].create_index(["status", "study_instance_uid"])
     db["studies"].create_index(["created_at"])
@@ -151,6 +160,21 @@ def m005_exports(db: sqlite_utils.Database) -> None:
         "error": str,
     }, pk="id")
     db["exports"].create_index(["month", "revision"])
+
+
+@migrations()
+def m006_owned_jobs(db: sqlite_utils.Database) -> None:
+    """Jobs name the worker that holds them; analyses keep their whole record; studies store their status."""
+    jobs = db.table("jobs")
+    for column in ("worker_id", "worker_boot_id"):
+        jobs.add_column(column, str)
+    jobs.add_column("worker_pid", int)
+    jobs.add_column("analysis_id", int)
+    jobs.add_column("stage", str)
+    db.table("analyses").add_column("record", str)
+    db.table("studies").add_column("status", str)
+    db.execute(f"UPDATE studies SET status = ({STUDY_STATUS_SQL})")
+    db.table("studies").create_index(["status"])
 
 
 def site_threshold(db: sqlite_utils.Database, model: str, model_version: str) -> float | None:

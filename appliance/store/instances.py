@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,14 +20,15 @@ import sqlite_utils
 
 from appliance.errors import InstanceRejected
 from appliance.ingest.validate import InstanceHeader, is_valid_uid, read_header
-from appliance.store import quarantine
-from appliance.store.database import refresh_study, utcnow, write_transaction
+from appliance.store import datadir, quarantine
+from appliance.config import Settings
+from appliance.store.database import open_database, refresh_study, refresh_study_status, utcnow, write_transaction
+from appliance.store.datadir import DataDirectory, hold_writer_lock
 from appliance.store.files import copy_to_temp, durable_rename
 
 log = logging.getLogger(__name__)
 
-INSTANCES_DIR = "instances"
-TMP_DIR = ".tmp"
+INSTANCES_DIR = datadir.INSTANCES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,20 +85,29 @@ def _index(db: sqlite_utils.Database, header: InstanceHeader, path: Path, size: 
     if db.execute("SELECT search_text IS NULL FROM studies WHERE study_instance_uid = ?",
                   [header.study_instance_uid]).fetchone()[0]:
         refresh_study(db, header.study_instance_uid)
+    else:
+        refresh_study_status(db, header.study_instance_uid)
 
 
 class InstanceStore:
-    """Accepts DICOM files durably into the data directory ``home`` and its database."""
+    """Accepts DICOM files durably into the data directory ``home`` and its database.
 
-    def __init__(self, home: Path, db: sqlite_utils.Database, *, max_bytes: int = 2 * 1024**3,
+    ``tmp_dir`` is where files are written before they are renamed into place: the writer's own
+    scratch folder (see :mod:`appliance.store.datadir`), never shared with another process.
+    """
+
+    def __init__(self, home: Path, db: sqlite_utils.Database, *, tmp_dir: Path, max_bytes: int = 2 * 1024**3,
                  max_rows_columns: int = 4096, max_frames: int = 4096):
         self.home = home
         self.db = db
         self.max_bytes = max_bytes
         self.max_rows_columns = max_rows_columns
         self.max_frames = max_frames
-        self.tmp_dir = home / INSTANCES_DIR / TMP_DIR
+        self.tmp_dir = tmp_dir
 
+    @property
+    def datadir(self) -> DataDirectory:
+        return DataDirectory(self.home)
     def accept(self, stream: BinaryIO, *, source: str, original_name: str) -> Accepted:
         """Store the DICOM file read from ``stream``; return only once it is durable.
 
@@ -118,36 +129,57 @@ class InstanceStore:
         return self._file(tmp, header, size, sha256, source)
 
     def _file(self, tmp: Path, header: InstanceHeader, size: int, sha256: str, source: str) -> Accepted:
+        """Rename into place and index in one write transaction, so two writers never file one instance twice."""
         final = instance_path(self.home, header)
-        if self.db.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?",
-                           [header.sop_instance_uid]).fetchone():
-            tmp.unlink(missing_ok=True)
-            return Accepted("duplicate", header, final)
-        durable_rename(tmp, final)
         with write_transaction(self.db):
             if self.db.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?",
                                [header.sop_instance_uid]).fetchone():
-                return Accepted("duplicate", header, final)  # a concurrent writer filed it first
+                tmp.unlink(missing_ok=True)
+                return Accepted("duplicate", header, final)
+            durable_rename(tmp, final)
             _index(self.db, header, final, size, sha256, source, self.home)
         return Accepted("stored", header, final)
 
-    def sweep_orphans(self) -> int:
-        """Remove what a crash can leave: temporary files and files never indexed. Returns the count."""
-        removed = 0
-        if self.tmp_dir.is_dir():
-            for entry in self.tmp_dir.iterdir():
-                entry.unlink(missing_ok=True)
+
+def open_store(settings: Settings) -> InstanceStore:
+    """Open the data directory of ``settings`` as a writer: migrate the database, hold the writer lock.
+
+    Deletes nothing: crash recovery (:func:`recover`) runs inside the lock, and only when this is the
+    first writer alive.
+    """
+    ddir = DataDirectory(settings.home_path)
+    db = open_database(ddir.home)
+    scratch = hold_writer_lock(ddir, recover)
+    return InstanceStore(ddir.home, db, tmp_dir=scratch, max_bytes=settings.max_instance_bytes,
+                         max_rows_columns=settings.max_rows_columns, max_frames=settings.max_frames)
+
+
+def recover(ddir: DataDirectory) -> int:
+    """Remove what an interrupted write left: scratch files, spooled uploads, files never indexed.
+
+    Call only under the exclusive writer lock (no writer alive). Returns how many files went.
+    """
+    removed = 0
+    for folder in (ddir.scratch, ddir.uploads):
+        if folder.is_dir():
+            for entry in folder.iterdir():
                 removed += 1
-        root = self.home / INSTANCES_DIR
-        if not root.is_dir():
-            return removed
-        known = {row[0] for row in self.db.execute("SELECT path FROM instances")}
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if d != TMP_DIR]
-            for name in filenames:
-                path = Path(dirpath) / name
-                if str(path.relative_to(self.home)) not in known:
-                    log.warning("removing %s: stored but never indexed (interrupted write)", path)
-                    path.unlink(missing_ok=True)
-                    removed += 1
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    if not ddir.instances.is_dir():
         return removed
+    db = open_database(ddir.home)
+    try:
+        known = {row[0] for row in db.execute("SELECT path FROM instances")}
+    finally:
+        db.conn.close()
+    for dirpath, dirnames, filenames in os.walk(ddir.instances):
+        dirnames[:] = [d for d in dirnames if d != datadir.SCRATCH]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if str(path.relative_to(ddir.home)) not in known:
+                log.warning("removing %s: stored but never indexed (interrupted write)", path)
+                path.unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        log.info("crash recovery removed %d file(s) left by an interrupted write", removed)
+    return removed

@@ -7,32 +7,10 @@ from typing import Any
 
 import sqlite_utils
 
-# one study's state from its series and jobs, most urgent first
-STUDY_STATUS_SQL = """
-CASE
-  WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.study_instance_uid = st.study_instance_uid AND j.state = 'running'
-               AND j.kind = 'analyze')
-    THEN 'running'
-  WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.study_instance_uid = st.study_instance_uid AND j.state = 'queued'
-               AND j.kind = 'analyze')
-    THEN 'queued'
-  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_instance_uid = st.study_instance_uid AND s.status = 'received'
-               AND EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid = s.series_instance_uid
-                           AND j.state = 'failed' AND j.kind = 'analyze'
-                           AND j.created_at >= s.last_received_at))
-    THEN 'failed'
-  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_instance_uid = st.study_instance_uid AND s.status = 'received')
-    THEN 'queued'
-  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_instance_uid = st.study_instance_uid AND s.status = 'analyzed')
-    THEN 'done'
-  ELSE 'rejected'
-END"""
-
-
 def study(db: sqlite_utils.Database, study_uid: str) -> dict[str, Any] | None:
     """Everything the study page shows: patient, series with their state, current results, reviews."""
     rows = list(db.query(
-        f"SELECT st.*, p.patient_name, p.patient_id, p.patient_birth_date, p.patient_sex, {STUDY_STATUS_SQL} AS status "
+        "SELECT st.*, p.patient_name, p.patient_id, p.patient_birth_date, p.patient_sex"
         "FROM studies st LEFT JOIN patients p ON p.patient_key = st.patient_key WHERE st.study_instance_uid = ?",
         [study_uid]))
     if not rows:

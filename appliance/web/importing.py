@@ -7,12 +7,12 @@ from typing import Any
 from flask import Blueprint, abort, flash, g, jsonify, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 
-from appliance.analysis import open_store
 from appliance.errors import Rejected
 from appliance.ingest.upload import UploadTooLarge, receive_upload
 from appliance.jobs import queue
 from appliance.store import imports, quarantine
 from appliance.store.database import audit, utcnow, write_transaction
+from appliance.store.instances import open_store
 from appliance.web import get_db, settings_of
 from appliance.web.auth import role_required
 
@@ -50,7 +50,7 @@ def upload():
         import_id = _upload_ledger(store.db, request.form.get("upload_id", type=int))
         parts = [(f.filename or "", f.stream) for f in request.files.getlist("files")]
         try:
-            summary = receive_upload(parts, store, settings, queue_series=False)
+            summary = receive_upload(parts, store, settings)
         except UploadTooLarge as exc:
             return jsonify(error="UPLOAD_TOO_LARGE", message=str(exc)), UploadTooLarge.http_status
         with write_transaction(store.db):

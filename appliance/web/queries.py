@@ -10,35 +10,11 @@ from typing import Any
 
 import sqlite_utils
 
-from appliance.store.studies import STUDY_STATUS_SQL
+from appliance.store.states import StudyStatus
 
 PAGE_SIZE = 50
-STATUSES = ("queued", "running", "done", "failed", "rejected")
-
-# studies in each state, as sets the database builds once per query (cheap membership tests per row)
-_RUNNING = "SELECT study_instance_uid FROM jobs WHERE state = 'running' AND kind = 'analyze'"
-_QUEUED_JOB = "SELECT study_instance_uid FROM jobs WHERE state = 'queued' AND kind = 'analyze'"
-_RECEIVED = "SELECT study_instance_uid FROM series WHERE status = 'received'"
-_FAILED = ("SELECT s.study_instance_uid FROM series s JOIN jobs j ON j.series_instance_uid = s.series_instance_uid "
-           "WHERE s.status = 'received' AND j.state = 'failed' AND j.kind = 'analyze' "
-           "AND j.created_at >= s.last_received_at")
-_ANALYZED = "SELECT study_instance_uid FROM series WHERE status = 'analyzed'"
-
-def _status_clause(status: str) -> str:
-    """SQL true for studies whose :data:`STUDY_STATUS_SQL` is ``status``, by set membership."""
-    uid = "st.study_instance_uid"
-    def is_in(sql: str) -> str:
-        return f"{uid} IN ({sql})"
-    def not_in(sql: str) -> str:
-        return f"{uid} NOT IN ({sql})"
-    return {
-        "running": is_in(_RUNNING),
-        "queued": f"{not_in(_RUNNING)} AND ({is_in(_QUEUED_JOB)} OR ({not_in(_FAILED)} AND {is_in(_RECEIVED)}))",
-        "failed": f"{not_in(_RUNNING)} AND {not_in(_QUEUED_JOB)} AND {is_in(_FAILED)}",
-        "done": f"{not_in(_RUNNING)} AND {not_in(_QUEUED_JOB)} AND {not_in(_RECEIVED)} AND {is_in(_ANALYZED)}",
-        "rejected": f"{not_in(_RUNNING)} AND {not_in(_QUEUED_JOB)} AND {not_in(_RECEIVED)} AND {not_in(_ANALYZED)}",
-    }[status]
-
+STATUSES = tuple(s.value for s in (StudyStatus.QUEUED, StudyStatus.RUNNING, StudyStatus.DONE, StudyStatus.FAILED,
+                                    StudyStatus.REJECTED))
 
 @dataclasses.dataclass
 class WorklistFilter:
@@ -66,7 +42,8 @@ class WorklistFilter:
         if self.flagged:
             clauses.append("st.flagged = 1")
         if self.status in STATUSES:
-            clauses.append(_status_clause(self.status))
+            clauses.append("st.status = ?")  # stored on the row whenever its jobs or series change
+            args.append(self.status)
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
@@ -87,7 +64,7 @@ def worklist(db: sqlite_utils.Database, flt: WorklistFilter) -> tuple[list[dict[
         return [], total
     found = {r["study_instance_uid"]: r for r in db.query(
         f"SELECT st.study_instance_uid, st.study_date, st.study_time, st.study_description, st.accession_number, "
-        f"st.created_at, p.patient_name, p.patient_id, {STUDY_STATUS_SQL} AS status FROM studies st "
+        f"st.created_at, p.patient_name, p.patient_id, st.status FROM studies st "
         f"LEFT JOIN patients p ON p.patient_key = st.patient_key WHERE st.study_instance_uid IN ({_in(uids)})", uids)}
     rows = [found[uid] for uid in uids]
     _decorate(db, rows)
@@ -139,7 +116,7 @@ def progress(db: sqlite_utils.Database, study_uids: list[str]) -> dict[str, dict
     uids = study_uids[:PAGE_SIZE]
     if not uids:
         return {}
-    rows = list(db.query(f"SELECT st.study_instance_uid, {STUDY_STATUS_SQL} AS status FROM studies st "
+    rows = list(db.query(f"SELECT st.study_instance_uid, st.status FROM studies st "
                          f"WHERE st.study_instance_uid IN ({_in(uids)})", uids))
     _decorate(db, rows)
     return {r["study_instance_uid"]: {"status": r["status"], "progress": r["progress"], "error": r["error"],
