@@ -22,9 +22,13 @@ class Worker:
         self.store = self.runner.store
         self.runner.requeue_abandoned()
 
+    def forward(self) -> None:
+        """Send what waits in the outbox (see :meth:`JobRunner.forward`)."""
+        self.runner.forward()
+
     def run_once(self) -> bool:
         """Queue what is ready and run one job; returns whether a job ran."""
-        self.runner.forward()
+        self.forward()
         self.runner.requeue_abandoned()
         queue.enqueue_ready(self.store.db, self.settings.quiet_period_seconds)
         return self.runner.run_next() is not None

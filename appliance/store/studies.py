@@ -10,7 +10,7 @@ import sqlite_utils
 def study(db: sqlite_utils.Database, study_uid: str) -> dict[str, Any] | None:
     """Everything the study page shows: patient, series with their state, current results, reviews."""
     rows = list(db.query(
-        "SELECT st.*, p.patient_name, p.patient_id, p.patient_birth_date, p.patient_sex"
+        "SELECT st.*, p.patient_name, p.patient_id, p.patient_birth_date, p.patient_sex "
         "FROM studies st LEFT JOIN patients p ON p.patient_key = st.patient_key WHERE st.study_instance_uid = ?",
         [study_uid]))
     if not rows:

@@ -1,0 +1,160 @@
+"""One analysis path: a series dropped into incoming/, one imported with `appliance import`, one uploaded in the
+browser and one sent by C-STORE each reach a real Orthanc as SR + key images + Encapsulated PDF; and a data
+directory shared by a receiver under load and an importer in a loop loses no acknowledged image."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from appliance.synth.writer import SynthOptions, write_series
+
+from .conftest import need_data
+from .test_crash_safety import STORESCU, needs_dcmtk
+from .test_outputs_pacs import free_port, needs_orthanc, orthanc_get, start_orthanc
+from .web_helpers import csrf, login, make_accounts, web_settings
+
+APPLIANCE = [sys.executable, "-m", "appliance.cli"]
+
+
+def _env(home: Path, **settings: object) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env["APPLIANCE_HOME"] = str(home)
+    env.update({f"APPLIANCE_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+def _series(root: Path, name: str, seed: int) -> tuple[Path, str]:
+    folder = root / name
+    truth = write_series(folder, SynthOptions(slices=40, size=128, region="chest", seed=seed))
+    (folder / "ground_truth.json").unlink()
+    study = pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+    assert truth["series_instance_uid"]
+    return folder, str(study)
+
+
+def _modalities_by_study(http_port: int) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for instance in orthanc_get(http_port, "/instances"):
+        tags = orthanc_get(http_port, f"/instances/{instance}/simplified-tags")
+        found.setdefault(tags["StudyInstanceUID"], set()).add(tags["Modality"])
+    return found
+
+
+def _upload(home: Path, folder: Path) -> None:
+    """The technician's upload through the web endpoint (Flask's client, the real app over the same data)."""
+    from appliance.web import create_app
+
+    settings = web_settings(home.parent)
+    client = create_app(settings).test_client()
+    assert login(client, "tech").status_code == 302
+    parts = [(io.BytesIO(p.read_bytes()), p.name) for p in sorted(folder.glob("*.dcm"))]
+    answer = client.post("/import/upload", data={"files": parts, "final": "1", "csrf_token": csrf(client, "/import")},
+                         content_type="multipart/form-data")
+    assert answer.status_code == 200 and answer.get_json()["queued_series"] == 1, answer.get_data(as_text=True)
+
+
+@needs_orthanc
+@needs_dcmtk
+@pytest.mark.slow
+def test_every_way_in_reaches_the_pacs_as_sr_key_images_and_pdf(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    make_accounts(home)
+    pacs_port, dicom_port = free_port(), free_port()
+    orthanc, http_port = start_orthanc(tmp_path / "orthanc", pacs_port)
+    env = _env(home, pacs_destinations=f"ORTHANC@127.0.0.1:{pacs_port}", dicom_port=dicom_port,
+               web_port=free_port(), quiet_period_seconds=1, first_start_sample="false", outbox_backoff_seconds=1)
+    studies = {}
+    serve = subprocess.Popen([*APPLIANCE, "serve", "--poll-seconds", "0.5"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(100):
+            if subprocess.run(["/usr/bin/echoscu", "-aec", "APPLIANCE", "127.0.0.1", str(dicom_port)],
+                              capture_output=True).returncode == 0:
+                break
+            time.sleep(0.2)
+        folder, studies["drop"] = _series(tmp_path, "drop", 101)
+        shutil.copytree(folder, home / "incoming" / "from-usb")
+        folder, studies["import"] = _series(tmp_path, "import", 102)
+        run = subprocess.run([*APPLIANCE, "import", str(folder)], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        folder, studies["upload"] = _series(tmp_path, "upload", 103)
+        _upload(home, folder)
+        folder, studies["c-store"] = _series(tmp_path, "cstore", 104)
+        sent = subprocess.run([str(STORESCU), "-aec", "APPLIANCE", "127.0.0.1", str(dicom_port),
+                               *map(str, sorted(folder.glob("*.dcm")))], capture_output=True, text=True)
+        assert sent.returncode == 0, sent.stderr
+        deadline = time.monotonic() + 240
+        found: dict[str, set[str]] = {}
+        while time.monotonic() < deadline:
+            found = _modalities_by_study(http_port)
+            if all(found.get(uid) == {"SR", "OT", "DOC"} for uid in studies.values()):
+                break
+            time.sleep(1)
+        missing = {way: found.get(uid) for way, uid in studies.items() if found.get(uid) != {"SR", "OT", "DOC"}}
+        assert not missing, f"these ways in did not reach the PACS: {missing}"
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            out, _ = serve.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            out, _ = serve.communicate()
+        orthanc.terminate()
+        orthanc.wait(timeout=30)
+    assert "Traceback" not in out, out
+    assert out.count("model chest-covid19: ") == 1, out  # one registry, its sessions kept across jobs
+
+
+@needs_dcmtk
+@pytest.mark.slow
+def test_a_concurrent_importer_never_costs_the_receiver_an_acknowledged_image(tmp_path):
+    """DCMTK storescu sends the real 134-slice series again and again while `appliance import` runs in a loop."""
+    series = need_data("ct", "tcia-pancreas-ct-chest-abdomen")
+    files = sorted(str(p) for p in series.glob("*.dcm"))
+    home, port = tmp_path / "home", free_port()
+    env = _env(home, dicom_port=port)
+    receiver = subprocess.Popen([*APPLIANCE, "dicom"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    stop = tmp_path / "stop"
+    loop = subprocess.Popen(["bash", "-c", f"while [ ! -e {stop} ]; do {' '.join(APPLIANCE)} import {empty} "
+                                           f">/dev/null 2>&1; done"], env=env)
+    rounds = int(os.environ.get("APPLIANCE_TEST_SEND_ROUNDS", "3"))
+    try:
+        for _ in range(100):
+            if subprocess.run(["/usr/bin/echoscu", "-aec", "APPLIANCE", "127.0.0.1", str(port)],
+                              capture_output=True).returncode == 0:
+                break
+            time.sleep(0.2)
+        for n in range(rounds):
+            sent = subprocess.run([str(STORESCU), "-aec", "APPLIANCE", "127.0.0.1", str(port), *files],
+                                  capture_output=True, text=True)
+            assert sent.returncode == 0, f"send {n + 1} aborted: {sent.stderr[-2000:]}"
+    finally:
+        stop.touch()
+        loop.wait(timeout=120)
+        receiver.send_signal(signal.SIGINT)
+        try:
+            receiver.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            receiver.kill()
+    from appliance.store.database import open_database
+
+    db = open_database(home)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    rows = db.execute("SELECT path, sha256 FROM instances").fetchall()
+    assert len(rows) == len(files)
+    for path, _sha in rows:
+        pydicom.dcmread(home / path, stop_before_pixels=True)  # on disk and readable
