@@ -13,6 +13,7 @@ from typing import Any
 
 from appliance import __version__, config
 from appliance.errors import ApplianceError, NothingUsable
+from appliance.store.datadir import DataDirectory
 
 log = logging.getLogger("appliance")
 
@@ -332,7 +333,7 @@ def cmd_export(args: argparse.Namespace, settings: config.Settings) -> int:
     from appliance.export import run
 
     month = args.month or run.previous_month()
-    out = args.out or (Path(settings.export_dir) if settings.export_dir else settings.home_path / "exports")
+    out = args.out or (Path(settings.export_dir) if settings.export_dir else DataDirectory(settings.home_path).exports)
     result = run.export_month(settings, month, out, images=args.images or settings.export_images)
     if result.reused:
         print(f"{month}: nothing changed since {result.path.name} (revision {result.revision}); it stands.")

@@ -15,8 +15,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from appliance.errors import ApplianceError
+from appliance.store import datadir
+from appliance.store.datadir import DataDirectory
 
-KEYS_DIR = "keys"
+KEYS_DIR = datadir.KEYS
 SIGNING_KEY = "site-signing.key"
 PSEUDONYM_SECRET = "site-pseudonym.secret"
 
@@ -56,7 +58,7 @@ def _private_bytes(key: Ed25519PrivateKey | X25519PrivateKey) -> bytes:
 
 def init_site_keys(home: Path) -> Ed25519PublicKey:
     """Make the site's signing key and pseudonym secret (once; an existing key is kept)."""
-    folder = home / KEYS_DIR
+    folder = DataDirectory(home).keys
     if not (folder / SIGNING_KEY).exists():
         _write_private(folder / SIGNING_KEY, _private_bytes(Ed25519PrivateKey.generate()))
     if not (folder / PSEUDONYM_SECRET).exists():
@@ -73,14 +75,14 @@ def _load_private(path: Path):
 
 
 def signing_key(home: Path) -> Ed25519PrivateKey:
-    key = _load_private(home / KEYS_DIR / SIGNING_KEY)
+    key = _load_private(DataDirectory(home).keys / SIGNING_KEY)
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyProblem("the site signing key is not an Ed25519 key")
     return key
 
 
 def pseudonym_secret(home: Path) -> bytes:
-    path = home / KEYS_DIR / PSEUDONYM_SECRET
+    path = DataDirectory(home).keys / PSEUDONYM_SECRET
     if not path.is_file():
         raise KeyProblem(f"no pseudonym secret at {path}: run `appliance keys init` first")
     return path.read_bytes()

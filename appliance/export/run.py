@@ -27,6 +27,7 @@ from appliance.errors import ApplianceError
 from appliance.export import bundle, content, keys
 from appliance.export.deid import DEID_METHOD, Pseudonymizer
 from appliance.store.database import audit, open_database, utcnow, write_transaction
+from appliance.store.datadir import DataDirectory
 from appliance.store.files import durable_rename
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def _key_images(db: sqlite_utils.Database, home: Path, month: str, which: str, p
                 "SELECT s.series_instance_uid, (SELECT path FROM instances i WHERE i.series_instance_uid = "
                 "s.series_instance_uid LIMIT 1) FROM series s WHERE s.study_instance_uid = ?", [study_uid]):
             source = pydicom.dcmread(home / first_path, stop_before_pixels=True)
-            outputs = sorted((home / "artefacts" / study_uid / series_uid / "dicom").glob("ot-*.dcm"))
+            outputs = sorted((DataDirectory(home).series_artefacts(study_uid, series_uid) / "dicom").glob("ot-*.dcm"))
             if str(source.get("BurnedInAnnotation", "")).upper() == "YES":
                 left_out += len(outputs)
                 continue

@@ -14,6 +14,8 @@ from typing import Any
 
 from fpdf import FPDF
 
+from appliance.store.datadir import DataDirectory
+
 Gettext = Callable[..., str]
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 CATALOGUES = Path(__file__).resolve().parents[1] / "web" / "translations"
@@ -38,7 +40,7 @@ def translations(language: str) -> Gettext:
 
 def key_image_finder(home: Path) -> Callable[[dict[str, Any], int], Path | None]:
     """``find(result, n)``: the stored key image ``n`` of ``result`` when it lies inside the artefacts folder."""
-    root = (home / "artefacts").resolve()
+    root = DataDirectory(home).artefacts.resolve()
 
     def find(result: dict[str, Any], n: int) -> Path | None:
         stored = result["findings"][n].get("key_image")

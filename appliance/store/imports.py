@@ -10,9 +10,9 @@ from typing import Any
 import sqlite_utils
 
 from appliance.store.database import audit, utcnow, write_transaction
+from appliance.store.datadir import DataDirectory
 from appliance.store.files import write_bytes_durably
 
-USB_STATUS_FILE = "usb-status.json"
 
 
 def start(db: sqlite_utils.Database, source: str, actor: str) -> int:
@@ -50,7 +50,7 @@ def recent(db: sqlite_utils.Database, limit: int = 10) -> list[dict[str, Any]]:
 
 def write_usb_status(home: Path, device: str, state: str) -> None:
     """``usb-status.json`` for the import page: which medium, and whether it may be pulled out now."""
-    path = home / USB_STATUS_FILE
+    path = DataDirectory(home).usb_status
     write_bytes_durably(json.dumps({"device": device, "state": state, "at": utcnow()}).encode(), path)
     owner = os.stat(home)
     if os.geteuid() == 0:  # written by the root import unit; the web UI reads it as the data owner
@@ -59,6 +59,6 @@ def write_usb_status(home: Path, device: str, state: str) -> None:
 
 def read_usb_status(home: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((home / USB_STATUS_FILE).read_text())
+        return json.loads(DataDirectory(home).usb_status.read_text())
     except (OSError, ValueError):
         return None

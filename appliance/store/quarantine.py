@@ -9,9 +9,9 @@ import sqlite_utils
 
 from appliance.errors import Rejected
 from appliance.store.database import utcnow, write_transaction
+from appliance.store.datadir import DataDirectory
 from appliance.store.files import durable_rename
 
-QUARANTINE_DIR = "quarantine"
 
 
 def record(db: sqlite_utils.Database, home: Path, tmp: Path | None, *, source: str, original_name: str,
@@ -19,7 +19,7 @@ def record(db: sqlite_utils.Database, home: Path, tmp: Path | None, *, source: s
     """Move ``tmp`` (if any) into quarantine and record why. Returns the quarantine row id."""
     stored = None
     if tmp is not None:
-        stored = home / QUARANTINE_DIR / utcnow()[:10] / f"{uuid.uuid4().hex}.bin"
+        stored = DataDirectory(home).quarantine / utcnow()[:10] / f"{uuid.uuid4().hex}.bin"
         durable_rename(tmp, stored)
     with write_transaction(db):
         table = db["quarantine"]
@@ -40,7 +40,7 @@ def delete(db: sqlite_utils.Database, home: Path, row_id: int) -> dict | None:
         db.execute("DELETE FROM quarantine WHERE id = ?", [row_id])
     if rows[0]["path"]:
         path = (home / rows[0]["path"]).resolve()
-        if path.is_relative_to((home / QUARANTINE_DIR).resolve()):
+        if path.is_relative_to(DataDirectory(home).quarantine.resolve()):
             path.unlink(missing_ok=True)
     return rows[0]
 
