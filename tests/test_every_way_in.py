@@ -158,3 +158,34 @@ def test_a_concurrent_importer_never_costs_the_receiver_an_acknowledged_image(tm
     assert len(rows) == len(files)
     for path, _sha in rows:
         pydicom.dcmread(home / path, stop_before_pixels=True)  # on disk and readable
+
+
+@pytest.mark.slow
+def test_the_worklist_shows_a_running_jobs_progress_moving(tmp_path):
+    """A worker analyses a 160-slice study while the technician's worklist polls /api/progress."""
+    from appliance.web import create_app
+
+    home = tmp_path / "home"
+    home.mkdir()
+    make_accounts(home)
+    folder = tmp_path / "study"
+    write_series(folder, SynthOptions(slices=160, size=512, region="chest", seed=5))
+    (folder / "ground_truth.json").unlink()
+    env = _env(home, quiet_period_seconds=0)
+    run = subprocess.run([*APPLIANCE, "import", str(folder)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    uid = str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+    client = create_app(web_settings(tmp_path)).test_client()
+    assert login(client, "tech").status_code == 302
+    worker = subprocess.Popen([*APPLIANCE, "worker", "--once"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    seen: list[tuple[str, float | None]] = []
+    while worker.poll() is None:
+        doc = client.get(f"/api/progress?study={uid}").get_json()[uid]
+        seen.append((doc["status"], doc["progress"]))
+        time.sleep(0.1)
+    assert worker.returncode == 0, worker.stderr.read()
+    running = [p for status, p in seen if status == "running" and p is not None]
+    assert len(set(running)) >= 3, seen  # it moved, more than once, while the job ran
+    assert running == sorted(running) and 0.0 <= running[0] < running[-1] < 1.0
+    assert client.get(f"/api/progress?study={uid}").get_json()[uid]["status"] == "done"

@@ -3,6 +3,8 @@
 import threading
 import time
 
+import pytest
+
 from appliance import config
 from appliance.ingest.importer import import_paths
 from appliance.jobs import queue
@@ -214,3 +216,48 @@ def test_late_instances_requeue_the_series_and_supersede_its_result(tmp_path, sy
     db = worker.store.db
     assert db.execute("SELECT slices, superseded FROM analyses ORDER BY id").fetchall() == [(30, 1), (40, 0)]
     assert db.execute("SELECT state FROM jobs").fetchall() == [("done",), ("done",)]
+
+
+@pytest.mark.slow
+def test_two_workers_never_analyse_a_series_twice_and_a_kill_9_costs_one_retry(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from appliance.synth.writer import SynthOptions, write_series
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env.update(APPLIANCE_HOME=str(home), APPLIANCE_QUIET_PERIOD_SECONDS="0", APPLIANCE_JOB_BACKOFF_SECONDS="0")
+    for seed in range(4):
+        write_series(tmp_path / f"s{seed}", SynthOptions(slices=60, size=256, region="chest", seed=40 + seed))
+    run = subprocess.run([sys.executable, "-m", "appliance.cli", "import", *[str(tmp_path / f"s{n}") for n in range(4)]],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    workers = [subprocess.Popen([sys.executable, "-m", "appliance.cli", "worker"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    db = open_database(home)
+    killed = None
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and killed is None:
+            row = db.execute("SELECT worker_pid FROM jobs WHERE state = 'running' AND progress > 0").fetchone()
+            if row:
+                killed = next(w for w in workers if w.pid == row[0])
+                killed.send_signal(signal.SIGKILL)  # mid-job
+                killed.wait()
+            time.sleep(0.05)
+        assert killed is not None
+        while time.monotonic() < deadline and db.execute(
+                "SELECT count(*) FROM jobs WHERE state = 'done'").fetchone()[0] < 4:
+            time.sleep(0.2)
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGKILL)
+            w.wait()
+    assert db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall() == [("done", 4)]
+    per_series = db.execute("SELECT series_instance_uid, count(*) FROM analyses GROUP BY series_instance_uid").fetchall()
+    assert len(per_series) == 4 and all(n == 1 for _, n in per_series)  # each series analysed exactly once
+    assert db.execute("SELECT max(attempts) FROM jobs").fetchone()[0] == 2  # the killed one ran again
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
