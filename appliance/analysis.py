@@ -24,7 +24,7 @@ from appliance.inference.registry import Registry
 from appliance.jobs import queue
 from appliance.pipelines import StepResult, abdomen_pancreas, chest_covid19, lungs, series_qa
 from appliance.series.volume import CTVolume, load_series
-from appliance.store.database import refresh_study, site_threshold, utcnow, write_transaction
+from appliance.store.database import inserted_id, refresh_study, site_threshold, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory
 from appliance.store.states import SeriesStatus
 from appliance.store.files import write_bytes_durably
@@ -225,7 +225,7 @@ def _save(db: sqlite_utils.Database, record: dict[str, Any], job_id: int | None)
             "spacing_mm_zyx": json.dumps(record["spacing_mm_zyx"]), "seconds": json.dumps(record["seconds"]),
             "created_at": now, "superseded": 0, "record": json.dumps(record),
         })
-        analysis_id = int(analyses.last_pk)
+        analysis_id = inserted_id(analyses)
         if job_id is not None:
             queue.record_analysis(db, job_id, analysis_id)
         for r in record["results"]:

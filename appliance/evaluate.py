@@ -158,7 +158,7 @@ def record_operating_point(settings: Settings, doc: dict[str, Any], actor: str) 
     db = open_database(settings.home_path)
     point = doc["for_sensitivity"]
     with write_transaction(db):
-        db["operating_points"].insert({
+        db.table("operating_points").insert({
             "model": doc["model"], "model_version": doc["model_version"], "threshold": point["threshold"],
             "target_sensitivity": point["target"], "evaluation": json.dumps(doc), "recorded_by": actor,
             "recorded_at": utcnow()})

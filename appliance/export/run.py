@@ -26,7 +26,7 @@ from appliance.config import Settings
 from appliance.errors import ApplianceError
 from appliance.export import bundle, content, keys
 from appliance.export.deid import DEID_METHOD, Pseudonymizer
-from appliance.store.database import audit, open_database, utcnow, write_transaction
+from appliance.store.database import audit, inserted_id, open_database, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory
 from appliance.store.files import durable_rename
 
@@ -120,10 +120,10 @@ def _start(db: sqlite_utils.Database, month: str) -> tuple[int, int]:
         if running:
             return int(running[0]), int(running[1])
         last = db.execute("SELECT max(revision) FROM exports WHERE month = ?", [month]).fetchone()[0] or 0
-        table = db["exports"]
+        table = db.table("exports")
         table.insert({"month": month, "revision": last + 1, "state": "running", "actor": getpass.getuser(),
                       "started_at": utcnow()})
-        return int(table.last_pk), last + 1
+        return inserted_id(table), last + 1
 
 
 def _unchanged(db: sqlite_utils.Database, month: str, content_sha: str, out_dir: Path) -> Path | None:
@@ -213,7 +213,7 @@ def _export(db, settings, month, out_dir, images, now, hub, sid, signer, pseudo)
     bundle.verify_outer(final.read_bytes(), signer.public_key())
     digest = hashlib.sha256(data).hexdigest()
     with write_transaction(db):
-        db["exports"].update(row_id, {"state": "done", "path": str(final), "sha256": digest,
+        db.table("exports").update(row_id, {"state": "done", "path": str(final), "sha256": digest,
                                       "content_sha256": content_sha, "size_bytes": len(data), "studies": studies,
                                       "results": len(rows), "finished_at": utcnow()})
         audit(db, getpass.getuser(), "export", month, revision=revision, path=str(final), sha256=digest,

@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlite_utils
 
-from appliance.store.database import refresh_study_status, utcnow, write_transaction
+from appliance.store.database import inserted_id, refresh_study_status, utcnow, write_transaction
 from appliance.store.states import JobKind, JobState, SeriesStatus
 
 QUEUED, RUNNING, DONE, FAILED = JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED
@@ -41,7 +41,7 @@ def enqueue_series(db: sqlite_utils.Database, series_uid: str, study_uid: str, p
                      "state": QUEUED.value, "priority": priority, "attempts": 0, "not_before": now,
                      "lease_until": None, "progress": 0.0, "error": None, "created_at": now, "updated_at": now})
         refresh_study_status(db, study_uid)
-        return int(jobs.last_pk)
+        return inserted_id(jobs)
 
 
 def enqueue_many(db: sqlite_utils.Database, series: dict[str, str], priority: int = 1) -> list[int]:
@@ -89,7 +89,8 @@ def claim(db: sqlite_utils.Database, lease_seconds: float, worker: Any,
     One writer at a time: no two workers get the same job, and a series whose job is running waits.
     ``worker`` is a :class:`appliance.jobs.owner.WorkerIdentity`.
     """
-    sql, args = _CLAIMABLE, [QUEUED.value, utcnow(), RUNNING.value]
+    sql = _CLAIMABLE
+    args: list[Any] = [QUEUED.value, utcnow(), RUNNING.value]
     if job_ids is not None:
         ids = list(job_ids)
         if not ids:

@@ -145,6 +145,8 @@ class JobRunner:
         from appliance.store.studies import latest_reviews, study
 
         doc = study(self.store.db, study_uid)
+        if doc is None:
+            raise LookupError(f"study {study_uid} is not in the store")
         _ = report.translations(self.settings.web_language)
         pdf = report.render_pdf(doc, latest_reviews(doc["reviews"]), self.settings.site_name, _,
                                 report.key_image_finder(self.store.home))

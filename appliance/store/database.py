@@ -27,71 +27,71 @@ migrations = Migrations("appliance")
 
 @migrations()
 def m001_initial(db: sqlite_utils.Database) -> None:
-    db["patients"].create({
+    db.table("patients").create({
         "patient_key": str, "patient_id": str, "patient_name": str,
         "patient_birth_date": str, "patient_sex": str,
     }, pk="patient_key")
-    db["studies"].create({
+    db.table("studies").create({
         "study_instance_uid": str, "patient_key": str, "study_date": str, "study_time": str,
         "study_description": str, "accession_number": str, "created_at": str, "updated_at": str,
     }, pk="study_instance_uid", foreign_keys=[("patient_key", "patients")])
-    db["series"].create({
+    db.table("series").create({
         "series_instance_uid": str, "study_instance_uid": str, "modality": str, "series_number": int,
         "series_description": str, "instance_count": int, "status": str, "reason_code": str,
         "reason": str, "last_received_at": str, "updated_at": str,
     }, pk="series_instance_uid", foreign_keys=[("study_instance_uid", "studies")])
-    db["instances"].create({
+    db.table("instances").create({
         "sop_instance_uid": str, "series_instance_uid": str, "study_instance_uid": str,
         "sop_class_uid": str, "transfer_syntax_uid": str, "instance_number": int, "path": str,
         "size_bytes": int, "sha256": str, "source": str, "received_at": str,
     }, pk="sop_instance_uid", foreign_keys=[("series_instance_uid", "series")])
-    db["analyses"].create({
+    db.table("analyses").create({
         "id": int, "series_instance_uid": str, "study_instance_uid": str, "status": str,
         "reason_code": str, "reason": str, "problems": str, "slices": int, "shape_zyx": str,
         "spacing_mm_zyx": str, "seconds": str, "created_at": str, "superseded": int,
     }, pk="id", foreign_keys=[("series_instance_uid", "series")])
-    db["results"].create({
+    db.table("results").create({
         "id": int, "analysis_id": int, "series_instance_uid": str, "model": str, "model_version": str,
         "validated": int, "backend": str, "precision": str, "score": float, "threshold": float,
         "flagged": int, "findings": str, "seconds": float, "created_at": str,
     }, pk="id", foreign_keys=[("analysis_id", "analyses")])
-    db["jobs"].create({
+    db.table("jobs").create({
         "id": int, "kind": str, "study_instance_uid": str, "series_instance_uid": str, "state": str,
         "priority": int, "attempts": int, "not_before": str, "lease_until": str, "progress": float,
         "error": str, "created_at": str, "updated_at": str,
     }, pk="id")
-    db["quarantine"].create({
+    db.table("quarantine").create({
         "id": int, "source": str, "original_name": str, "path": str, "size_bytes": int,
         "sha256": str, "reason_code": str, "reason": str, "created_at": str,
     }, pk="id")
-    db["audit_log"].create({
+    db.table("audit_log").create({
         "id": int, "at": str, "actor": str, "action": str, "object": str, "detail": str,
     }, pk="id")
-    db["instances"].create_index(["series_instance_uid"])
-    db["series"].create_index(["study_instance_uid"])
-    db["analyses"].create_index(["series_instance_uid"])
-    db["results"].create_index(["analysis_id"])
-    db["jobs"].create_index(["state", "priority"])
-    db["studies"].create_index(["study_date"])
+    db.table("instances").create_index(["series_instance_uid"])
+    db.table("series").create_index(["study_instance_uid"])
+    db.table("analyses").create_index(["series_instance_uid"])
+    db.table("results").create_index(["analysis_id"])
+    db.table("jobs").create_index(["state", "priority"])
+    db.table("studies").create_index(["study_date"])
 
 
 @migrations()
 def m002_operating_points(db: sqlite_utils.Database) -> None:
-    db["operating_points"].create({
+    db.table("operating_points").create({
         "id": int, "model": str, "model_version": str, "threshold": float, "target_sensitivity": float,
         "evaluation": str, "recorded_by": str, "recorded_at": str,
     }, pk="id")
-    db["operating_points"].create_index(["model", "model_version"])
+    db.table("operating_points").create_index(["model", "model_version"])
 
 
 @migrations()
 def m003_outbox(db: sqlite_utils.Database) -> None:
-    db["outbox"].create({
+    db.table("outbox").create({
         "id": int, "destination": str, "path": str, "sop_instance_uid": str, "series_instance_uid": str,
         "state": str, "attempts": int, "not_before": str, "error": str, "created_at": str, "sent_at": str,
     }, pk="id")
-    db["outbox"].create_index(["state", "not_before"])
-    db["outbox"].create_index(["destination", "sop_instance_uid"], unique=True)
+    db.table("outbox").create_index(["state", "not_before"])
+    db.table("outbox").create_index(["destination", "sop_instance_uid"], unique=True)
 
 
 # lower-case patient name (components spaced), patient ID, accession number and study description
@@ -122,31 +122,31 @@ def refresh_all_studies(db: sqlite_utils.Database) -> None:
 
 @migrations()
 def m004_web(db: sqlite_utils.Database) -> None:
-    db["users"].create({
+    db.table("users").create({
         "username": str, "password_hash": str, "role": str, "disabled": int, "language": str,
         "created_at": str, "password_changed_at": str,
     }, pk="username")
-    db["login_failures"].create({"id": int, "username": str, "address": str, "at": str}, pk="id")
-    db["login_failures"].create_index(["at"])
-    db["reviews"].create({
+    db.table("login_failures").create({"id": int, "username": str, "address": str, "at": str}, pk="id")
+    db.table("login_failures").create_index(["at"])
+    db.table("reviews").create({
         "id": int, "result_id": int, "study_instance_uid": str, "series_instance_uid": str, "model": str,
         "decision": str, "comment": str, "reviewer": str, "at": str,
     }, pk="id", foreign_keys=[("result_id", "results")])
-    db["reviews"].create_index(["study_instance_uid"])
-    db["results"].create_index(["series_instance_uid"])
-    db["results"].add_column("notice", str)  # the model's own words on its validation, shown with the result
-    db["jobs"].create_index(["series_instance_uid"])
-    db["jobs"].create_index(["study_instance_uid", "state"])
-    db["analyses"].create_index(["study_instance_uid", "superseded"])
+    db.table("reviews").create_index(["study_instance_uid"])
+    db.table("results").create_index(["series_instance_uid"])
+    db.table("results").add_column("notice", str)  # the model's own words on its validation, shown with the result
+    db.table("jobs").create_index(["series_instance_uid"])
+    db.table("jobs").create_index(["study_instance_uid", "state"])
+    db.table("analyses").create_index(["study_instance_uid", "superseded"])
     # what the worklist searches and flags, kept on the study row so a filter reads one table
-    db["studies"].add_column("search_text", str)
-    db["studies"].add_column("flagged", int, not_null_default=0)
+    db.table("studies").add_column("search_text", str)
+    db.table("studies").add_column("flagged", int, not_null_default=0)
     db.execute(f"UPDATE studies SET search_text = ({SEARCH_TEXT_SQL}), flagged = ({FLAGGED_SQL})")
-    db["studies"].create_index(["study_date", "study_time", "created_at"])
-    db["series"].create_index(["status", "study_instance_uid"])
-    db["studies"].create_index(["created_at"])
-    db["audit_log"].create_index(["at"])
-    db["imports"].create({
+    db.table("studies").create_index(["study_date", "study_time", "created_at"])
+    db.table("series").create_index(["status", "study_instance_uid"])
+    db.table("studies").create_index(["created_at"])
+    db.table("audit_log").create_index(["at"])
+    db.table("imports").create({
         "id": int, "source": str, "actor": str, "state": str, "files_read": int, "stored": int, "duplicates": int,
         "quarantined": int, "series": int, "started_at": str, "finished_at": str,
     }, pk="id")
@@ -154,12 +154,12 @@ def m004_web(db: sqlite_utils.Database) -> None:
 
 @migrations()
 def m005_exports(db: sqlite_utils.Database) -> None:
-    db["exports"].create({
+    db.table("exports").create({
         "id": int, "month": str, "revision": int, "state": str, "path": str, "sha256": str, "content_sha256": str,
         "size_bytes": int, "studies": int, "results": int, "actor": str, "started_at": str, "finished_at": str,
         "error": str,
     }, pk="id")
-    db["exports"].create_index(["month", "revision"])
+    db.table("exports").create_index(["month", "revision"])
 
 
 @migrations()
@@ -182,6 +182,13 @@ def site_threshold(db: sqlite_utils.Database, model: str, model_version: str) ->
     row = db.execute("SELECT threshold FROM operating_points WHERE model = ? AND model_version = ? "
                      "ORDER BY id DESC LIMIT 1", [model, model_version]).fetchone()
     return None if row is None else float(row[0])
+
+
+def inserted_id(table: sqlite_utils.db.Table) -> int:
+    """The rowid of the row ``table`` just inserted."""
+    if table.last_pk is None:
+        raise RuntimeError(f"nothing was inserted into {table.name}")
+    return int(table.last_pk)
 
 
 def utcnow() -> str:
@@ -232,7 +239,7 @@ def write_transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Databa
 
 def audit(db: sqlite_utils.Database, actor: str, action: str, obj: str = "", **detail: Any) -> None:
     """Append one row to the audit log (inside the caller's transaction if any)."""
-    db["audit_log"].insert({"at": utcnow(), "actor": actor, "action": action, "object": obj,
+    db.table("audit_log").insert({"at": utcnow(), "actor": actor, "action": action, "object": obj,
                             "detail": json.dumps(detail, sort_keys=True)})
 
 

@@ -173,7 +173,7 @@ def _open_lock(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
-def hold_writer_lock(ddir: DataDirectory, recover: Callable[[DataDirectory], None] | None = None) -> Path:
+def hold_writer_lock(ddir: DataDirectory, recover: Callable[[DataDirectory], object] | None = None) -> Path:
     """Hold the writer lock of ``ddir`` for the rest of this process; returns this process's scratch folder.
 
     The first writer to find no other alive runs ``recover`` (crash recovery) under the exclusive

@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlite_utils
 
-from appliance.store.database import audit, utcnow, write_transaction
+from appliance.store.database import audit, inserted_id, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory
 from appliance.store.files import write_bytes_durably
 
@@ -17,10 +17,10 @@ from appliance.store.files import write_bytes_durably
 
 def start(db: sqlite_utils.Database, source: str, actor: str) -> int:
     with write_transaction(db):
-        table = db["imports"]
+        table = db.table("imports")
         table.insert({"source": source, "actor": actor, "state": "running", "files_read": 0, "stored": 0,
                       "duplicates": 0, "quarantined": 0, "series": 0, "started_at": utcnow(), "finished_at": None})
-        return int(table.last_pk)
+        return inserted_id(table)
 
 
 def _counts(summary: Any) -> dict[str, int]:
@@ -33,14 +33,14 @@ def _counts(summary: Any) -> dict[str, int]:
 def update(db: sqlite_utils.Database, import_id: int, summary: Any) -> None:
     """Progress of a running import (counts so far)."""
     with write_transaction(db):
-        db["imports"].update(import_id, _counts(summary))
+        db.table("imports").update(import_id, _counts(summary))
 
 
 def finish(db: sqlite_utils.Database, import_id: int, summary: Any, state: str = "done") -> None:
     """The import's summary, and one audit entry for it."""
     with write_transaction(db):
-        row = db["imports"].get(import_id)
-        db["imports"].update(import_id, {**_counts(summary), "state": state, "finished_at": utcnow()})
+        row = db.table("imports").get(import_id)
+        db.table("imports").update(import_id, {**_counts(summary), "state": state, "finished_at": utcnow()})
         audit(db, row["actor"], "import", row["source"], **_counts(summary))
 
 

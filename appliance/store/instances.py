@@ -57,22 +57,22 @@ def _index(db: sqlite_utils.Database, header: InstanceHeader, path: Path, size: 
            sha256: str, source: str, home: Path) -> None:
     now = utcnow()
     key = _patient_key(header)
-    db["patients"].insert({
+    db.table("patients").insert({
         "patient_key": key, "patient_id": header.patient_id, "patient_name": header.patient_name,
         "patient_birth_date": header.patient_birth_date, "patient_sex": header.patient_sex,
     }, ignore=True)
-    db["studies"].insert({
+    db.table("studies").insert({
         "study_instance_uid": header.study_instance_uid, "patient_key": key, "study_date": header.study_date,
         "study_time": header.study_time, "study_description": header.study_description,
         "accession_number": header.accession_number, "created_at": now, "updated_at": now,
     }, ignore=True)
-    db["series"].insert({
+    db.table("series").insert({
         "series_instance_uid": header.series_instance_uid, "study_instance_uid": header.study_instance_uid,
         "modality": header.modality, "series_number": header.series_number,
         "series_description": header.series_description, "instance_count": 0, "status": "received",
         "reason_code": None, "reason": None, "last_received_at": now, "updated_at": now,
     }, ignore=True)
-    db["instances"].insert({
+    db.table("instances").insert({
         "sop_instance_uid": header.sop_instance_uid, "series_instance_uid": header.series_instance_uid,
         "study_instance_uid": header.study_instance_uid, "sop_class_uid": header.sop_class_uid,
         "transfer_syntax_uid": header.transfer_syntax_uid, "instance_number": header.instance_number,

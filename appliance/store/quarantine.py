@@ -8,7 +8,7 @@ from pathlib import Path
 import sqlite_utils
 
 from appliance.errors import Rejected
-from appliance.store.database import utcnow, write_transaction
+from appliance.store.database import inserted_id, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory
 from appliance.store.files import durable_rename
 
@@ -22,13 +22,13 @@ def record(db: sqlite_utils.Database, home: Path, tmp: Path | None, *, source: s
         stored = DataDirectory(home).quarantine / utcnow()[:10] / f"{uuid.uuid4().hex}.bin"
         durable_rename(tmp, stored)
     with write_transaction(db):
-        table = db["quarantine"]
+        table = db.table("quarantine")
         table.insert({
             "source": source, "original_name": original_name[:1024],
             "path": str(stored.relative_to(home)) if stored else None, "size_bytes": size, "sha256": sha256,
             "reason_code": rejection.reason_code.value, "reason": rejection.reason, "created_at": utcnow(),
         })
-        return int(table.last_pk)
+        return inserted_id(table)
 
 
 def delete(db: sqlite_utils.Database, home: Path, row_id: int) -> dict | None:

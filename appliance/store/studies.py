@@ -23,7 +23,7 @@ def study(db: sqlite_utils.Database, study_uid: str) -> dict[str, Any] | None:
     for series in doc["series"]:
         series["results"] = [_result(r) for r in db.query(
             "SELECT * FROM results WHERE analysis_id = ? ORDER BY model", [series["analysis_id"] or -1])]
-        analysis = db["analyses"].get(series["analysis_id"]) if series["analysis_id"] else None
+        analysis = db.table("analyses").get(series["analysis_id"]) if series["analysis_id"] else None
         series["problems"] = json.loads(analysis["problems"]) if analysis and analysis["problems"] else []
         series["job"] = next(db.query("SELECT state, progress, error, attempts FROM jobs WHERE series_instance_uid = ? "
                                       "AND kind = 'analyze' "

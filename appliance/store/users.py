@@ -46,7 +46,7 @@ def add_user(db: sqlite_utils.Database, username: str, password: str, role: str,
         if db.execute("SELECT 1 FROM users WHERE username = ?", [username]).fetchone():
             raise AccountError(f"the user {username} already exists")
         now = utcnow()
-        db["users"].insert({"username": username, "password_hash": generate_password_hash(password), "role": role,
+        db.table("users").insert({"username": username, "password_hash": generate_password_hash(password), "role": role,
                             "disabled": 0, "language": None, "created_at": now, "password_changed_at": now})
         audit(db, actor, "user_added", username, role=role)
 
@@ -76,7 +76,7 @@ def set_user(db: sqlite_utils.Database, username: str, actor: str, *, role: str 
             changes["role"] = role
         if disabled is not None:
             changes["disabled"] = int(disabled)
-        db["users"].update(username, changes)
+        db.table("users").update(username, changes)
         audit(db, actor, "user_changed", username, **changes)
 
 
@@ -116,5 +116,5 @@ def record_failure(db: sqlite_utils.Database, username: str, address: str) -> No
     old = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=1)).isoformat()
     with write_transaction(db):
         db.execute("DELETE FROM login_failures WHERE at < ?", [old])
-        db["login_failures"].insert({"username": username, "address": address, "at": utcnow()})
+        db.table("login_failures").insert({"username": username, "address": address, "at": utcnow()})
         audit(db, username or "-", "login_failed", address)
