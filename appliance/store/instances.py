@@ -17,8 +17,9 @@ from typing import BinaryIO
 
 import sqlite_utils
 
+from appliance.dicomfile.header import InstanceHeader, read_header
+from appliance.dicomfile.uids import is_valid_uid
 from appliance.errors import InstanceRejected
-from appliance.ingest.validate import InstanceHeader, is_valid_uid, read_header
 from appliance.store import quarantine
 from appliance.store.database import refresh_study, utcnow, write_transaction
 from appliance.store.files import copy_to_temp, durable_rename
