@@ -127,7 +127,7 @@ def cmd_synth(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def cmd_build_engines(args: argparse.Namespace, settings: config.Settings) -> int:
-    from appliance.inference.build import build_all
+    from appliance.calibration import build_all
 
     records = build_all(settings)
     if not records:

@@ -189,11 +189,36 @@ def test_parity_gate_refuses_a_precision_that_changes_decisions():
     assert not verdict["enabled"] and "decision agreement" in verdict["why"]
 
 
+def test_every_shipped_pack_names_a_calibration_set_the_appliance_has():
+    from appliance.calibration import CALIBRATION_SETS
+    from appliance.inference.build import calibration_set
+
+    found, refused = packs.load_packs(REPO / "engines")
+    assert found and not refused
+    for pack in found:
+        assert calibration_set(pack, CALIBRATION_SETS) is CALIBRATION_SETS[pack.manifest["calibration"]["inputs"]]
+
+
+def test_unknown_calibration_set_builds_no_int8_model_and_says_why(pack_copy, tmp_path):
+    from appliance.inference.build import build_pack, calibration_set
+
+    pack = packs.load_pack(pack_copy)
+    with pytest.raises(packs.PackRefused, match="calibration set 'chest-covid19'"):
+        calibration_set(pack, {"other": lambda settings: np.zeros((1, 1, 128, 128), np.float32)})
+    settings = config.load(environ={}, home=str(tmp_path / "home"), engines_dir=str(pack_copy.parent))
+    record = build_pack(pack, settings, calibration={}, say=lambda m: None)
+    assert not (pack_copy / "model.int8.onnx").exists() and record["parity"]["results"] == []
+    skipped = [s for s in record["parity"]["skipped"] if s["backend"] == "onnxruntime"]
+    assert skipped[0]["precision"] == "int8" and "does not have" in skipped[0]["why"]
+    assert "does not have" in (pack_copy / "parity.md").read_text()
+
+
 def test_build_writes_int8_model_parity_report_and_names_skipped_engines(pack_copy, tmp_path):
+    from appliance.calibration import CALIBRATION_SETS
     from appliance.inference.build import build_pack
 
     settings = config.load(environ={}, home=str(tmp_path / "home"), engines_dir=str(pack_copy.parent))
-    record = build_pack(packs.load_pack(pack_copy), settings, say=lambda m: None)
+    record = build_pack(packs.load_pack(pack_copy), settings, calibration=CALIBRATION_SETS, say=lambda m: None)
     assert (pack_copy / "model.int8.onnx").exists() and (pack_copy / "parity.md").exists()
     int8 = record["parity"]["results"][0]
     assert (int8["backend"], int8["precision"]) == ("onnxruntime", "int8")
@@ -210,9 +235,10 @@ def test_build_writes_int8_model_parity_report_and_names_skipped_engines(pack_co
 
 @pytest.mark.skipif(not trt_backend.is_available(), reason="needs TensorRT and an NVIDIA GPU")
 def test_tensorrt_fp16_engine_builds_and_matches_fp32(pack_copy, tmp_path):
+    from appliance.calibration import CALIBRATION_SETS
     from appliance.inference.build import build_pack
 
     settings = config.load(environ={}, home=str(tmp_path / "home"), engines_dir=str(pack_copy.parent))
-    record = build_pack(packs.load_pack(pack_copy), settings, say=lambda m: None)
+    record = build_pack(packs.load_pack(pack_copy), settings, calibration=CALIBRATION_SETS, say=lambda m: None)
     fp16 = next(r for r in record["parity"]["results"] if r["backend"] == "tensorrt" and r["precision"] == "fp16")
     assert fp16["max_abs_diff"] < 0.05

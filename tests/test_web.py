@@ -154,6 +154,19 @@ def test_logins_are_audited(client, app_settings):
     assert [r["actor"] for r in _audit(app_settings.home_path, "login")] == ["rad"]
 
 
+def test_one_database_connection_per_request_closed_at_teardown(app_settings):
+    import sqlite3
+
+    from appliance.web.db import get_db
+
+    app = create_app(app_settings, environ={})
+    with app.test_request_context("/"):
+        first = get_db()
+        assert get_db() is first and first["users"].count > 0
+    with pytest.raises(sqlite3.ProgrammingError):  # closed when the request's app context ended
+        first.execute("SELECT 1")
+
+
 def test_bind_address_stays_on_loopback_until_an_admin_exists(tmp_path):
     settings = web_settings(tmp_path, web_host="0.0.0.0")
     host, why = bind_address(settings)

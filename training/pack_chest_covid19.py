@@ -51,7 +51,7 @@ def manifest(report: dict) -> dict:
         "metrics": {"test_" + k: v["value"] for k, v in test.items() if k != "n"},
         "evaluation": {"file": "evaluation.npz",
                        "description": "200 held-out test slices of the training source, prepared model inputs"},
-        "calibration": {"provider": "appliance.pipelines.chest_covid19:calibration_inputs",
+        "calibration": {"inputs": "chest-covid19",
                         "description": "lung slices of real chest CT, training images, synthetic phantoms"},
         "precisions": {"allowed": ["fp32", "fp16", "int8"],
                        "tolerance": {"max_abs_diff": 0.08, "min_decision_agreement": 0.97, "max_metric_drop": 0.01}},

@@ -7,15 +7,21 @@ timing cache, removing stale ones) and gate those too; then write
 ``parity.json``/``parity.md`` and ``build.json`` into the pack. Without
 TensorRT the CPU artefacts are still built and the skipped engines are named
 with the reason.
+
+INT8 calibration needs representative inputs made the way a pipeline makes
+them; this layer does not know the pipelines. The manifest names a calibration
+set (``[calibration] inputs``) and the caller passes ``calibration``, a mapping
+from those names to functions (``appliance.calibration.CALIBRATION_SETS``).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import numpy as np
 
 from appliance.config import Settings
 from appliance.inference import packs, parity
@@ -28,17 +34,31 @@ from appliance.store.files import write_bytes_durably
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
+# representative model inputs (N, ...) float32, prepared as the pipeline prepares them
+CalibrationSet = Callable[[Settings], np.ndarray]
 
 
-def calibration_inputs(pack: packs.ModelPack, settings: Settings):
-    """Representative inputs from the pipeline that feeds this model (``[calibration] provider``)."""
-    module_name, _, func = pack.manifest["calibration"]["provider"].partition(":")
-    return getattr(importlib.import_module(module_name), func)(settings)
+def calibration_set(pack: packs.ModelPack, calibration: Mapping[str, CalibrationSet]) -> CalibrationSet:
+    """The function making this pack's calibration inputs, by the name in ``[calibration] inputs``.
+
+    Raises :class:`packs.PackRefused` (``PACK_INCONSISTENT``) when the manifest names none, or one
+    that ``calibration`` does not hold.
+    """
+    name = pack.manifest.get("calibration", {}).get("inputs")
+    if not isinstance(name, str):
+        raise packs.PackRefused("PACK_INCONSISTENT", f"{pack.id}: the manifest names no calibration set "
+                                                     "([calibration] inputs).")
+    if name not in calibration:
+        raise packs.PackRefused("PACK_INCONSISTENT", f"{pack.id}: the manifest names calibration set {name!r}, "
+                                                     f"which this appliance does not have "
+                                                     f"(known: {', '.join(sorted(calibration))}).")
+    return calibration[name]
 
 
-def _build_int8(pack: packs.ModelPack, settings: Settings, record: dict[str, Any], say: Progress) -> None:
+def _build_int8(pack: packs.ModelPack, settings: Settings, make_inputs: CalibrationSet, record: dict[str, Any],
+                say: Progress) -> None:
     say("calibrating INT8 on representative CT")
-    x = calibration_inputs(pack, settings)
+    x = make_inputs(settings)
     for name, symmetric in ((packs.INT8_MODEL, True), (packs.INT8_CPU_MODEL, False)):
         quantize_qdq(pack.file(packs.MODEL), pack.file(name), pack.input_name, x, symmetric_activations=symmetric)
         record["files"][name] = packs.sha256_file(pack.file(name))
@@ -79,28 +99,46 @@ def _build_tensorrt(pack: packs.ModelPack, settings: Settings, record: dict[str,
     return results, skipped
 
 
-def build_pack(pack: packs.ModelPack, settings: Settings, say: Progress = log.info) -> dict[str, Any]:
-    """Build and gate every precision of one pack; returns its build record."""
+def build_pack(pack: packs.ModelPack, settings: Settings, *, calibration: Mapping[str, CalibrationSet],
+               say: Progress = log.info) -> dict[str, Any]:
+    """Build and gate every precision of one pack; returns its build record.
+
+    ``calibration`` maps the calibration-set names manifests use to the functions making them.
+    A pack whose set is unknown gets no INT8 model; the parity report says why.
+    """
     record: dict[str, Any] = {"model": pack.id, "model_sha256": pack.model_sha256, "files": {}}
     reference = ort_backend.OnnxRuntimeSession(pack.file(packs.MODEL), "fp32", settings.inference_threads)
     x, labels = parity.load_evaluation_set(pack)
     results: list[parity.ParityResult] = []
+    skipped: list[dict[str, str]] = []
     if "int8" in pack.allowed_precisions:
-        _build_int8(pack, settings, record, say)
-        say("checking INT8 parity on ONNX Runtime")
-        for name in (packs.INT8_MODEL, packs.INT8_CPU_MODEL):
-            int8 = ort_backend.OnnxRuntimeSession(pack.file(name), "int8", settings.inference_threads)
-            results.append(parity.evaluate(pack, reference, int8, x, labels))
-    trt_results, skipped = _build_tensorrt(pack, settings, record, reference, x, labels, say)
+        try:
+            make_inputs = calibration_set(pack, calibration)
+        except packs.PackRefused as exc:
+            say(f"no INT8 model: {exc.reason}")
+            skipped.append({"backend": "onnxruntime", "precision": "int8", "why": exc.reason})
+        else:
+            _build_int8(pack, settings, make_inputs, record, say)
+            say("checking INT8 parity on ONNX Runtime")
+            for name in (packs.INT8_MODEL, packs.INT8_CPU_MODEL):
+                int8 = ort_backend.OnnxRuntimeSession(pack.file(name), "int8", settings.inference_threads)
+                results.append(parity.evaluate(pack, reference, int8, x, labels))
+    trt_results, trt_skipped = _build_tensorrt(pack, settings, record, reference, x, labels, say)
     results += trt_results
+    skipped += trt_skipped
     record["parity"] = {"results": [r.as_dict() for r in results], "skipped": skipped}
     parity.write_reports(pack.path, pack, results, skipped)
     write_bytes_durably(json.dumps(record, indent=2).encode(), pack.file(packs.BUILD_RECORD))
     return record
 
 
-def build_all(settings: Settings, say: Progress = print) -> list[dict[str, Any]]:
-    """Build every pack under the engines folder; refused packs are reported, never built."""
+def build_all(settings: Settings, *, calibration: Mapping[str, CalibrationSet],
+              say: Progress = print) -> list[dict[str, Any]]:
+    """Build every pack under the engines folder; refused packs are reported, never built.
+
+    ``calibration`` maps the calibration-set names manifests use to the functions making them
+    (``appliance.calibration.CALIBRATION_SETS``).
+    """
     found, refused = packs.load_packs(settings.engines_path)
     for refusal in refused:
         say(f"REFUSED {refusal}")
@@ -114,5 +152,5 @@ def build_all(settings: Settings, say: Progress = print) -> list[dict[str, Any]]
         def step(message: str, pack: packs.ModelPack = pack) -> None:
             (bar.write if tqdm else say)(f"{pack.id}: {message}")  # type: ignore[union-attr]
 
-        records.append(build_pack(pack, settings, step))
+        records.append(build_pack(pack, settings, calibration=calibration, say=step))
     return records

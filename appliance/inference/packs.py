@@ -3,9 +3,11 @@
 The manifest names the model, its task, the series it needs, its input and
 outputs, its decision threshold and where that came from, whether it is
 validated, where its training data came from and under which licence, the
-precisions it may run in with their parity tolerances, and the SHA-256 of
-every file. Loading verifies all of it: a tampered or inconsistent pack is
-refused with a reason.
+precisions it may run in with their parity tolerances, the calibration set
+of its INT8 model (``[calibration] inputs``, a name in
+``appliance.calibration.CALIBRATION_SETS``), and the SHA-256 of every file.
+Loading verifies all of it: a tampered or inconsistent pack is refused with a
+reason.
 
 Files made by ``build_engines.py`` (the QDQ INT8 model, the parity report)
 are recorded in ``build.json`` with the SHA-256 of the ``model.onnx`` they

@@ -150,31 +150,3 @@ def run(volume: CTVolume, localizer_session, localizer_pack, session, pack, arte
     return StepResult(pack.id, pack.version, pack.validated, session.backend, session.precision, round(score, 4),
                       threshold, score >= threshold, findings, notice=pack.notice)
 
-
-def localizer_calibration(settings) -> np.ndarray:
-    """Calibration inputs for stage 1: synthetic phantoms at several coverages (one shape, padded)."""
-    from appliance.synth.phantom import make_phantom
-
-    items = []
-    rng = np.random.default_rng(5)
-    for k in range(12):
-        phantom = make_phantom(50_000 + k, ("pancreas-hypo",) if k % 2 else ())
-        zs, ys, xs = geo.localizer_axes(0.0, 384.0)
-        hu = phantom.sample(xs[None, None, :], ys[None, :, None], zs[:, None, None], rng)
-        items.append(geo.pad_to_multiple(geo.localizer_input(hu))[None])
-    return np.stack(items).astype(np.float32)
-
-
-def classifier_calibration(settings) -> np.ndarray:
-    """Calibration inputs for stage 2: crops around phantom pancreases, with and without lesions."""
-    from appliance.synth.phantom import make_phantom
-
-    items = []
-    rng = np.random.default_rng(6)
-    for k in range(32):
-        phantom = make_phantom(60_000 + k, (("pancreas-hypo", "pancreas-iso")[k % 2],) if k % 3 else ())
-        pancreas = next(s for s in phantom.structures if s.name == "pancreas")
-        zs, ys, xs = geo.crop_axes(np.array(pancreas.center) + rng.normal(0, 5, 3))
-        crop = phantom.sample(xs[None, None, :], ys[None, :, None], zs[:, None, None], rng)
-        items.append(geo.crop_input(crop)[None])
-    return np.stack(items).astype(np.float32)

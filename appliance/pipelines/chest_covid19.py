@@ -136,29 +136,3 @@ def run(volume: CTVolume, seg: Segmentation, session, pack, artefacts: Path | No
 class NotApplicable(Exception):
     """The model does not apply to this series (the reason is shown instead of a result)."""
 
-
-def calibration_inputs(settings) -> np.ndarray:
-    """Representative inputs for INT8 calibration: slices of real chest CT (when ../shared/data is
-    present), training-set images, and synthetic phantoms' lungs."""
-    from appliance.pipelines.lungs import segment
-    from appliance.series.volume import load_series
-    from appliance.synth.writer import SynthOptions, write_series
-    import tempfile
-
-    items: list[np.ndarray] = []
-    data = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    real = data / "ct" / "tcia-pancreas-ct-chest-abdomen"
-    if real.exists():
-        volume = load_series(sorted(real.glob("*.dcm")), settings)
-        items.append(model_inputs(volume, lung_slices(segment(volume), 32))[0])
-    covid = data / "covid-ct" / "sars-cov-2-ct-scan"
-    if covid.exists():
-        from PIL import Image
-
-        files = sorted(covid.glob("*/*.jpg"))[::20]
-        items.append(np.stack([prepare_gray(np.asarray(Image.open(f).convert("L")))[None] for f in files]))
-    with tempfile.TemporaryDirectory() as tmp:
-        write_series(Path(tmp), SynthOptions(slices=40, size=256, region="chest", seed=99))
-        volume = load_series(sorted(Path(tmp).glob("*.dcm")), settings.replace(min_slices=1))
-        items.append(model_inputs(volume, lung_slices(segment(volume), 32))[0])
-    return np.concatenate(items).astype(np.float32)

@@ -16,7 +16,7 @@ import pydicom
 from pydicom.tag import Tag
 from pydicom.uid import ImplicitVRLittleEndian
 
-from appliance.ingest.validate import sop_uid
+from appliance.dicomfile.uids import sop_uid
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"

@@ -18,10 +18,11 @@ from typing import BinaryIO
 
 import sqlite_utils
 
+from appliance.dicomfile.header import InstanceHeader, read_header
+from appliance.dicomfile.uids import is_valid_uid
 from appliance.errors import InstanceRejected
-from appliance.ingest.validate import InstanceHeader, is_valid_uid, read_header
-from appliance.store import datadir, quarantine
 from appliance.config import Settings
+from appliance.store import datadir, quarantine
 from appliance.store.database import open_database, refresh_study, refresh_study_status, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory, hold_writer_lock
 from appliance.store.files import copy_to_temp, durable_rename

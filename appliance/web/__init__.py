@@ -20,8 +20,10 @@ from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
 
 from appliance.config import Settings
-from appliance.store.database import connect, open_database
+from appliance.store.database import open_database
 from appliance.store.users import admin_count
+from appliance.web import db
+from appliance.web.context import settings_of
 from appliance.web.i18n import LANGUAGES, compile_catalogues, select_locale
 
 SECRET_KEY_FILE = "web-secret.key"
@@ -77,8 +79,8 @@ def _register(app: Flask) -> None:
 
     for module in (auth, worklist, study, report, importing, admin):
         app.register_blueprint(module.bp)
+    db.init_app(app)
     app.before_request(_open_request)
-    app.teardown_appcontext(_close_db)
     app.after_request(_security_headers)
     app.register_error_handler(CSRFError, _csrf_error)
     app.register_error_handler(HTTPException, _http_error)
@@ -86,30 +88,11 @@ def _register(app: Flask) -> None:
                                    "user": g.get("user"), "research_notice": _research_notice})
 
 
-def settings_of(app: Flask | None = None) -> Settings:
-    from flask import current_app
-
-    return (app or current_app).config["APPLIANCE_SETTINGS"]
-
-
-def get_db():
-    """This request's database connection (durable: reviews and audit entries survive a power cut)."""
-    if "db" not in g:
-        g.db = connect(settings_of().home_path / "appliance.sqlite")
-    return g.db
-
-
 def _open_request() -> Any:
     from appliance.web.auth import load_user
 
     g.started = time.perf_counter()
     return load_user()
-
-
-def _close_db(_exc: BaseException | None) -> None:
-    db = g.pop("db", None)
-    if db is not None:
-        db.conn.close()
 
 
 def _security_headers(response):
@@ -165,11 +148,11 @@ def bind_address(settings: Settings) -> tuple[str, str | None]:
         loopback = host == "localhost"
     if loopback:
         return host, None
-    db = open_database(settings.home_path)
+    database = open_database(settings.home_path)
     try:
-        admins = admin_count(db)
+        admins = admin_count(database)
     finally:
-        db.conn.close()
+        database.conn.close()
     if admins:
         return host, None
     return "127.0.0.1", (f"web_host {host} is not used until the first admin account exists "

@@ -18,8 +18,9 @@ from appliance.inference.registry import inventory
 from appliance.outputs.outbox import parse_destinations
 from appliance.store import users
 from appliance.store.database import audit, write_transaction
-from appliance.web import get_db, settings_of
 from appliance.web.auth import role_required
+from appliance.web.context import settings_of
+from appliance.web.db import get_db
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 AUDIT_PAGE = 100

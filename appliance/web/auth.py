@@ -13,7 +13,8 @@ from flask_babel import gettext as _
 
 from appliance.store import users
 from appliance.store.database import audit, write_transaction
-from appliance.web import get_db, settings_of
+from appliance.web.context import settings_of
+from appliance.web.db import get_db
 from appliance.web.i18n import LANGUAGES
 
 bp = Blueprint("auth", __name__)

@@ -13,8 +13,9 @@ from appliance.jobs import queue
 from appliance.store import imports, quarantine
 from appliance.store.database import audit, utcnow, write_transaction
 from appliance.store.instances import open_store
-from appliance.web import get_db, settings_of
 from appliance.web.auth import role_required
+from appliance.web.context import settings_of
+from appliance.web.db import get_db
 
 bp = Blueprint("importing", __name__)
 QUARANTINE_PAGE = 100

@@ -12,7 +12,8 @@ from flask_babel import gettext as _
 from appliance.outputs import report
 from appliance.store.database import audit, write_transaction
 from appliance.store.studies import latest_reviews, study
-from appliance.web import get_db, settings_of
+from appliance.web.context import settings_of
+from appliance.web.db import get_db
 
 bp = Blueprint("report", __name__)
 

@@ -14,8 +14,9 @@ from appliance.jobs import queue
 from appliance.outputs import report
 from appliance.pipelines import overlays
 from appliance.store.database import audit, utcnow, write_transaction
-from appliance.web import get_db, settings_of
 from appliance.web.auth import role_required
+from appliance.web.context import settings_of
+from appliance.web.db import get_db
 from appliance.store.studies import latest_reviews, study
 
 bp = Blueprint("study", __name__)
@@ -57,9 +58,9 @@ def review(uid: str):
         abort(400)
     comment = request.form.get("comment", "").strip()[:MAX_COMMENT]
     with write_transaction(db):
-        db["reviews"].insert({"result_id": result_id, "study_instance_uid": uid, "series_instance_uid": row[0],
-                              "model": row[1], "decision": decision, "comment": comment,
-                              "reviewer": g.user["username"], "at": utcnow()})
+        db.table("reviews").insert({"result_id": result_id, "study_instance_uid": uid,
+                                    "series_instance_uid": row[0], "model": row[1], "decision": decision,
+                                    "comment": comment, "reviewer": g.user["username"], "at": utcnow()})
         audit(db, g.user["username"], "review", uid, result_id=result_id, model=row[1], decision=decision)
     queue.enqueue_series(db, row[0], uid, priority=1, kind=queue.REPORT)  # the PACS gets the reviewed report
     flash(_("Review saved."))

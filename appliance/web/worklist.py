@@ -6,7 +6,7 @@ import re
 
 from flask import Blueprint, jsonify, render_template, request
 
-from appliance.web import get_db
+from appliance.web.db import get_db
 from appliance.web.queries import PAGE_SIZE, STATUSES, WorklistFilter, progress, worklist
 
 bp = Blueprint("worklist", __name__)

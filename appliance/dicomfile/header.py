@@ -7,9 +7,7 @@ pixel data that ends before its declared length is refused as truncated.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
-import re
 from pathlib import Path
 
 import pydicom
@@ -17,13 +15,12 @@ from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 from pydicom.uid import ImplicitVRLittleEndian
 
+from appliance.dicomfile.uids import resolve_uids, sop_uid
 from appliance.errors import InstanceRejected, ReasonCode
 
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
 SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 UNDEFINED_LENGTH = 0xFFFFFFFF
-UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-UID_MAX_LENGTH = 64
 # big enough for any DICOM header value we read; pixel data and large blobs stay on disk
 DEFER_SIZE = 4096
 
@@ -50,12 +47,6 @@ class InstanceHeader:
     study_description: str
     accession_number: str
     derived_uids: tuple[str, ...] = ()  # keywords of UIDs the file lacked, derived here
-
-
-def is_valid_uid(value: object) -> bool:
-    """True for a UID that is safe to use as a file or folder name (digits and dots, <= 64)."""
-    return (isinstance(value, str) and 0 < len(value) <= UID_MAX_LENGTH
-            and UID_PATTERN.match(value) is not None)
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
@@ -87,54 +78,6 @@ def _read(path: Path) -> pydicom.Dataset:
     if not sop_uid(ds, "SOPClassUID") or "PixelData" not in ds and "StudyInstanceUID" not in ds:
         raise InstanceRejected(ReasonCode.NOT_DICOM, "The file is not a DICOM file.")
     return ds
-
-
-def sop_uid(ds: pydicom.Dataset, keyword: str) -> str:
-    """SOPClassUID or SOPInstanceUID, falling back to the file meta's Media Storage copy when empty."""
-    value = str(ds.get(keyword) or "").strip()
-    if not value:
-        meta = getattr(ds, "file_meta", None) or {}
-        value = str(meta.get("MediaStorage" + keyword, "") or "").strip()
-    return value
-
-
-# attributes that identify a study / series when an anonymiser emptied its UID
-STUDY_IDENTITY = ("PatientID", "PatientName", "PatientBirthDate", "StudyDate", "StudyTime", "StudyID",
-                  "AccessionNumber")
-SERIES_IDENTITY = STUDY_IDENTITY + ("Modality", "SeriesNumber", "SeriesDescription", "SeriesDate", "SeriesTime",
-                                    "FrameOfReferenceUID")
-
-
-def _derived_uid(ds: pydicom.Dataset, keywords: tuple[str, ...], extra: str = "") -> str:
-    """A stable UID (2.25 root) from identifying attributes, for files whose UID was emptied."""
-    sources = "\x1f".join([f"{k}={ds.get(k, '')}" for k in keywords] + [extra])
-    return "2.25." + str(int.from_bytes(hashlib.sha256(sources.encode()).digest()[:16], "big"))
-
-
-def _resolve_uids(ds: pydicom.Dataset, sha256: str | None) -> dict[str, str]:
-    """The four UIDs a file is filed under; empty Study/Series/SOP Instance UIDs are derived."""
-    uids = {"SOPClassUID": sop_uid(ds, "SOPClassUID"), "SOPInstanceUID": sop_uid(ds, "SOPInstanceUID"),
-            "StudyInstanceUID": str(ds.get("StudyInstanceUID") or "").strip(),
-            "SeriesInstanceUID": str(ds.get("SeriesInstanceUID") or "").strip()}
-    if not uids["SOPClassUID"]:
-        raise InstanceRejected(ReasonCode.MISSING_UID, "The file does not say what kind of object it is (no SOPClassUID).")
-    derived = []
-    if not uids["StudyInstanceUID"]:
-        uids["StudyInstanceUID"] = _derived_uid(ds, STUDY_IDENTITY)
-        derived.append("StudyInstanceUID")
-    if not uids["SeriesInstanceUID"]:
-        uids["SeriesInstanceUID"] = _derived_uid(ds, SERIES_IDENTITY, uids["StudyInstanceUID"])
-        derived.append("SeriesInstanceUID")
-    if not uids["SOPInstanceUID"]:
-        if sha256 is None:
-            raise InstanceRejected(ReasonCode.MISSING_UID, "The file has no SOPInstanceUID.")
-        uids["SOPInstanceUID"] = _derived_uid(ds, (), sha256)
-        derived.append("SOPInstanceUID")
-    for keyword, value in uids.items():
-        if not is_valid_uid(value):
-            raise InstanceRejected(ReasonCode.INVALID_UID, f"The file's {keyword} is not a valid DICOM UID.")
-    uids["derived"] = ",".join(derived)
-    return uids
 
 
 def _check_has_pixels(ds: pydicom.Dataset) -> None:
@@ -195,7 +138,7 @@ def read_header(path: Path, *, max_rows_columns: int = 4096, max_frames: int = 4
         raise InstanceRejected(ReasonCode.EMPTY_FILE, "The file is empty (0 bytes).")
     ds = _read(path)
     _check_has_pixels(ds)
-    uids = _resolve_uids(ds, sha256)
+    uids, derived = resolve_uids(ds, sha256)
     _check_image_size(ds, max_rows_columns, max_frames)
     meta = getattr(ds, "file_meta", None)
     transfer_syntax = pydicom.uid.UID(str((meta or {}).get("TransferSyntaxUID", ImplicitVRLittleEndian)))
@@ -209,5 +152,5 @@ def read_header(path: Path, *, max_rows_columns: int = 4096, max_frames: int = 4
         patient_name=_text(ds, "PatientName"), patient_birth_date=_text(ds, "PatientBirthDate"),
         patient_sex=_text(ds, "PatientSex"), study_date=_text(ds, "StudyDate"), study_time=_text(ds, "StudyTime"),
         study_description=_text(ds, "StudyDescription"), accession_number=_text(ds, "AccessionNumber"),
-        derived_uids=tuple(filter(None, uids["derived"].split(","))),
+        derived_uids=derived,
     )
