@@ -175,3 +175,13 @@ def test_axial_and_reformatted_series_are_told_apart():
     assert not sagittal.is_axial
     orientation, positions, rows, spacing = _tilted(15)
     assert plan(None, orientation=orientation, positions=positions).is_axial  # a tilted axial is still axial
+
+
+def test_a_pixel_spacing_that_is_not_two_numbers_rejects_the_series():
+    from appliance.series.headers import _pixel_spacing
+
+    assert _pixel_spacing(None) == (1.0, 1.0) and _pixel_spacing(["0.7", "0.8"]) == (0.7, 0.8)
+    for bad in (["0.7"], ["a", "b"], 0.7):
+        with pytest.raises(SeriesRejected) as info:
+            _pixel_spacing(bad)
+        assert info.value.reason_code == ReasonCode.CORRUPT_PIXEL_DATA
