@@ -27,7 +27,7 @@ from appliance.series.volume import CTVolume, load_series
 from appliance.store.database import inserted_id, refresh_study, site_threshold, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory
 from appliance.store.states import SeriesStatus
-from appliance.store.files import write_bytes_durably
+from appliance.durable import write_bytes_durably
 from appliance.store.instances import InstanceStore
 
 log = logging.getLogger(__name__)

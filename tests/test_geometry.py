@@ -1,5 +1,6 @@
 """Geometry checks on positions and orientations alone: each failure its reason code."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -7,19 +8,20 @@ import pytest
 
 from appliance import config
 from appliance.errors import ReasonCode, SeriesRejected
-from appliance.series.geometry import plan_volume
+from appliance.series.geometry import GeometryTolerances, plan_volume
 from appliance.series.resample import resample_slices
 
 AXIAL = [1, 0, 0, 0, 1, 0]
-SETTINGS = config.load(environ={})
+DEFAULT = GeometryTolerances()
 
 
-def plan(z, orientation=AXIAL, rows=64, columns=64, spacing=(0.8, 0.8), positions=None, settings=SETTINGS):
+def plan(z, orientation=AXIAL, rows=64, columns=64, spacing=(0.8, 0.8), positions=None, tolerances=DEFAULT):
     z = np.asarray(z, dtype=float)
     if positions is None:
         positions = np.column_stack([np.full_like(z, -100.0), np.full_like(z, -120.0), z])
     orientations = np.tile(np.asarray(orientation, dtype=float), (len(positions), 1))
-    return plan_volume(positions, orientations, np.tile(spacing, (len(positions), 1)), rows, columns, settings)
+    return plan_volume(positions, orientations, np.tile(spacing, (len(positions), 1)), rows, columns,
+                       tolerances=tolerances)
 
 
 def rejection(*args, **kwargs) -> SeriesRejected:
@@ -43,6 +45,34 @@ def test_descending_positions_give_a_volume_along_the_normal():
 
 def test_too_few_slices():
     assert rejection([0, 1, 2]).reason_code == ReasonCode.TOO_FEW_SLICES
+    assert plan([0, 1, 2], tolerances=GeometryTolerances(min_slices=3)).shape_zyx == (3, 64, 64)
+
+
+def test_one_image_is_too_few_whatever_the_minimum():
+    error = rejection([0.0], tolerances=GeometryTolerances(min_slices=1))
+    assert error.reason_code == ReasonCode.TOO_FEW_SLICES and "at least 2" in error.reason
+
+
+def test_default_tolerances_are_the_settings_defaults():
+    defaults = config.Settings()
+    assert GeometryTolerances.from_settings(defaults) == GeometryTolerances()
+    for field in dataclasses.fields(GeometryTolerances):
+        assert getattr(GeometryTolerances(), field.name) == getattr(defaults, field.name), field.name
+    assert GeometryTolerances.from_settings(defaults.replace(min_slices=3)).min_slices == 3
+
+
+def test_each_spacing_tolerance_is_the_one_applied():
+    close = list(range(12)) + [5.02]
+    assert rejection(close).reason_code == ReasonCode.DUPLICATE_POSITIONS
+    assert rejection(close, tolerances=GeometryTolerances(duplicate_position_tolerance_mm=0.01)).reason_code == (
+        ReasonCode.IRREGULAR_SPACING)
+    uneven = np.cumsum([0] + [2.0, 2.4] * 6)
+    assert plan(uneven, tolerances=GeometryTolerances(slice_spacing_tolerance=0.1)).problems == ()
+    assert plan(uneven).problems[0].reason_code == ReasonCode.IRREGULAR_SPACING
+    two_missing = [2.5 * k for k in range(41) if k not in (20, 21)]
+    assert not plan(two_missing).problems[0].fatal
+    assert rejection(two_missing, tolerances=GeometryTolerances(max_missing_run=1)).reason_code == (
+        ReasonCode.MISSING_SLICES)
 
 
 def test_duplicate_positions():
@@ -55,7 +85,7 @@ def test_mixed_orientation():
     orientations = np.tile(np.array(AXIAL, dtype=float), (12, 1))
     orientations[5] = [1, 0, 0, 0, 0, -1]
     with pytest.raises(SeriesRejected) as info:
-        plan_volume(positions, orientations, np.ones((12, 2)), 64, 64, SETTINGS)
+        plan_volume(positions, orientations, np.ones((12, 2)), 64, 64, tolerances=DEFAULT)
     assert info.value.reason_code == ReasonCode.MIXED_ORIENTATION
 
 
@@ -103,8 +133,11 @@ def test_gantry_tilt_is_corrected_when_covered_and_rejected_when_not():
 
 def test_gantry_tilt_policy_and_limit_reject():
     orientation, positions, rows, spacing = _tilted(15)
-    off = SETTINGS.replace(gantry_tilt_correction=False)
-    assert rejection(None, orientation=orientation, positions=positions, settings=off).reason_code == ReasonCode.GANTRY_TILT
+    off = GeometryTolerances(gantry_tilt_correction=False)
+    assert rejection(None, orientation=orientation, positions=positions, tolerances=off).reason_code == ReasonCode.GANTRY_TILT
+    strict = GeometryTolerances(max_gantry_tilt_deg=10)
+    assert "more than the 10 degrees" in rejection(None, orientation=orientation, positions=positions,
+                                                   tolerances=strict).reason
     orientation, positions, rows, spacing = _tilted(35)
     assert rejection(None, orientation=orientation, positions=positions).reason_code == ReasonCode.GANTRY_TILT
 
@@ -142,3 +175,13 @@ def test_axial_and_reformatted_series_are_told_apart():
     assert not sagittal.is_axial
     orientation, positions, rows, spacing = _tilted(15)
     assert plan(None, orientation=orientation, positions=positions).is_axial  # a tilted axial is still axial
+
+
+def test_a_pixel_spacing_that_is_not_two_numbers_rejects_the_series():
+    from appliance.series.headers import _pixel_spacing
+
+    assert _pixel_spacing(None) == (1.0, 1.0) and _pixel_spacing(["0.7", "0.8"]) == (0.7, 0.8)
+    for bad in (["0.7"], ["a", "b"], 0.7):
+        with pytest.raises(SeriesRejected) as info:
+            _pixel_spacing(bad)
+        assert info.value.reason_code == ReasonCode.CORRUPT_PIXEL_DATA

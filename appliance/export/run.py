@@ -28,7 +28,7 @@ from appliance.export import bundle, content, keys
 from appliance.export.deid import DEID_METHOD, Pseudonymizer
 from appliance.store.database import audit, inserted_id, open_database, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory
-from appliance.store.files import durable_rename
+from appliance.durable import durable_rename
 
 log = logging.getLogger(__name__)
 IMAGE_CHOICES = ("none", "flagged", "all")

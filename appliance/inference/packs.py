@@ -19,15 +19,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
+from appliance import tomlfile
 from appliance.errors import ApplianceError
 
 MANIFEST = "manifest.toml"
@@ -150,8 +145,8 @@ def load_pack(folder: Path) -> ModelPack:
     if not manifest_path.exists():
         raise PackRefused("PACK_MISSING_FILE", f"{folder.name}: no {MANIFEST}.")
     try:
-        manifest = tomllib.loads(manifest_path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+        manifest = tomlfile.loads(manifest_path.read_text())
+    except tomlfile.TOMLDecodeError as exc:
         raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the manifest is not valid TOML ({exc}).") from exc
     _check_consistent(manifest, folder)
     for name, expected in manifest["files"].items():
@@ -177,51 +172,8 @@ def load_packs(engines_dir: Path) -> tuple[list[ModelPack], list[PackRefused]]:
     return packs, refused
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} to TOML")
-
-
-def dumps_manifest(manifest: dict[str, Any]) -> str:
-    """Write a manifest (scalars, lists, tables, arrays of tables) as TOML."""
-    lines: list[str] = []
-
-    def table(prefix: str, data: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in data.items() if not isinstance(v, dict) and not _is_table_list(v)}
-        for k, v in scalars.items():
-            lines.append(f"{_key(k)} = {_toml_value(v)}")
-        for k, v in data.items():
-            if isinstance(v, dict):
-                lines.append("")
-                lines.append(f"[{prefix}{_key(k)}]")
-                table(f"{prefix}{_key(k)}.", v)
-            elif _is_table_list(v):
-                for item in v:
-                    lines.append("")
-                    lines.append(f"[[{prefix}{_key(k)}]]")
-                    table(f"{prefix}{_key(k)}.", item)
-
-    table("", manifest)
-    return "\n".join(lines) + "\n"
-
-
-def _is_table_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
-
-
-def _key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
-
-
 def write_pack(folder: Path, manifest: dict[str, Any], files: list[str]) -> ModelPack:
     """Record the SHA-256 of ``files`` in ``manifest``, write it, and load the pack back (verifying it)."""
     manifest = dict(manifest, files={name: sha256_file(folder / name) for name in files})
-    (folder / MANIFEST).write_text(dumps_manifest(manifest))
+    (folder / MANIFEST).write_text(tomlfile.dumps(manifest))
     return load_pack(folder)

@@ -155,7 +155,7 @@ def markdown_report(pack: ModelPack, results: list[ParityResult], skipped: list[
 
 
 def write_reports(folder: Path, pack: ModelPack, results: list[ParityResult], skipped: list[dict[str, str]]) -> None:
-    from appliance.store.files import write_bytes_durably
+    from appliance.durable import write_bytes_durably
 
     doc = {"model": pack.id, "version": pack.version, "model_sha256": pack.model_sha256,
            "results": [r.as_dict() for r in results], "skipped": skipped}

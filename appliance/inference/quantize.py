@@ -73,6 +73,6 @@ def _quantize(fp32_model: Path, int8_model: Path, input_name: str, calibration: 
             weight_type=QuantType.QInt8, per_channel=True, calibrate_method=CalibrationMethod.MinMax,
             extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
         )
-        from appliance.store.files import write_bytes_durably
+        from appliance.durable import write_bytes_durably
 
         write_bytes_durably(out.read_bytes(), int8_model)

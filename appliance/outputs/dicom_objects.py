@@ -144,7 +144,7 @@ def _write_and_check(ds: pydicom.Dataset, out_dir: Path, study_uid: str) -> Path
     """Write ``ds`` durably under its modality and SOP Instance UID, read it back, check it."""
     import io
 
-    from appliance.store.files import write_bytes_durably
+    from appliance.durable import write_bytes_durably
 
     path = out_dir / f"{ds.Modality.lower()}-{ds.SOPInstanceUID}.dcm"
     buffer = io.BytesIO()

@@ -5,14 +5,10 @@ pixels. The result is a :class:`VolumePlan` that says how the frames become a
 regular volume (order, target slice positions, gantry-tilt shear), or a
 :class:`~appliance.errors.SeriesRejected` listing every problem found.
 
-Tolerances (named settings, see ``appliance.config``):
-
-- ``orientation_tolerance``: largest difference of direction cosines within one series;
-- ``duplicate_position_tolerance_mm``: two frames closer than this share a position;
-- ``slice_spacing_tolerance``: relative deviation of a gap still counted as regular;
-- ``max_missing_slices_fraction`` and ``max_missing_run``: when missing slices are interpolated;
-- ``max_irregular_gap_ratio``: when irregular spacing is resampled rather than rejected;
-- ``gantry_tilt_correction`` and ``max_gantry_tilt_deg``: tilt correction policy.
+Every number the checks depend on is a named field of :class:`GeometryTolerances`
+(like highdicom's ``get_volume_positions(rtol=..., atol=...)``); its defaults are
+those of the settings of the same names (``appliance.config``), and
+:meth:`GeometryTolerances.from_settings` takes the site's values.
 
 A tilt below ``TILT_TOLERANCE_DEG`` is rounding in the scanner's header, not a tilt.
 """
@@ -21,10 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from appliance.errors import ReasonCode, SeriesRejected
+
+if TYPE_CHECKING:
+    from appliance.config import Settings
 
 TILT_TOLERANCE_DEG = 0.5
 AXIAL_MIN_COSINE = 0.9  # cos(~25 degrees) between the stacking direction and the head-feet axis
@@ -37,6 +37,43 @@ PRIORITY = (
     ReasonCode.IRREGULAR_SPACING, ReasonCode.GANTRY_TILT, ReasonCode.TOO_FEW_SLICES, ReasonCode.NOT_CT,
     ReasonCode.UNSUPPORTED_TRANSFER_SYNTAX, ReasonCode.CORRUPT_PIXEL_DATA,
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class GeometryTolerances:
+    """The limits the geometry checks apply; defaults are those of the settings of the same names."""
+
+    orientation_tolerance: float = 0.01
+    """Largest difference of direction cosines (unitless) within one series (MIXED_ORIENTATION beyond)."""
+    duplicate_position_tolerance_mm: float = 0.05
+    """Two frames closer than this along the slice normal (mm) share a position (DUPLICATE_POSITIONS)."""
+    slice_spacing_tolerance: float = 0.05
+    """Relative deviation of a gap from the nominal spacing still counted as regular (0.05 = 5%)."""
+    max_missing_slices_fraction: float = 0.05
+    """Missing slices are interpolated when at most this fraction of positions is missing ..."""
+    max_missing_run: int = 2
+    """... and no gap lacks more than this many slices in a row (MISSING_SLICES otherwise)."""
+    max_irregular_gap_ratio: float = 2.0
+    """Irregular spacing is resampled when the largest gap is at most this many times the smallest."""
+    gantry_tilt_correction: bool = True
+    """Resample a tilted series onto an upright grid (True) or reject it (False, GANTRY_TILT)."""
+    max_gantry_tilt_deg: float = 30.0
+    """A tilt beyond this (degrees) is rejected (GANTRY_TILT)."""
+    min_slices: int = 10
+    """A series with fewer frames is rejected (TOO_FEW_SLICES)."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GeometryTolerances:
+        """The site's tolerances, from the settings of the same names."""
+        return cls(orientation_tolerance=settings.orientation_tolerance,
+                   duplicate_position_tolerance_mm=settings.duplicate_position_tolerance_mm,
+                   slice_spacing_tolerance=settings.slice_spacing_tolerance,
+                   max_missing_slices_fraction=settings.max_missing_slices_fraction,
+                   max_missing_run=settings.max_missing_run,
+                   max_irregular_gap_ratio=settings.max_irregular_gap_ratio,
+                   gantry_tilt_correction=settings.gantry_tilt_correction,
+                   max_gantry_tilt_deg=settings.max_gantry_tilt_deg,
+                   min_slices=settings.min_slices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,28 +152,39 @@ def _check_orientation(orientations: np.ndarray, tolerance: float) -> Problem | 
     return None
 
 
-def _spacing_plan(z: np.ndarray, settings) -> tuple[np.ndarray, Problem | None]:
+def _spacing_plan(z: np.ndarray, tolerances: GeometryTolerances) -> tuple[np.ndarray, Problem | None]:
     """Target slice positions for sorted positions ``z`` (mm), and what was wrong if anything."""
     gaps = np.diff(z)
     nominal = float(np.median(gaps))
-    tol = settings.slice_spacing_tolerance
+    tol = tolerances.slice_spacing_tolerance
     if np.all(np.abs(gaps - nominal) <= tol * nominal):
         return z.copy(), None
     multiples = gaps / nominal
     rounded = np.round(multiples)
     if np.all(rounded >= 1) and np.all(np.abs(multiples - rounded) <= tol * rounded):
-        missing = int((rounded - 1).sum())
-        fraction = missing / (len(z) + missing)
-        run = int((rounded - 1).max())
-        where = f"{missing} slice(s) are missing from this series (gaps of up to {run + 1} x {nominal:.2f} mm)"
-        if fraction <= settings.max_missing_slices_fraction and run <= settings.max_missing_run:
-            target = z[0] + nominal * np.arange(len(z) + missing)
-            return target, Problem(ReasonCode.MISSING_SLICES, where + "; they were filled by linear interpolation.", False)
-        return z, Problem(ReasonCode.MISSING_SLICES,
-                          where + "; too many to fill in safely. Send the complete series again.", True)
+        return _missing_slices_plan(z, nominal, rounded, tolerances)
+    return _irregular_spacing_plan(z, gaps, tolerances.max_irregular_gap_ratio)
+
+
+def _missing_slices_plan(z: np.ndarray, nominal: float, rounded: np.ndarray,
+                         tolerances: GeometryTolerances) -> tuple[np.ndarray, Problem]:
+    """Positions ``z`` (mm) whose gaps are whole multiples ``rounded`` of ``nominal``: fill them in, or reject."""
+    missing = int((rounded - 1).sum())
+    fraction = missing / (len(z) + missing)
+    run = int((rounded - 1).max())
+    where = f"{missing} slice(s) are missing from this series (gaps of up to {run + 1} x {nominal:.2f} mm)"
+    if fraction <= tolerances.max_missing_slices_fraction and run <= tolerances.max_missing_run:
+        target = z[0] + nominal * np.arange(len(z) + missing)
+        return target, Problem(ReasonCode.MISSING_SLICES, where + "; they were filled by linear interpolation.", False)
+    return z, Problem(ReasonCode.MISSING_SLICES,
+                      where + "; too many to fill in safely. Send the complete series again.", True)
+
+
+def _irregular_spacing_plan(z: np.ndarray, gaps: np.ndarray, max_gap_ratio: float) -> tuple[np.ndarray, Problem]:
+    """Positions ``z`` (mm) with uneven ``gaps``: resample at the smallest gap, or reject past ``max_gap_ratio``."""
     smallest, largest = float(gaps.min()), float(gaps.max())
     text = f"The distance between slices varies from {smallest:.2f} to {largest:.2f} mm"
-    if largest / smallest <= settings.max_irregular_gap_ratio:
+    if largest / smallest <= max_gap_ratio:
         count = int(math.floor((z[-1] - z[0]) / smallest + 1e-6)) + 1
         return z[0] + smallest * np.arange(count), Problem(
             ReasonCode.IRREGULAR_SPACING, text + f"; it was resampled to a regular {smallest:.2f} mm.", False)
@@ -144,89 +192,112 @@ def _spacing_plan(z: np.ndarray, settings) -> tuple[np.ndarray, Problem | None]:
                       text + ", too irregular to resample safely. Reconstruct the series with even spacing.", True)
 
 
+def _check_duplicates(along_normal: np.ndarray, tolerance_mm: float) -> Problem | None:
+    """Sorted positions along the slice normal (mm): frames closer than ``tolerance_mm`` share a position."""
+    shared = int(np.sum(np.diff(along_normal) < tolerance_mm))
+    if shared:
+        return Problem(ReasonCode.DUPLICATE_POSITIONS,
+                       f"{shared + 1} images share the same slice position, so this is not one volume "
+                       "(a repeated or merged acquisition). Send each acquisition as its own series.", True)
+    return None
+
+
 def plan_volume(positions: np.ndarray, orientations: np.ndarray, pixel_spacing: np.ndarray,
-                rows: int, columns: int, settings) -> VolumePlan:
+                rows: int, columns: int, *, tolerances: GeometryTolerances) -> VolumePlan:
     """Check the geometry of one series' frames and plan its regular volume.
 
     ``positions`` (n, 3) are ImagePositionPatient, ``orientations`` (n, 6)
-    ImageOrientationPatient, ``pixel_spacing`` (n, 2) PixelSpacing (row, column), mm.
+    ImageOrientationPatient, ``pixel_spacing`` (n, 2) PixelSpacing (row, column), mm;
+    ``rows`` and ``columns`` the image size. ``tolerances`` are the limits the checks apply.
     Raises :class:`SeriesRejected` carrying every problem found.
     """
-    problems: list[Problem] = []
     n = len(positions)
-    orientation_problem = _check_orientation(orientations, settings.orientation_tolerance)
+    too_few = _count_problem(n, tolerances.min_slices)
+    orientation_problem = _check_orientation(orientations, tolerances.orientation_tolerance)
     if orientation_problem:
-        problems.append(orientation_problem)
-        raise reject(problems + _count_problem(n, settings))
+        raise reject([orientation_problem, *too_few])
     row = orientations[0, :3] / np.linalg.norm(orientations[0, :3])
     col = orientations[0, 3:] / np.linalg.norm(orientations[0, 3:])
-    normal = np.cross(row, col)
-    along_normal = positions @ normal
+    along_normal = positions @ np.cross(row, col)
     order = np.argsort(along_normal, kind="stable")
     sorted_positions = positions[order]
-    d = along_normal[order]
-    if n > 1 and np.any(np.diff(d) < settings.duplicate_position_tolerance_mm):
-        shared = int(np.sum(np.diff(d) < settings.duplicate_position_tolerance_mm)) + 1
-        problems.append(Problem(ReasonCode.DUPLICATE_POSITIONS,
-                                f"{shared} images share the same slice position, so this is not one volume "
-                                "(a repeated or merged acquisition). Send each acquisition as its own series.", True))
-        raise reject(problems + _count_problem(n, settings))
+    duplicate_problem = _check_duplicates(along_normal[order], tolerances.duplicate_position_tolerance_mm)
+    if duplicate_problem:
+        raise reject([duplicate_problem, *too_few])
     if n < 2:
-        raise reject(problems + _count_problem(n, settings))
+        raise reject(too_few)
     stack = sorted_positions[-1] - sorted_positions[0]
     stack /= np.linalg.norm(stack)
     z = (sorted_positions - sorted_positions[0]) @ stack
-    target, spacing_problem = _spacing_plan(z, settings)
-    if spacing_problem:
-        problems.append(spacing_problem)
-    shear_row, shear_col, tilt_deg, direction, dy, dx = _tilt(row, col, stack, pixel_spacing[0], rows, columns,
-                                                              z[-1], settings, problems)
-    problems.extend(_count_problem(n, settings))
+    target, spacing_problem = _spacing_plan(z, tolerances)
+    tilt = _tilt(row, col, stack, pixel_spacing[0], rows, columns)
+    tilt_problem = _tilt_problem(tilt, float(z[-1]), tolerances)
+    problems = [p for p in (spacing_problem, tilt_problem) if p is not None] + too_few
     if any(p.fatal for p in problems):
         raise reject(problems)
     dz = float(target[1] - target[0]) if len(target) > 1 else float(np.median(np.diff(z)))
-    return VolumePlan(order=order, source_z_mm=z, target_z_mm=target, shear_mm_per_row=shear_row,
-                      shear_mm_per_column=shear_col, shape_zyx=(len(target), rows, columns),
-                      spacing_mm_zyx=(dz, dy, dx), origin=sorted_positions[0].copy(), direction=direction,
-                      tilt_deg=tilt_deg, problems=tuple(problems))
+    return VolumePlan(order=order, source_z_mm=z, target_z_mm=target, shear_mm_per_row=tilt.shear_mm_per_row,
+                      shear_mm_per_column=tilt.shear_mm_per_column, shape_zyx=(len(target), rows, columns),
+                      spacing_mm_zyx=(dz, tilt.row_spacing_mm, tilt.column_spacing_mm),
+                      origin=sorted_positions[0].copy(), direction=tilt.direction, tilt_deg=tilt.deg,
+                      problems=tuple(problems))
 
 
-def _count_problem(n: int, settings) -> list[Problem]:
-    if n < settings.min_slices:
+def _count_problem(n: int, min_slices: int) -> list[Problem]:
+    needed = max(min_slices, 2)  # one image has no slice spacing, whatever the setting says
+    if n < needed:
         return [Problem(ReasonCode.TOO_FEW_SLICES,
-                        f"The series has {n} image(s); at least {settings.min_slices} are needed for a CT volume.", True)]
+                        f"The series has {n} image(s); at least {needed} are needed for a CT volume.", True)]
     return []
 
 
-def _tilt(row, col, stack, spacing, rows, columns, extent_mm, settings, problems):
-    """Shear per row/column (mm) from gantry tilt, output direction and in-plane spacing."""
+class _Tilt(NamedTuple):
+    """Gantry tilt of a stack of images, and the upright grid that corrects it."""
+
+    deg: float
+    shear_mm_per_row: float  # shift along the stacking direction per image row (mm)
+    shear_mm_per_column: float  # ... per image column (mm)
+    direction: np.ndarray  # output axes (columns: x, y, z unit vectors, LPS)
+    row_spacing_mm: float  # in-plane spacing of the upright grid (mm)
+    column_spacing_mm: float
+    compound: bool  # tilted about both image axes at once
+    displacement_mm: float  # how far along the stack the tilt shifts one image's far corner
+
+
+def _tilt(row: np.ndarray, col: np.ndarray, stack: np.ndarray, spacing: np.ndarray, rows: int, columns: int) -> _Tilt:
+    """The tilt between the image axes ``row``, ``col`` and the stacking direction ``stack`` (unit vectors)."""
     row_spacing, col_spacing = float(spacing[0]), float(spacing[1])
     b_row, b_col = float(row @ stack), float(col @ stack)  # components of the image axes along the stack
-    tilt_deg = math.degrees(math.asin(min(1.0, math.hypot(b_row, b_col))))
-    direction = np.column_stack([row, col, stack])
-    if tilt_deg < TILT_TOLERANCE_DEG:
-        direction[:, 2] = np.cross(row, col)
-        return 0.0, 0.0, tilt_deg, direction, row_spacing, col_spacing
-    displacement = abs(b_col) * row_spacing * rows + abs(b_row) * col_spacing * columns
-    text = f"The gantry was tilted by {tilt_deg:.1f} degrees"
-    if not settings.gantry_tilt_correction:
-        problems.append(Problem(ReasonCode.GANTRY_TILT, text + "; tilted series are not accepted on this appliance.", True))
-    elif tilt_deg > settings.max_gantry_tilt_deg:
-        problems.append(Problem(ReasonCode.GANTRY_TILT,
-                                text + f", more than the {settings.max_gantry_tilt_deg:.0f} degrees that can be corrected.", True))
-    elif min(abs(b_row), abs(b_col)) > COMPOUND_TILT_TOLERANCE:
-        problems.append(Problem(ReasonCode.GANTRY_TILT, text + " about two axes at once, which cannot be corrected.", True))
-    elif displacement >= extent_mm:
-        problems.append(Problem(ReasonCode.GANTRY_TILT,
-                                text + f"; the series covers only {extent_mm:.0f} mm, less than the {displacement:.0f} mm "
-                                "the tilt shifts each image by, so it cannot be corrected.", True))
-    else:
-        problems.append(Problem(ReasonCode.GANTRY_TILT,
-                                text + "; the images were resampled onto an upright grid (tilt corrected).", False))
+    deg = math.degrees(math.asin(min(1.0, math.hypot(b_row, b_col))))
+    if deg < TILT_TOLERANCE_DEG:
+        return _Tilt(deg, 0.0, 0.0, np.column_stack([row, col, np.cross(row, col)]), row_spacing, col_spacing,
+                     compound=False, displacement_mm=0.0)
     row_perp = row - b_row * stack
     col_perp = col - b_col * stack
     direction = np.column_stack([row_perp / np.linalg.norm(row_perp), col_perp / np.linalg.norm(col_perp), stack])
-    dy = row_spacing * float(np.linalg.norm(col_perp))
-    dx = col_spacing * float(np.linalg.norm(row_perp))
     # a pixel in row j of a tilted slice lies j * row_spacing * b_col further along the stack
-    return row_spacing * b_col, col_spacing * b_row, tilt_deg, direction, dy, dx
+    return _Tilt(deg, row_spacing * b_col, col_spacing * b_row, direction,
+                 row_spacing * float(np.linalg.norm(col_perp)), col_spacing * float(np.linalg.norm(row_perp)),
+                 compound=min(abs(b_row), abs(b_col)) > COMPOUND_TILT_TOLERANCE,
+                 displacement_mm=abs(b_col) * row_spacing * rows + abs(b_row) * col_spacing * columns)
+
+
+def _tilt_problem(tilt: _Tilt, extent_mm: float, tolerances: GeometryTolerances) -> Problem | None:
+    """Whether a tilt over a stack ``extent_mm`` long is corrected or rejected, and why; None for no tilt."""
+    if tilt.deg < TILT_TOLERANCE_DEG:
+        return None
+    text = f"The gantry was tilted by {tilt.deg:.1f} degrees"
+    limit = tolerances.max_gantry_tilt_deg
+    if not tolerances.gantry_tilt_correction:
+        return Problem(ReasonCode.GANTRY_TILT, text + "; tilted series are not accepted on this appliance.", True)
+    if tilt.deg > limit:
+        return Problem(ReasonCode.GANTRY_TILT,
+                       text + f", more than the {limit:.0f} degrees that can be corrected.", True)
+    if tilt.compound:
+        return Problem(ReasonCode.GANTRY_TILT, text + " about two axes at once, which cannot be corrected.", True)
+    if tilt.displacement_mm >= extent_mm:
+        return Problem(ReasonCode.GANTRY_TILT,
+                       text + f"; the series covers only {extent_mm:.0f} mm, less than the "
+                       f"{tilt.displacement_mm:.0f} mm the tilt shifts each image by, so it cannot be corrected.", True)
+    return Problem(ReasonCode.GANTRY_TILT,
+                   text + "; the images were resampled onto an upright grid (tilt corrected).", False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pydicom
@@ -17,6 +18,7 @@ from pydicom.tag import Tag
 from pydicom.uid import ImplicitVRLittleEndian
 
 from appliance.dicomfile.uids import sop_uid
+from appliance.errors import ReasonCode, SeriesRejected
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -40,8 +42,8 @@ class Frame:
     path: Path
     frame_index: int | None  # None for single-frame files
     sop_instance_uid: str
-    image_position: np.ndarray  # (3,) ImagePositionPatient of the first voxel, mm
-    image_orientation: np.ndarray  # (6,) ImageOrientationPatient: row then column direction cosines
+    image_position: np.ndarray | None  # (3,) ImagePositionPatient of the first voxel, mm (None: absent or bad)
+    image_orientation: np.ndarray | None  # (6,) ImageOrientationPatient: row then column direction cosines
     pixel_spacing: tuple[float, float]  # (row spacing, column spacing) mm: between rows, between columns
     rows: int
     columns: int
@@ -65,12 +67,36 @@ class SeriesFrames:
     other_frames: list[Frame] = dataclasses.field(default_factory=list)  # images of other modalities
 
 
+class _ImageAttributes(TypedDict):
+    """What every frame of one file shares."""
+
+    rows: int
+    columns: int
+    transfer_syntax_uid: str
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int
+
+
 def _floats(value: object, n: int) -> np.ndarray | None:
+    if not isinstance(value, Iterable):
+        return None
     try:
-        arr = np.array([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
+        arr = np.array([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError):
         return None
     return arr if arr.shape == (n,) else None
+
+
+def _pixel_spacing(value: object) -> tuple[float, float]:
+    """PixelSpacing (row, column spacing, mm); 1 mm each when absent."""
+    if value is None:
+        return (1.0, 1.0)
+    spacing = _floats(value, 2)
+    if spacing is None:
+        raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA,
+                             "Some images have a pixel spacing that is not two numbers, so the volume cannot be built.")
+    return (float(spacing[0]), float(spacing[1]))
 
 
 def _why_excluded(ds: pydicom.Dataset) -> str | None:
@@ -108,7 +134,7 @@ def _first(seq_parent: pydicom.Dataset | None, sequence: str) -> pydicom.Dataset
     return items[0] if items else None
 
 
-def _enhanced_frames(ds: pydicom.Dataset, path: Path, common: dict) -> list[Frame]:
+def _enhanced_frames(ds: pydicom.Dataset, path: Path, common: _ImageAttributes) -> list[Frame]:
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     frames = []
     for index, per_frame in enumerate(ds.get("PerFrameFunctionalGroupsSequence", [])):
@@ -123,7 +149,7 @@ def _enhanced_frames(ds: pydicom.Dataset, path: Path, common: dict) -> list[Fram
             path=path, frame_index=index, sop_instance_uid=sop_uid(ds, "SOPInstanceUID"),
             image_position=_floats(position.get("ImagePositionPatient") if position else None, 3),
             image_orientation=_floats(orientation.get("ImageOrientationPatient") if orientation else None, 6),
-            pixel_spacing=tuple(float(v) for v in measures.PixelSpacing) if measures else (1.0, 1.0),
+            pixel_spacing=_pixel_spacing(measures.get("PixelSpacing") if measures else None),
             rescale_slope=float(rescale.get("RescaleSlope", 1) if rescale else 1),
             rescale_intercept=float(rescale.get("RescaleIntercept", 0) if rescale else 0),
             pixel_data_offset=None, instance_number=index + 1, **common,
@@ -144,7 +170,7 @@ def read_frames(paths: Iterable[Path]) -> SeriesFrames:
                 continue
         meta = getattr(ds, "file_meta", None)
         transfer_syntax = pydicom.uid.UID(str((meta or {}).get("TransferSyntaxUID", ImplicitVRLittleEndian)))
-        common = dict(
+        common = _ImageAttributes(
             rows=int(ds.Rows), columns=int(ds.Columns), transfer_syntax_uid=str(transfer_syntax),
             bits_allocated=int(ds.get("BitsAllocated", 16)), bits_stored=int(ds.get("BitsStored", 16)),
             pixel_representation=int(ds.get("PixelRepresentation", 0)),
@@ -157,7 +183,7 @@ def read_frames(paths: Iterable[Path]) -> SeriesFrames:
             path=path, frame_index=None, sop_instance_uid=sop_uid(ds, "SOPInstanceUID"),
             image_position=_floats(ds.get("ImagePositionPatient"), 3),
             image_orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-            pixel_spacing=tuple(float(v) for v in ds.get("PixelSpacing", (1.0, 1.0))),
+            pixel_spacing=_pixel_spacing(ds.get("PixelSpacing")),
             rescale_slope=float(ds.get("RescaleSlope", 1) or 1), rescale_intercept=float(ds.get("RescaleIntercept", 0) or 0),
             pixel_data_offset=_pixel_offset(ds, transfer_syntax),
             instance_number=int(number) if number not in (None, "") else None, **common,

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.config import Settings
 from appliance.errors import ReasonCode, SeriesRejected
-from appliance.series.geometry import PRIORITY, Problem, VolumePlan, plan_volume, reject
-from appliance.series.headers import SeriesFrames, read_frames
+from appliance.series.geometry import PRIORITY, GeometryTolerances, Problem, VolumePlan, plan_volume, reject
+from appliance.series.headers import Frame, SeriesFrames, read_frames
 from appliance.series.pixels import decode_volume
 from appliance.series.resample import resample_slices
 
@@ -25,7 +26,7 @@ class CTVolume:
     slices: int  # frames that went into it
     excluded: list[tuple[str, str]]
     seconds: dict[str, float]
-    frames: list = dataclasses.field(default_factory=list)  # the frames in stacking order (headers.Frame)
+    frames: list[Frame] = dataclasses.field(default_factory=list)  # the frames in stacking order
 
     @property
     def spacing_mm_zyx(self) -> tuple[float, float, float]:
@@ -51,52 +52,57 @@ def _not_ct(series: SeriesFrames) -> SeriesRejected:
                           "so it is kept but not analysed.")
 
 
-def _geometry_arrays(frames: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if any(f.image_position is None or f.image_orientation is None for f in frames):
-        raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA,
-                             "Some images have no position or orientation, so the volume cannot be built.")
-    positions = np.stack([f.image_position for f in frames])
-    orientations = np.stack([f.image_orientation for f in frames])
+def _geometry_arrays(frames: list[Frame]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    positions, orientations = [], []
+    for f in frames:
+        if f.image_position is None or f.image_orientation is None:
+            raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA,
+                                 "Some images have no position or orientation, so the volume cannot be built.")
+        positions.append(f.image_position)
+        orientations.append(f.image_orientation)
     spacing = np.array([f.pixel_spacing for f in frames], dtype=np.float64)
-    return positions, orientations, spacing
+    return np.stack(positions), np.stack(orientations), spacing
 
 
-def _plan_frames(frames: list, settings) -> VolumePlan:
+def _plan_frames(frames: list[Frame], tolerances: GeometryTolerances) -> VolumePlan:
     positions, orientations, spacing = _geometry_arrays(frames)
     sizes = {(f.rows, f.columns) for f in frames}
     rows, columns = max(sizes)
     if len(sizes) > 1:
         raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA, "The images of this series differ in size.")
-    return plan_volume(positions, orientations, spacing, rows, columns, settings)
+    return plan_volume(positions, orientations, spacing, rows, columns, tolerances=tolerances)
 
 
-def plan_series(series: SeriesFrames, settings) -> VolumePlan:
-    """Geometry checks for a series' CT frames.
+def plan_series(series: SeriesFrames, tolerances: GeometryTolerances) -> VolumePlan:
+    """Geometry checks for a series' CT frames, within ``tolerances``.
 
     A series of another modality is rejected as NOT_CT; its geometry problems,
     if any, are listed too (and, being more specific, come first).
     """
     if series.frames:
-        return _plan_frames(series.frames, settings)
+        return _plan_frames(series.frames, tolerances)
     not_ct = _not_ct(series)
     problems = [Problem(ReasonCode.NOT_CT, not_ct.reason, True)]
     if series.other_frames:
         try:
-            _plan_frames(series.other_frames, settings)
+            _plan_frames(series.other_frames, tolerances)
         except SeriesRejected as exc:
             problems = [p for p in getattr(exc, "problems", ()) if p.fatal] + problems
     raise reject(problems)
 
 
-def load_series(paths: Iterable[Path], settings) -> CTVolume:
+def load_series(paths: Iterable[Path], settings: Settings) -> CTVolume:
     """Read, check, decode and (if needed) resample the series stored at ``paths``.
+
+    The geometry checks apply the site's tolerances (:meth:`GeometryTolerances.from_settings`);
+    ``settings.decode_workers`` processes decode compressed pixel data.
 
     Raises :class:`SeriesRejected` with a reason code when no usable CT volume results.
     """
     t0 = time.perf_counter()
     series = read_frames(paths)
     t_headers = time.perf_counter()
-    plan = plan_series(series, settings)
+    plan = plan_series(series, GeometryTolerances.from_settings(settings))
     ordered = [series.frames[i] for i in plan.order]
     hu = decode_volume(ordered, settings.decode_workers)
     t_decode = time.perf_counter()
@@ -108,4 +114,4 @@ def load_series(paths: Iterable[Path], settings) -> CTVolume:
                     seconds={"headers": t_headers - t0, "decode": t_decode - t_headers, "resample": t_end - t_decode})
 
 
-__all__ = ["CTVolume", "Problem", "PRIORITY", "load_series", "plan_series"]
+__all__ = ["CTVolume", "GeometryTolerances", "Problem", "PRIORITY", "load_series", "plan_series"]

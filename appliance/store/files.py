@@ -1,4 +1,4 @@
-"""Durable file writes: temporary name, fsync, rename, fsync the folder."""
+"""Incoming files copied to a temporary name and fsynced, within the size the appliance accepts."""
 
 from __future__ import annotations
 
@@ -11,15 +11,6 @@ from typing import BinaryIO
 from appliance.errors import InstanceRejected, ReasonCode
 
 CHUNK = 1024 * 1024
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def copy_to_temp(source: BinaryIO, tmp_dir: Path, max_bytes: int) -> tuple[Path, int, str]:
@@ -45,21 +36,3 @@ def copy_to_temp(source: BinaryIO, tmp_dir: Path, max_bytes: int) -> tuple[Path,
         tmp.unlink(missing_ok=True)
         raise
     return tmp, size, digest.hexdigest()
-
-
-def durable_rename(tmp: Path, final: Path) -> None:
-    """Move a fsynced temporary file to its final name and make the move durable."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-
-
-def write_bytes_durably(data: bytes, final: Path) -> None:
-    """Write ``data`` to ``final`` so that a crash leaves either the old file or the whole new one."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.part")
-    with open(tmp, "xb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    durable_rename(tmp, final)

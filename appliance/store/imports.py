@@ -11,7 +11,7 @@ import sqlite_utils
 
 from appliance.store.database import audit, inserted_id, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory
-from appliance.store.files import write_bytes_durably
+from appliance.durable import write_bytes_durably
 
 
 

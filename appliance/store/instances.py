@@ -25,7 +25,8 @@ from appliance.config import Settings
 from appliance.store import datadir, quarantine
 from appliance.store.database import open_database, refresh_study, refresh_study_status, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory, hold_writer_lock
-from appliance.store.files import copy_to_temp, durable_rename
+from appliance.durable import durable_rename
+from appliance.store.files import copy_to_temp
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import sqlite_utils
 from appliance.errors import Rejected
 from appliance.store.database import inserted_id, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory
-from appliance.store.files import durable_rename
+from appliance.durable import durable_rename
 
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from appliance.inference.backends import Availability
 from appliance.inference.engine_cache import BuilderSettings, profile_shapes
-from appliance.store.files import write_bytes_durably
+from appliance.durable import write_bytes_durably
 
 NAME = "tensorrt"
 log = logging.getLogger(__name__)
