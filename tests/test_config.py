@@ -1,4 +1,3 @@
-import ast
 import dataclasses
 import subprocess
 import sys

@@ -45,12 +45,6 @@ LAYERS = {
     "appliance.systemd_units": 4,  # unit files for the processes the CLI starts
 }
 
-# Upward imports in modules being rewritten on another branch; that work removes them.
-# (importer, imported)
-KNOWN_INVERSIONS = {
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class Import:
     importer: str
@@ -121,14 +115,8 @@ def test_every_module_has_a_layer():
 def test_no_module_imports_from_a_layer_above_its_own():
     wrong = [f"{i.where()}: {i.importer} (layer {layer_of(i.importer)}) imports {i.imported} "
              f"(layer {layer_of(i.imported)})"
-             for i in upward_imports() if (i.importer, i.imported) not in KNOWN_INVERSIONS]
+             for i in upward_imports()]
     assert not wrong, "imports from a higher layer:\n" + "\n".join(wrong)
-
-
-def test_every_known_inversion_still_exists():
-    upward = {(i.importer, i.imported) for i in upward_imports()}
-    gone = sorted(KNOWN_INVERSIONS - upward)
-    assert not gone, f"no longer imported upward, remove from KNOWN_INVERSIONS: {gone}"
 
 
 def test_blueprints_do_not_import_the_app_package():
