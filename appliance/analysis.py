@@ -175,7 +175,7 @@ def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Set
                               "problems": [], "excluded": [], "results": []}
     seconds = {"load": 0.0, "preprocess": 0.0, "infer": 0.0}
     try:
-        volume = load_series(paths, settings)
+        volume = load_series(paths, settings, lambda done: progress(LOADED * done, "loading"))
     except SeriesRejected as exc:
         seconds["load"] = time.perf_counter() - t0
         record.update(status=SeriesStatus.REJECTED.value, reason_code=exc.reason_code.value, reason=exc.reason,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pydicom
@@ -23,6 +23,7 @@ from appliance.series.headers import Frame
 HU_MIN, HU_MAX = -32768, 32767
 # below this many compressed frames a process pool costs more than it saves
 MIN_FRAMES_FOR_POOL = 8
+PROGRESS_CHUNK = 32  # slices decoded between two progress reports when decoding in this process
 
 
 def _native_dtype(frame: Frame, little_endian: bool) -> np.dtype:
@@ -109,20 +110,30 @@ def check_decodable(transfer_syntax_uids: set[str]) -> None:
                                  "Ask the scanner or PACS to send them uncompressed or as JPEG 2000.")
 
 
-def decode_volume(frames: Sequence[Frame], workers: int = 0) -> np.ndarray:
-    """Decode ``frames`` (already in slice order) into one int16 HU array (slices, rows, columns)."""
+def decode_volume(frames: Sequence[Frame], workers: int = 0,
+                  progress: Callable[[float], None] | None = None) -> np.ndarray:
+    """Decode ``frames`` (already in slice order) into one int16 HU array (slices, rows, columns).
+
+    ``progress(fraction)`` is called as chunks of slices are decoded (a long decode keeps its job alive).
+    """
     shape = {(f.rows, f.columns) for f in frames}
     if len(shape) != 1:
         raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA, "The images of this series differ in size.")
     check_decodable({f.transfer_syntax_uid for f in frames})
     compressed = sum(1 for f in frames if f.pixel_data_offset is None)
     workers = workers or os.cpu_count() or 1
-    if compressed < MIN_FRAMES_FOR_POOL or workers == 1:
-        return _decode_chunk(frames)
     volume = np.empty((len(frames), *shape.pop()), dtype=np.int16)
+    if compressed < MIN_FRAMES_FOR_POOL or workers == 1:
+        for start in range(0, len(frames), PROGRESS_CHUNK):
+            volume[start:start + PROGRESS_CHUNK] = _decode_chunk(frames[start:start + PROGRESS_CHUNK])
+            if progress is not None:
+                progress(min(1.0, (start + PROGRESS_CHUNK) / len(frames)))
+        return volume
     step = max(1, -(-len(frames) // (workers * 4)))
     chunks = [(i, frames[i:i + step]) for i in range(0, len(frames), step)]
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
         for (start, chunk), decoded in zip(chunks, pool.map(_decode_chunk, [c for _, c in chunks])):
             volume[start:start + len(chunk)] = decoded
+            if progress is not None:
+                progress((start + len(chunk)) / len(frames))
     return volume

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +91,11 @@ def plan_series(series: SeriesFrames, tolerances: GeometryTolerances) -> VolumeP
     raise reject(problems)
 
 
-def load_series(paths: Iterable[Path], settings: Settings) -> CTVolume:
+def load_series(paths: Iterable[Path], settings: Settings,
+                progress: Callable[[float], None] | None = None) -> CTVolume:
     """Read, check, decode and (if needed) resample the series stored at ``paths``.
+
+    ``progress(fraction)`` reports how much of the pixel data is decoded.
 
     The geometry checks apply the site's tolerances (:meth:`GeometryTolerances.from_settings`);
     ``settings.decode_workers`` processes decode compressed pixel data.
@@ -104,7 +107,7 @@ def load_series(paths: Iterable[Path], settings: Settings) -> CTVolume:
     t_headers = time.perf_counter()
     plan = plan_series(series, GeometryTolerances.from_settings(settings))
     ordered = [series.frames[i] for i in plan.order]
-    hu = decode_volume(ordered, settings.decode_workers)
+    hu = decode_volume(ordered, settings.decode_workers, progress)
     t_decode = time.perf_counter()
     if plan.needs_resampling:
         hu = resample_slices(hu, plan.source_z_mm, plan.target_z_mm, plan.shear_mm_per_row,
