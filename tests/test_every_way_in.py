@@ -124,8 +124,8 @@ def test_a_concurrent_importer_never_costs_the_receiver_an_acknowledged_image(tm
     files = sorted(str(p) for p in series.glob("*.dcm"))
     home, port = tmp_path / "home", free_port()
     env = _env(home, dicom_port=port)
-    receiver = subprocess.Popen([*APPLIANCE, "dicom"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
+    log = open(tmp_path / "receiver.log", "w")  # noqa: SIM115 - closed after the receiver stops
+    receiver = subprocess.Popen([*APPLIANCE, "dicom"], env=env, stdout=log, stderr=subprocess.STDOUT)
     empty = tmp_path / "empty.dcm"
     empty.write_bytes(b"")
     stop = tmp_path / "stop"
@@ -141,7 +141,8 @@ def test_a_concurrent_importer_never_costs_the_receiver_an_acknowledged_image(tm
         for n in range(rounds):
             sent = subprocess.run([str(STORESCU), "-aec", "APPLIANCE", "127.0.0.1", str(port), *files],
                                   capture_output=True, text=True)
-            assert sent.returncode == 0, f"send {n + 1} aborted: {sent.stderr[-2000:]}"
+            assert sent.returncode == 0, (f"send {n + 1} aborted: {sent.stderr[-2000:]}\nreceiver: "
+                                          f"{(tmp_path / 'receiver.log').read_text()[-3000:]}")
     finally:
         stop.touch()
         loop.wait(timeout=120)
@@ -150,6 +151,7 @@ def test_a_concurrent_importer_never_costs_the_receiver_an_acknowledged_image(tm
             receiver.wait(timeout=30)
         except subprocess.TimeoutExpired:
             receiver.kill()
+        log.close()
     from appliance.store.database import open_database
 
     db = open_database(home)
