@@ -70,9 +70,13 @@ def _score_study(files: list[Path], session, pack, settings: Settings) -> float:
     for _, paths in sorted(series.items(), key=lambda kv: -len(kv[1])):
         try:
             volume = load_series(paths, settings)
-            return chest_covid19.run(volume, segment(volume), session, pack, None).score
+            score = chest_covid19.run(volume, segment(volume), session, pack, None).score
         except (SeriesRejected, chest_covid19.NotApplicable) as exc:
             errors.append(str(exc))
+            continue
+        if score is None:
+            raise EvaluationError("the model gave no score for the series")
+        return score
     raise EvaluationError("; ".join(errors) or "no DICOM series")
 
 

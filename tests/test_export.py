@@ -155,7 +155,7 @@ def _review_one(settings: config.Settings, decision: str) -> None:
         rid, series, model, study = db.execute(
             "SELECT r.id, r.series_instance_uid, r.model, s.study_instance_uid FROM results r JOIN series s "
             "ON s.series_instance_uid = r.series_instance_uid ORDER BY r.id DESC LIMIT 1").fetchone()
-        db["reviews"].insert({"result_id": rid, "study_instance_uid": study, "series_instance_uid": series,
+        db.table("reviews").insert({"result_id": rid, "study_instance_uid": study, "series_instance_uid": series,
                               "model": model, "decision": decision, "comment": "", "reviewer": "rad", "at": utcnow()})
     db.conn.close()
 

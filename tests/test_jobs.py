@@ -42,7 +42,7 @@ def test_failed_job_is_retried_with_backoff_then_left_failed(store):
         db.execute("UPDATE jobs SET not_before = ?", [utcnow()])
     queue.claim(db, 60, GONE)
     assert queue.fail(db, job, "boom again", max_attempts=2, backoff_seconds=0) == "failed"
-    assert db["jobs"].get(job)["error"] == "boom again"
+    assert db.table("jobs").get(job)["error"] == "boom again"
 
 
 def test_only_jobs_of_dead_workers_or_expired_leases_are_requeued(store):

@@ -138,7 +138,7 @@ def test_a_review_sends_the_reviewed_report_again(tmp_path, synthetic_chest):
                                           "JOIN series s USING (series_instance_uid) WHERE r.model = 'chest-covid19'"
                                           ).fetchone()
     with write_transaction(db):
-        db["reviews"].insert({"result_id": result_id, "study_instance_uid": study, "series_instance_uid": series,
+        db.table("reviews").insert({"result_id": result_id, "study_instance_uid": study, "series_instance_uid": series,
                               "model": "chest-covid19", "decision": "confirmed", "comment": "", "reviewer": "dr_a",
                               "at": utcnow()})
     queue.enqueue_series(db, series, study, priority=1, kind=queue.REPORT)

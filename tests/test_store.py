@@ -25,7 +25,7 @@ def test_database_uses_wal_and_migrations_are_idempotent(settings):
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     for table in ("patients", "studies", "series", "instances", "jobs", "results", "quarantine", "audit_log"):
-        assert db[table].exists(), table
+        assert db.table(table).exists(), table
     applied = db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0]
     db2 = open_database(settings.home_path)
     assert db2.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == applied
@@ -39,7 +39,7 @@ def test_accepted_instance_is_filed_by_uids_and_indexed(store, synthetic_chest):
     expected = store.home / "instances" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
     assert accepted.status == "stored" and accepted.path == expected
     assert expected.read_bytes() == path.read_bytes()  # stored as received, never rewritten
-    row = store.db["instances"].get(ds.SOPInstanceUID)
+    row = store.db.table("instances").get(ds.SOPInstanceUID)
     assert row["series_instance_uid"] == ds.SeriesInstanceUID and row["size_bytes"] == path.stat().st_size
     assert not any(store.tmp_dir.iterdir())
 
@@ -142,4 +142,4 @@ def test_a_first_release_database_upgrades_in_place(tmp_path):
     assert {"users", "reviews", "imports", "exports", "login_failures"} <= set(db.table_names())
     row = db.execute("SELECT search_text, flagged FROM studies WHERE study_instance_uid = '1.2.3'").fetchone()
     assert row == ("doe jane id1 a1 ct chest", 0)
-    assert "notice" in db["results"].columns_dict
+    assert "notice" in db.table("results").columns_dict

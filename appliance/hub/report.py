@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def summary(db: HubDB) -> dict[str, list[dict[str, Any]]]:
             "received": received, "models": models}
 
 
-def _bars(rows: list[tuple[str, float]], unit: str, width: int = 560) -> str:
+def _bars(rows: Sequence[tuple[str, float]], unit: str, width: int = 560) -> str:
     """A horizontal bar chart as inline SVG."""
     if not rows:
         return "<p>No data.</p>"

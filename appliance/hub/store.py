@@ -6,7 +6,10 @@ import contextlib
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psycopg
 
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS sites (site_id TEXT PRIMARY KEY, name TEXT, public_key TEXT UNIQUE NOT NULL, "
@@ -27,6 +30,8 @@ SCHEMA = [
 
 class HubDB:
     """A DB-API connection with ``?`` placeholders whatever the server, and explicit transactions."""
+
+    conn: psycopg.Connection[tuple[Any, ...]] | sqlite3.Connection
 
     def __init__(self, url: str):
         self.url = url
@@ -61,7 +66,7 @@ class HubDB:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """One writer at a time; everything inside commits together or not at all."""
-        if self.postgres:
+        if not isinstance(self.conn, sqlite3.Connection):
             with self.conn.transaction():
                 yield
             return

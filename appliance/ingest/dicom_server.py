@@ -126,7 +126,8 @@ class Receiver:
 def make_ae(settings: Settings):
     """The Application Entity with our SOP classes, transfer syntaxes, limits and timeouts."""
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    # pynetdicom generates its SOP class names at import, so its types cannot list them
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     ae = AE(ae_title=settings.dicom_ae_title)
     ae.add_supported_context(Verification)

@@ -6,14 +6,14 @@ import hashlib
 import os
 import uuid
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from appliance.errors import InstanceRejected, ReasonCode
 
 CHUNK = 1024 * 1024
 
 
-def copy_to_temp(source: BinaryIO, tmp_dir: Path, max_bytes: int) -> tuple[Path, int, str]:
+def copy_to_temp(source: IO[bytes], tmp_dir: Path, max_bytes: int) -> tuple[Path, int, str]:
     """Copy ``source`` into a new fsynced file in ``tmp_dir``; return (path, size, sha256).
 
     Refuses (FILE_TOO_LARGE) past ``max_bytes`` without keeping more than one chunk in memory.

@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 import sqlite_utils
 
@@ -110,7 +110,7 @@ class InstanceStore:
     @property
     def datadir(self) -> DataDirectory:
         return DataDirectory(self.home)
-    def accept(self, stream: BinaryIO, *, source: str, original_name: str) -> Accepted:
+    def accept(self, stream: IO[bytes], *, source: str, original_name: str) -> Accepted:
         """Store the DICOM file read from ``stream``; return only once it is durable.
 
         Raises :class:`InstanceRejected` after quarantining a file that cannot be accepted.
