@@ -88,7 +88,8 @@ def _folder_items(data: Path) -> list[tuple[str, int, list[Path]]]:
         loose = []
         for entry in sorted(class_dir.iterdir()):
             if entry.is_dir():
-                items.append((f"{class_dir.name}/{entry.name}", label, sorted(p for p in entry.rglob("*") if p.is_file())))
+                files = sorted(p for p in entry.rglob("*") if p.is_file())
+                items.append((f"{class_dir.name}/{entry.name}", label, files))
             elif entry.suffix.lower() in IMAGE_SUFFIXES:
                 items.append((f"{class_dir.name}/{entry.name}", label, [entry]))
             elif entry.is_file():

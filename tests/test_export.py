@@ -141,8 +141,8 @@ def test_same_bundle_twice_adds_nothing_and_a_corrected_reexport_supersedes(hub,
     assert summary["superseded"] and len(_hub_results(db)) == count
     assert db.rows("SELECT count(*) AS n FROM results WHERE review = 'confirmed'")[0]["n"] == 1
     assert {r["revision"] for r in db.rows("SELECT revision FROM results")} == {corrected.revision}
+    shutil.copy(first.path, tmp_path / "old.ctx")
     with pytest.raises(bundle.BundleRefused) as stale:  # the older revision cannot come back
-        shutil.copy(first.path, tmp_path / "old.ctx")
         merge.import_bundle(db, hub_dir, tmp_path / "old.ctx")
     assert stale.value.reason_code in ("REPLAYED", "STALE")
 

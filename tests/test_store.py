@@ -17,7 +17,7 @@ from .conftest import need_data
 
 
 def _first_file(folder):
-    return sorted(folder.glob("*.dcm"))[0]
+    return min(folder.glob("*.dcm"))
 
 
 def test_database_uses_wal_and_migrations_are_idempotent(settings):
@@ -83,10 +83,9 @@ def _crash_leftovers(store, synthetic_chest):
 
 def test_opening_the_store_never_deletes_while_a_writer_is_alive(store, settings, synthetic_chest):
     accepted, dead, orphan = _crash_leftovers(store, synthetic_chest)
-    other = subprocess.run([sys.executable, "-c", "from appliance import config; "
-                            "from appliance.store.instances import open_store; "
-                            f"open_store(config.load(environ={{}}, home={str(settings.home_path)!r}))"],
-                           capture_output=True, text=True)
+    script = ("from appliance import config; from appliance.store.instances import open_store; "
+              f"open_store(config.load(environ={{}}, home={str(settings.home_path)!r}))")
+    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert other.returncode == 0, other.stderr
     assert orphan.exists() and accepted.path.exists()  # this process still holds the lock shared
     assert not dead.exists()  # but the scratch of a writer that is gone is removed
@@ -114,8 +113,6 @@ def test_anonymised_files_without_uids_are_filed_consistently(store):
 
 def test_file_written_by_another_process_concurrently_is_not_lost(settings, synthetic_chest):
     """Two stores on one database (receiver and importer) each keep every file."""
-    from appliance.store.instances import InstanceStore
-
     a, b = open_store(settings), open_store(settings)
     files = sorted(synthetic_chest.glob("*.dcm"))[:10]
     for i, path in enumerate(files):
@@ -135,7 +132,8 @@ def test_a_first_release_database_upgrades_in_place(tmp_path):
     conn = sqlite3.connect(home / "appliance.sqlite")
     conn.executescript((Path(__file__).parent / "data" / "schema-release-1.sql").read_text())
     conn.execute("INSERT INTO patients VALUES ('k', 'ID1', 'DOE^JANE', '19700101', 'F')")
-    conn.execute("INSERT INTO studies VALUES ('1.2.3', 'k', '20260101', '', 'CT CHEST', 'A1', '2026-01-01', '2026-01-01')")
+    conn.execute("INSERT INTO studies VALUES "
+                 "('1.2.3', 'k', '20260101', '', 'CT CHEST', 'A1', '2026-01-01', '2026-01-01')")
     conn.commit()
     conn.close()
     db = open_database(home)

@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 
 from appliance.config import Settings
+from appliance.durable import write_bytes_durably
 from appliance.inference import packs, parity
 from appliance.inference.backends import onnxruntime as ort_backend
 from appliance.inference.backends import tensorrt as trt_backend
 from appliance.inference.engine_cache import TIMING_CACHE_NAME, BuilderSettings, stale_engines
 from appliance.inference.quantize import quantize_qdq
 from appliance.inference.registry import engine_key
-from appliance.durable import write_bytes_durably
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]

@@ -82,8 +82,8 @@ def _zip_members(path: Path, settings: Settings) -> Iterator[_Member | InstanceR
     with zipfile.ZipFile(path) as zf:
         infos = [i for i in zf.infolist() if not i.is_dir()]
         if len(infos) > settings.max_zip_members:
-            yield InstanceRejected(ReasonCode.UNSAFE_ARCHIVE,
-                                   f"The archive holds {len(infos)} files, more than the {settings.max_zip_members} allowed.")
+            yield InstanceRejected(ReasonCode.UNSAFE_ARCHIVE, f"The archive holds {len(infos)} files, "
+                                                              f"more than the {settings.max_zip_members} allowed.")
             return
         total = 0
         for info in infos:
@@ -91,14 +91,15 @@ def _zip_members(path: Path, settings: Settings) -> Iterator[_Member | InstanceR
             ratio = info.file_size / max(info.compress_size, 1)
             total += info.file_size
             if info.filename.startswith(("/", "\\")) or ".." in Path(info.filename).parts:
-                yield InstanceRejected(ReasonCode.UNSAFE_ARCHIVE, f"{label}: the member's name points outside the archive.")
+                yield InstanceRejected(ReasonCode.UNSAFE_ARCHIVE,
+                                       f"{label}: the member's name points outside the archive.")
             elif stat.S_ISLNK(info.external_attr >> 16):
                 yield InstanceRejected(ReasonCode.UNSAFE_ARCHIVE, f"{label}: the member is a symbolic link.")
             elif ratio > settings.max_zip_ratio and info.file_size > 1024**2:
                 yield InstanceRejected(ReasonCode.UNSAFE_ARCHIVE, f"{label}: compressed {ratio:.0f}:1, a zip bomb.")
             elif total > settings.max_zip_bytes:
-                yield InstanceRejected(ReasonCode.UNSAFE_ARCHIVE,
-                                       f"{label}: the archive unpacks to more than {settings.max_zip_bytes // 2**30} GiB.")
+                yield InstanceRejected(ReasonCode.UNSAFE_ARCHIVE, f"{label}: the archive unpacks to more than "
+                                                                  f"{settings.max_zip_bytes // 2**30} GiB.")
                 return
             else:
                 yield _Member(label, functools.partial(zf.open, info))

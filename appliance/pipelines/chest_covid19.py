@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from appliance.pipelines import StepResult
+from appliance.pipelines import StepResult, overlays
 from appliance.pipelines.chest_preprocess import INPUT_SIZE, prepare_gray, window_to_gray
-from appliance.pipelines import overlays
 from appliance.pipelines.key_images import save_key_image
 from appliance.pipelines.lungs import Segmentation
 from appliance.series.volume import CTVolume

@@ -26,8 +26,9 @@ def copy_to_temp(source: IO[bytes], tmp_dir: Path, max_bytes: int) -> tuple[Path
             while chunk := source.read(CHUNK):
                 size += len(chunk)
                 if size > max_bytes:
+                    limit_mib = max_bytes // 2**20
                     raise InstanceRejected(ReasonCode.FILE_TOO_LARGE,
-                                           f"The file is larger than the {max_bytes // 2**20} MiB this appliance accepts.")
+                                           f"The file is larger than the {limit_mib} MiB this appliance accepts.")
                 digest.update(chunk)
                 out.write(chunk)
             out.flush()
