@@ -19,6 +19,7 @@ import numpy as np
 import sqlite_utils
 
 from appliance.config import Settings
+from appliance.durable import write_bytes_durably
 from appliance.errors import SeriesRejected
 from appliance.inference.registry import Registry
 from appliance.jobs import queue
@@ -26,9 +27,8 @@ from appliance.pipelines import StepResult, abdomen_pancreas, chest_covid19, lun
 from appliance.series.volume import CTVolume, load_series
 from appliance.store.database import inserted_id, refresh_study, site_threshold, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory
-from appliance.store.states import SeriesStatus
-from appliance.durable import write_bytes_durably
 from appliance.store.instances import InstanceStore
+from appliance.store.states import SeriesStatus
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +170,9 @@ def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Set
     t0 = time.perf_counter()
     progress(0.0, "loading")
     paths = series_paths(store, series_instance_uid)
-    record: dict[str, Any] = {"series_instance_uid": series_instance_uid, "status": SeriesStatus.ANALYZED.value, "reason_code": None,
-                              "reason": None, "slices": len(paths), "shape_zyx": None, "spacing_mm_zyx": None,
-                              "problems": [], "excluded": [], "results": []}
+    record: dict[str, Any] = {"series_instance_uid": series_instance_uid, "status": SeriesStatus.ANALYZED.value,
+                              "reason_code": None, "reason": None, "slices": len(paths), "shape_zyx": None,
+                              "spacing_mm_zyx": None, "problems": [], "excluded": [], "results": []}
     seconds = {"load": 0.0, "preprocess": 0.0, "infer": 0.0}
     try:
         volume = load_series(paths, settings, lambda done: progress(LOADED * done, "loading"))
@@ -220,7 +220,8 @@ def _save(db: sqlite_utils.Database, record: dict[str, Any], job_id: int | None)
         analyses = db.table("analyses")
         analyses.insert({
             "series_instance_uid": uid, "study_instance_uid": study, "status": record["status"],
-            "reason_code": record["reason_code"], "reason": record["reason"], "problems": json.dumps(record["problems"]),
+            "reason_code": record["reason_code"], "reason": record["reason"],
+            "problems": json.dumps(record["problems"]),
             "slices": record["slices"], "shape_zyx": json.dumps(record["shape_zyx"]),
             "spacing_mm_zyx": json.dumps(record["spacing_mm_zyx"]), "seconds": json.dumps(record["seconds"]),
             "created_at": now, "superseded": 0, "record": json.dumps(record),
@@ -237,6 +238,7 @@ def _save(db: sqlite_utils.Database, record: dict[str, Any], job_id: int | None)
                 "created_at": now, "notice": r.get("notice"),
             })
         db.execute("UPDATE series SET status = ?, reason_code = ?, reason = ?, updated_at = ? "
-                   "WHERE series_instance_uid = ?", [record["status"], record["reason_code"], record["reason"], now, uid])
+                   "WHERE series_instance_uid = ?",
+                   [record["status"], record["reason_code"], record["reason"], now, uid])
         refresh_study(db, study)
     return analysis_id

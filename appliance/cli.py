@@ -32,7 +32,8 @@ EXAMPLES = {
     "users": "examples:\n  appliance users add amina --role technician   (asks for the password)\n"
              "  echo \"$PASSWORD\" | appliance users add admin --role admin\n  appliance users list",
     "settings": "examples:\n  appliance settings",
-    "import": "examples:\n  appliance import /media/usb\n  appliance import --usb /dev/sdb1   (as root: mounts read-only)",
+    "import": ("examples:\n  appliance import /media/usb\n"
+               "  appliance import --usb /dev/sdb1   (as root: mounts read-only)"),
     "install-systemd": "examples:\n  sudo appliance install-systemd --user appliance --home /var/lib/appliance",
     "dicom": ("examples:\n  APPLIANCE_DICOM_ALLOWED_CALLERS='CT01@192.168.1.20' appliance dicom\n"
               "  /usr/bin/echoscu -aec APPLIANCE 127.0.0.1 11112"),
@@ -164,7 +165,8 @@ def cmd_evaluate(args: argparse.Namespace, settings: config.Settings) -> int:
         return f"  {name:12} {metric['value']:.3f}  (95% CI {lo:.3f}-{hi:.3f})"
 
     print(f"{doc['model']} {doc['model_version']} on {doc['cases']} cases ({doc['positives']} positive), "
-          f"{doc['backend']} {doc['precision']}, threshold {doc['threshold']['value']:.4f} ({doc['threshold']['source']})")
+          f"{doc['backend']} {doc['precision']}, "
+          f"threshold {doc['threshold']['value']:.4f} ({doc['threshold']['source']})")
     for key in ("sensitivity", "specificity", "accuracy", "f1", "auc"):
         print(line(key, m[key]))
     fs = doc["for_sensitivity"]
@@ -293,7 +295,8 @@ def cmd_users(args: argparse.Namespace, settings: config.Settings) -> int:
     db = open_database(settings.home_path)
     if args.action == "list":
         for row in db.query("SELECT username, role, disabled, created_at FROM users ORDER BY username"):
-            print(f"{row['username']}\t{row['role']}\t{'disabled' if row['disabled'] else 'enabled'}\t{row['created_at']}")
+            state = "disabled" if row["disabled"] else "enabled"
+            print(f"{row['username']}\t{row['role']}\t{state}\t{row['created_at']}")
         return 0
     if not args.name or not args.role:
         print("error: users add needs NAME and --role", file=sys.stderr)

@@ -70,9 +70,13 @@ def _score_study(files: list[Path], session, pack, settings: Settings) -> float:
     for _, paths in sorted(series.items(), key=lambda kv: -len(kv[1])):
         try:
             volume = load_series(paths, settings)
-            return chest_covid19.run(volume, segment(volume), session, pack, None).score
+            score = chest_covid19.run(volume, segment(volume), session, pack, None).score
         except (SeriesRejected, chest_covid19.NotApplicable) as exc:
             errors.append(str(exc))
+            continue
+        if score is None:
+            raise EvaluationError("the model gave no score for the series")
+        return score
     raise EvaluationError("; ".join(errors) or "no DICOM series")
 
 
@@ -84,7 +88,8 @@ def _folder_items(data: Path) -> list[tuple[str, int, list[Path]]]:
         loose = []
         for entry in sorted(class_dir.iterdir()):
             if entry.is_dir():
-                items.append((f"{class_dir.name}/{entry.name}", label, sorted(p for p in entry.rglob("*") if p.is_file())))
+                files = sorted(p for p in entry.rglob("*") if p.is_file())
+                items.append((f"{class_dir.name}/{entry.name}", label, files))
             elif entry.suffix.lower() in IMAGE_SUFFIXES:
                 items.append((f"{class_dir.name}/{entry.name}", label, [entry]))
             elif entry.is_file():

@@ -143,7 +143,7 @@ def serve(settings: Settings, poll_seconds: float = 2.0) -> None:
 
 def run_web(settings: Settings) -> None:
     """Serve the web UI with waitress in this thread until interrupted."""
-    from waitress import create_server
+    from waitress.server import create_server
 
     from appliance.web import bind_address, create_app
 

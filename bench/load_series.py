@@ -7,6 +7,7 @@ Run: .venv/bin/python bench/load_series.py [--repeat N]
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -56,8 +57,8 @@ def main() -> int:
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in ("LICENSE", "Citations"))
         ours, theirs = _ours(files, settings), _sitk(folder)  # warm the page cache, check agreement
         assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
-        t_ours = _time(lambda: _ours(files, settings), args.repeat)
-        t_sitk = _time(lambda: _sitk(folder), args.repeat)
+        t_ours = _time(functools.partial(_ours, files, settings), args.repeat)
+        t_sitk = _time(functools.partial(_sitk, folder), args.repeat)
         print(f"{name:34} {ours.shape[0]:>6} {t_ours:>12.3f} {t_sitk:>12.3f} {t_sitk / t_ours:>6.2f}x")
     return 0
 

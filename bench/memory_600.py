@@ -47,7 +47,8 @@ def main() -> int:
     doc = json.loads(run.stdout)
     ratio = doc["peak_rss"] / doc["volume_bytes"]
     above = (doc["peak_rss"] - doc["baseline_rss"]) / doc["volume_bytes"]
-    print(f"volume {doc['shape']} int16 = {doc['volume_bytes'] / 2**20:.0f} MiB; peak RSS {doc['peak_rss'] / 2**20:.0f} MiB "
+    print(f"volume {doc['shape']} int16 = {doc['volume_bytes'] / 2**20:.0f} MiB; "
+          f"peak RSS {doc['peak_rss'] / 2**20:.0f} MiB "
           f"(interpreter and libraries {doc['baseline_rss'] / 2**20:.0f} MiB); loaded in {doc['seconds']:.2f} s")
     print(f"peak RSS / volume = {ratio:.2f}x (target <= 2.0x); above the interpreter baseline {above:.2f}x")
     return 0 if ratio <= 2.0 else 1

@@ -127,7 +127,8 @@ def main() -> int:
         uids = fill(home, args.studies)
         print(f"filled {args.studies} studies in {time.perf_counter() - t0:.1f} s")
         port = _free_port()
-        env = {**os.environ, "APPLIANCE_HOME": str(home), "APPLIANCE_WEB_PORT": str(port), "APPLIANCE_LOG_LEVEL": "ERROR"}
+        env = {**os.environ, "APPLIANCE_HOME": str(home), "APPLIANCE_WEB_PORT": str(port),
+               "APPLIANCE_LOG_LEVEL": "ERROR"}
         server = subprocess.Popen([sys.executable, "-m", "appliance.cli", "web"], env=env, stdout=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:

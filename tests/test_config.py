@@ -15,7 +15,8 @@ def test_every_setting_has_help_and_is_documented():
     for setting in config.SETTINGS:
         assert setting.help.strip().endswith("."), setting.name
         assert f"`{setting.name}`" in docs, f"{setting.name} missing from docs/settings.md"
-    assert docs == config.markdown_table(), "docs/settings.md is stale: appliance settings --markdown > docs/settings.md"
+    assert docs == config.markdown_table(), (
+        "docs/settings.md is stale: appliance settings --markdown > docs/settings.md")
 
 
 def test_settings_table_has_unique_names():
@@ -130,7 +131,8 @@ def test_saved_overrides_keep_other_entries_and_are_read_back(tmp_path):
 def test_mypy_catches_a_misspelt_setting_name(tmp_path):
     good = tmp_path / "settings_good.py"
     good.write_text("from appliance import config\n\ns = config.load(environ={})\n"
-                    "slices: int = s.min_slices\ntilt: float = s.max_gantry_tilt_deg\nname: str = s.values['site_name']\n")
+                    "slices: int = s.min_slices\ntilt: float = s.max_gantry_tilt_deg\n"
+                    "name: str = s.values['site_name']\n")
     bad = tmp_path / "settings_bad.py"
     bad.write_text("from appliance import config\n\ns = config.load(environ={})\nprint(s.min_slice)\n"
                    "name: str = s.min_slices\n")
@@ -146,7 +148,8 @@ def test_toml_writer_round_trips_what_settings_and_manifests_hold(tmp_path):
             "files": {"model.onnx": "ab" * 32, "odd name.txt": "cd"}, "runs": [{"a": 1}, {"a": 2, "b": {"c": "d"}}]}
     text = tomlfile.dumps(data)
     assert tomlfile.loads(text) == data
-    assert text.startswith('name = "quoted \\"x\\""\nflag = false\ncount = 3\nratio = 0.25\nsizes = [1, 2]\n\n[files]\n')
+    assert text.startswith('name = "quoted \\"x\\""\nflag = false\ncount = 3\nratio = 0.25\n'
+                           'sizes = [1, 2]\n\n[files]\n')
     tomlfile.dump_durably(data, tmp_path / "sub" / "x.toml")
     assert tomlfile.load(tmp_path / "sub" / "x.toml") == data
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.toml"]

@@ -35,8 +35,8 @@ def receiver(tmp_path):
 
     def start(**overrides):
         port = free_port()
-        values = dict(home=str(tmp_path / "home"), dicom_allowed_callers="*@127.0.0.1", disk_low_watermark_mb=0,
-                      dicom_network_timeout=5.0, dicom_acse_timeout=5.0)
+        values = {"home": str(tmp_path / "home"), "dicom_allowed_callers": "*@127.0.0.1", "disk_low_watermark_mb": 0,
+                  "dicom_network_timeout": 5.0, "dicom_acse_timeout": 5.0}
         values.update(overrides)
         settings = config.load(environ={}, **values)
         open_database(settings.home_path)
@@ -86,7 +86,7 @@ def test_real_series_over_eight_concurrent_associations_loses_nothing(receiver):
         runs = list(pool.map(lambda g: store(port, g), groups))
     assert all(r.returncode == 0 for r in runs), [r.stderr[-500:] for r in runs]
     db = open_database(settings.home_path)
-    rows = {uid: path for uid, path in db.execute("SELECT sop_instance_uid, path FROM instances")}
+    rows = dict(db.execute("SELECT sop_instance_uid, path FROM instances"))
     assert len(rows) == len(files)
     import pydicom
 
@@ -134,7 +134,7 @@ def test_low_disk_answers_out_of_resources_and_writes_nothing(receiver, syntheti
 def test_unacceptable_image_gets_a_cannot_understand_status_and_is_quarantined(receiver, synthetic_chest, tmp_path):
     import pydicom
 
-    ds = pydicom.dcmread(sorted(synthetic_chest.glob("*.dcm"))[0])
+    ds = pydicom.dcmread(min(synthetic_chest.glob("*.dcm")))
     ds.Rows = ds.Columns = 65535  # declares 8 GB of pixels, carries 64 bytes
     ds.PixelData = b"\0" * 64
     ds.save_as(tmp_path / "huge.dcm")
@@ -202,7 +202,7 @@ def _recv_all(sock, timeout):
     try:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-    except (socket.timeout, ConnectionResetError):
+    except (TimeoutError, ConnectionResetError):
         pass
     return b"".join(chunks)
 

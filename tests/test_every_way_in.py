@@ -129,8 +129,8 @@ def test_a_concurrent_importer_never_costs_the_receiver_an_acknowledged_image(tm
     empty = tmp_path / "empty.dcm"
     empty.write_bytes(b"")
     stop = tmp_path / "stop"
-    loop = subprocess.Popen(["bash", "-c", f"while [ ! -e {stop} ]; do {' '.join(APPLIANCE)} import {empty} "
-                                           f">/dev/null 2>&1; done"], env=env)
+    script = f"while [ ! -e {stop} ]; do {' '.join(APPLIANCE)} import {empty} >/dev/null 2>&1; done"
+    loop = subprocess.Popen(["bash", "-c", script], env=env)
     rounds = int(os.environ.get("APPLIANCE_TEST_SEND_ROUNDS", "3"))
     try:
         for _ in range(100):

@@ -141,8 +141,8 @@ def test_same_bundle_twice_adds_nothing_and_a_corrected_reexport_supersedes(hub,
     assert summary["superseded"] and len(_hub_results(db)) == count
     assert db.rows("SELECT count(*) AS n FROM results WHERE review = 'confirmed'")[0]["n"] == 1
     assert {r["revision"] for r in db.rows("SELECT revision FROM results")} == {corrected.revision}
+    shutil.copy(first.path, tmp_path / "old.ctx")
     with pytest.raises(bundle.BundleRefused) as stale:  # the older revision cannot come back
-        shutil.copy(first.path, tmp_path / "old.ctx")
         merge.import_bundle(db, hub_dir, tmp_path / "old.ctx")
     assert stale.value.reason_code in ("REPLAYED", "STALE")
 
@@ -155,7 +155,7 @@ def _review_one(settings: config.Settings, decision: str) -> None:
         rid, series, model, study = db.execute(
             "SELECT r.id, r.series_instance_uid, r.model, s.study_instance_uid FROM results r JOIN series s "
             "ON s.series_instance_uid = r.series_instance_uid ORDER BY r.id DESC LIMIT 1").fetchone()
-        db["reviews"].insert({"result_id": rid, "study_instance_uid": study, "series_instance_uid": series,
+        db.table("reviews").insert({"result_id": rid, "study_instance_uid": study, "series_instance_uid": series,
                               "model": model, "decision": decision, "comment": "", "reviewer": "rad", "at": utcnow()})
     db.conn.close()
 

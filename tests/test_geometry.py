@@ -132,13 +132,14 @@ def test_gantry_tilt_is_corrected_when_covered_and_rejected_when_not():
 
 
 def test_gantry_tilt_policy_and_limit_reject():
-    orientation, positions, rows, spacing = _tilted(15)
+    orientation, positions, _, _ = _tilted(15)
     off = GeometryTolerances(gantry_tilt_correction=False)
-    assert rejection(None, orientation=orientation, positions=positions, tolerances=off).reason_code == ReasonCode.GANTRY_TILT
+    assert (rejection(None, orientation=orientation, positions=positions, tolerances=off).reason_code
+            == ReasonCode.GANTRY_TILT)
     strict = GeometryTolerances(max_gantry_tilt_deg=10)
     assert "more than the 10 degrees" in rejection(None, orientation=orientation, positions=positions,
                                                    tolerances=strict).reason
-    orientation, positions, rows, spacing = _tilted(35)
+    orientation, positions, _, _ = _tilted(35)
     assert rejection(None, orientation=orientation, positions=positions).reason_code == ReasonCode.GANTRY_TILT
 
 
@@ -173,7 +174,7 @@ def test_axial_and_reformatted_series_are_told_apart():
     sagittal = plan(None, orientation=[0, 1, 0, 0, 0, -1],
                     positions=np.column_stack([z, np.zeros(12), np.zeros(12)]))
     assert not sagittal.is_axial
-    orientation, positions, rows, spacing = _tilted(15)
+    orientation, positions, _, _ = _tilted(15)
     assert plan(None, orientation=orientation, positions=positions).is_axial  # a tilted axial is still axial
 
 

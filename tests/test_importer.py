@@ -101,5 +101,5 @@ def test_symbolic_links_are_not_followed(store, settings, synthetic_chest, tmp_p
 
 def test_files_too_large_are_refused_without_reading_them_whole(store, settings, synthetic_chest, tmp_path):
     store.max_bytes = 10_000
-    summary = import_paths(store, [sorted(synthetic_chest.glob("*.dcm"))[0]], settings)
+    summary = import_paths(store, [min(synthetic_chest.glob("*.dcm"))], settings)
     assert [q["reason_code"] for q in summary.quarantined] == ["FILE_TOO_LARGE"]

@@ -164,14 +164,14 @@ def test_stale_engines_are_found_for_removal(tmp_path):
 def test_profile_shapes_have_a_dynamic_batch():
     assert profile_shapes([1, 128, 128], BuilderSettings(max_batch=32, opt_batch=8)) == (
         (1, 1, 128, 128), (8, 1, 128, 128), (32, 1, 128, 128))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"must lie in 1\.\.max_batch"):
         profile_shapes([1, 128, 128], BuilderSettings(max_batch=4, opt_batch=8))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be positive"):
         profile_shapes([1, -1, 128], BuilderSettings())
     dynamic = profile_shapes([1, 64, 84, 84], BuilderSettings(max_batch=1, opt_batch=1), [1, 8, 32, 32],
                              [1, 128, 96, 96])
     assert dynamic == ((1, 1, 8, 32, 32), (1, 1, 64, 84, 84), (1, 1, 128, 96, 96))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must satisfy min"):
         profile_shapes([1, 64, 84, 84], BuilderSettings(max_batch=1, opt_batch=1), [1, 80, 32, 32])
 
 

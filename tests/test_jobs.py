@@ -17,7 +17,7 @@ GONE = WorkerIdentity("0" * 32, 999999, "")  # a worker whose lock nobody holds:
 
 
 def _settings(tmp_path, **overrides):
-    values = dict(home=str(tmp_path / "home"), quiet_period_seconds=0.0, job_backoff_seconds=0.0)
+    values = {"home": str(tmp_path / "home"), "quiet_period_seconds": 0.0, "job_backoff_seconds": 0.0}
     values.update(overrides)
     return config.load(environ={}, **values)
 
@@ -42,7 +42,7 @@ def test_failed_job_is_retried_with_backoff_then_left_failed(store):
         db.execute("UPDATE jobs SET not_before = ?", [utcnow()])
     queue.claim(db, 60, GONE)
     assert queue.fail(db, job, "boom again", max_attempts=2, backoff_seconds=0) == "failed"
-    assert db["jobs"].get(job)["error"] == "boom again"
+    assert db.table("jobs").get(job)["error"] == "boom again"
 
 
 def test_only_jobs_of_dead_workers_or_expired_leases_are_requeued(store):
@@ -232,7 +232,8 @@ def test_two_workers_never_analyse_a_series_twice_and_a_kill_9_costs_one_retry(t
     env.update(APPLIANCE_HOME=str(home), APPLIANCE_QUIET_PERIOD_SECONDS="0", APPLIANCE_JOB_BACKOFF_SECONDS="0")
     for seed in range(4):
         write_series(tmp_path / f"s{seed}", SynthOptions(slices=60, size=256, region="chest", seed=40 + seed))
-    run = subprocess.run([sys.executable, "-m", "appliance.cli", "import", *[str(tmp_path / f"s{n}") for n in range(4)]],
+    folders = [str(tmp_path / f"s{n}") for n in range(4)]
+    run = subprocess.run([sys.executable, "-m", "appliance.cli", "import", *folders],
                          env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     workers = [subprocess.Popen([sys.executable, "-m", "appliance.cli", "worker"], env=env,
@@ -257,7 +258,8 @@ def test_two_workers_never_analyse_a_series_twice_and_a_kill_9_costs_one_retry(t
             w.send_signal(signal.SIGKILL)
             w.wait()
     assert db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall() == [("done", 4)]
-    per_series = db.execute("SELECT series_instance_uid, count(*) FROM analyses GROUP BY series_instance_uid").fetchall()
+    per_series = db.execute("SELECT series_instance_uid, count(*) FROM analyses "
+                            "GROUP BY series_instance_uid").fetchall()
     assert len(per_series) == 4 and all(n == 1 for _, n in per_series)  # each series analysed exactly once
     assert db.execute("SELECT max(attempts) FROM jobs").fetchone()[0] == 2  # the killed one ran again
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -1,4 +1,7 @@
-"""DICOM outputs (SR, key-image SC, Encapsulated PDF report) written, read back and checked; store-and-forward to Orthanc."""
+"""DICOM outputs (SR, key-image SC, Encapsulated PDF report) written, read back and checked.
+
+Store-and-forward is tested against Orthanc.
+"""
 
 import io
 import json
@@ -20,7 +23,8 @@ from appliance.outputs import outbox
 from appliance.store.database import write_transaction
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-needs_orthanc = pytest.mark.skipif(not Path(ORTHANC).exists(), reason="Orthanc is not installed (Debian package orthanc)")
+needs_orthanc = pytest.mark.skipif(not Path(ORTHANC).exists(),
+                                   reason="Orthanc is not installed (Debian package orthanc)")
 
 
 def free_port() -> int:
@@ -63,7 +67,7 @@ def _analysed_worker(tmp_path, synthetic_chest, destinations: str) -> Worker:
 def test_destination_parsing():
     assert outbox.parse_destinations("PACS@10.0.0.2:104, ORTHANC@127.0.0.1:4242") == (
         outbox.Destination("PACS", "10.0.0.2", 104), outbox.Destination("ORTHANC", "127.0.0.1", 4242))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is not AE@host:port"):
         outbox.parse_destinations("PACS@nowhere")
 
 
@@ -138,7 +142,7 @@ def test_a_review_sends_the_reviewed_report_again(tmp_path, synthetic_chest):
                                           "JOIN series s USING (series_instance_uid) WHERE r.model = 'chest-covid19'"
                                           ).fetchone()
     with write_transaction(db):
-        db["reviews"].insert({"result_id": result_id, "study_instance_uid": study, "series_instance_uid": series,
+        db.table("reviews").insert({"result_id": result_id, "study_instance_uid": study, "series_instance_uid": series,
                               "model": "chest-covid19", "decision": "confirmed", "comment": "", "reviewer": "dr_a",
                               "at": utcnow()})
     queue.enqueue_series(db, series, study, priority=1, kind=queue.REPORT)

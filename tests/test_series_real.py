@@ -105,8 +105,8 @@ def _compare_with_dcm2niix(files, settings, tmp_path):
 @pytest.mark.parametrize("name", ["tcia-pancreas-ct-chest-abdomen", "totalseg-example-j2k", "dcmqi-ct-3slice"])
 def test_geometry_and_voxels_agree_with_dcm2niix(name, settings, tmp_path):
     folder = need_data("ct", name)
-    files = [f for f in sorted(folder.iterdir())
-             if f.is_file() and pydicom.misc.is_dicom(f) and pydicom.dcmread(f, stop_before_pixels=True).Modality == "CT"]
+    files = [f for f in sorted(folder.iterdir()) if f.is_file() and pydicom.misc.is_dicom(f)
+             and pydicom.dcmread(f, stop_before_pixels=True).Modality == "CT"]
     _compare_with_dcm2niix(files, settings.replace(min_slices=3), tmp_path)
 
 

@@ -23,7 +23,8 @@ def _set_series(db, status: SeriesStatus) -> None:
 
 def _seen(db, uid: str) -> tuple[str, list[str]]:
     """The study page's status, and every worklist filter that lists the study."""
-    listed = [s for s in STATUSES if uid in {r["study_instance_uid"] for r in worklist(db, WorklistFilter(status=s))[0]}]
+    listed = [s for s in STATUSES
+              if uid in {r["study_instance_uid"] for r in worklist(db, WorklistFilter(status=s))[0]}]
     return study(db, uid)["status"], listed
 
 

@@ -17,7 +17,7 @@ from .conftest import need_data
 
 
 def _first_file(folder):
-    return sorted(folder.glob("*.dcm"))[0]
+    return min(folder.glob("*.dcm"))
 
 
 def test_database_uses_wal_and_migrations_are_idempotent(settings):
@@ -25,7 +25,7 @@ def test_database_uses_wal_and_migrations_are_idempotent(settings):
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     for table in ("patients", "studies", "series", "instances", "jobs", "results", "quarantine", "audit_log"):
-        assert db[table].exists(), table
+        assert db.table(table).exists(), table
     applied = db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0]
     db2 = open_database(settings.home_path)
     assert db2.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == applied
@@ -39,7 +39,7 @@ def test_accepted_instance_is_filed_by_uids_and_indexed(store, synthetic_chest):
     expected = store.home / "instances" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
     assert accepted.status == "stored" and accepted.path == expected
     assert expected.read_bytes() == path.read_bytes()  # stored as received, never rewritten
-    row = store.db["instances"].get(ds.SOPInstanceUID)
+    row = store.db.table("instances").get(ds.SOPInstanceUID)
     assert row["series_instance_uid"] == ds.SeriesInstanceUID and row["size_bytes"] == path.stat().st_size
     assert not any(store.tmp_dir.iterdir())
 
@@ -83,10 +83,9 @@ def _crash_leftovers(store, synthetic_chest):
 
 def test_opening_the_store_never_deletes_while_a_writer_is_alive(store, settings, synthetic_chest):
     accepted, dead, orphan = _crash_leftovers(store, synthetic_chest)
-    other = subprocess.run([sys.executable, "-c", "from appliance import config; "
-                            "from appliance.store.instances import open_store; "
-                            f"open_store(config.load(environ={{}}, home={str(settings.home_path)!r}))"],
-                           capture_output=True, text=True)
+    script = ("from appliance import config; from appliance.store.instances import open_store; "
+              f"open_store(config.load(environ={{}}, home={str(settings.home_path)!r}))")
+    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert other.returncode == 0, other.stderr
     assert orphan.exists() and accepted.path.exists()  # this process still holds the lock shared
     assert not dead.exists()  # but the scratch of a writer that is gone is removed
@@ -114,8 +113,6 @@ def test_anonymised_files_without_uids_are_filed_consistently(store):
 
 def test_file_written_by_another_process_concurrently_is_not_lost(settings, synthetic_chest):
     """Two stores on one database (receiver and importer) each keep every file."""
-    from appliance.store.instances import InstanceStore
-
     a, b = open_store(settings), open_store(settings)
     files = sorted(synthetic_chest.glob("*.dcm"))[:10]
     for i, path in enumerate(files):
@@ -135,11 +132,12 @@ def test_a_first_release_database_upgrades_in_place(tmp_path):
     conn = sqlite3.connect(home / "appliance.sqlite")
     conn.executescript((Path(__file__).parent / "data" / "schema-release-1.sql").read_text())
     conn.execute("INSERT INTO patients VALUES ('k', 'ID1', 'DOE^JANE', '19700101', 'F')")
-    conn.execute("INSERT INTO studies VALUES ('1.2.3', 'k', '20260101', '', 'CT CHEST', 'A1', '2026-01-01', '2026-01-01')")
+    conn.execute("INSERT INTO studies VALUES "
+                 "('1.2.3', 'k', '20260101', '', 'CT CHEST', 'A1', '2026-01-01', '2026-01-01')")
     conn.commit()
     conn.close()
     db = open_database(home)
     assert {"users", "reviews", "imports", "exports", "login_failures"} <= set(db.table_names())
     row = db.execute("SELECT search_text, flagged FROM studies WHERE study_instance_uid = '1.2.3'").fetchone()
     assert row == ("doe jane id1 a1 ct chest", 0)
-    assert "notice" in db["results"].columns_dict
+    assert "notice" in db.table("results").columns_dict

@@ -30,7 +30,7 @@ def test_synthetic_series_has_realistic_densities(synthetic_chest, settings):
 
 
 def test_gantry_tilt_correction_recovers_the_upright_anatomy(tmp_path, settings):
-    common = dict(slices=60, size=128, region="abdomen", seed=5)
+    common = {"slices": 60, "size": 128, "region": "abdomen", "seed": 5}
     write_series(tmp_path / "upright", SynthOptions(**common))
     write_series(tmp_path / "tilted", SynthOptions(**common, tilt_deg=12))
     upright = _load(tmp_path / "upright", settings)
@@ -70,7 +70,8 @@ GDCMCONV = shutil.which("gdcmconv")
 
 
 @pytest.mark.skipif(GDCMCONV is None, reason="gdcmconv is not installed (Debian package libgdcm-tools)")
-@pytest.mark.parametrize("flag,uid", [("--jpeg", "1.2.840.10008.1.2.4.70"), ("--jpegls", "1.2.840.10008.1.2.4.80")])
+@pytest.mark.parametrize(("flag", "uid"),
+                         [("--jpeg", "1.2.840.10008.1.2.4.70"), ("--jpegls", "1.2.840.10008.1.2.4.80")])
 def test_jpeg_lossless_and_jpeg_ls_from_gdcm_decode(flag, uid, tmp_path, settings):
     write_series(tmp_path / "ref", SynthOptions(slices=12, size=64, seed=4))
     (tmp_path / "conv").mkdir()

@@ -1,4 +1,4 @@
-"""The TensorRT backend, which cannot run here, is type-checked against TensorRT 10's stubs."""
+"""The whole package passes mypy; the TensorRT backend, which cannot run here, against TensorRT 10's stubs."""
 
 import os
 import subprocess
@@ -17,6 +17,12 @@ def _stubs() -> None:
 def _mypy(*paths: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mypy", "--config-file", "mypy.ini", *paths],
                           capture_output=True, text=True, cwd=REPO)
+
+
+def test_whole_package_passes_mypy():
+    _stubs()
+    run = _mypy("appliance")
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_tensorrt_backend_passes_mypy_against_the_stubs():

@@ -72,7 +72,8 @@ def test_fresh_install_has_no_account_and_first_admin_is_made_from_loopback_only
     remote = client.post("/setup", data={"username": "boss", "password": "long enough pw", "confirm": "long enough pw",
                                          "csrf_token": token}, environ_base={"REMOTE_ADDR": "10.0.0.9"})
     assert remote.status_code == 403
-    weak = client.post("/setup", data={"username": "boss", "password": "short", "confirm": "short", "csrf_token": token})
+    weak = client.post("/setup", data={"username": "boss", "password": "short", "confirm": "short",
+                                       "csrf_token": token})
     assert weak.status_code == 200 and "at least 10 characters" in weak.get_data(as_text=True)
     made = client.post("/setup", data={"username": "boss", "password": "long enough pw", "confirm": "long enough pw",
                                        "csrf_token": token})
@@ -272,8 +273,8 @@ def test_radiologist_review_is_stored_audited_and_shown(analysed_home):
     assert bad.status_code == 400
 
 
-@pytest.mark.parametrize("language,expected", [("en", "CT screening report"), ("fr", "Compte rendu de dépistage"),
-                                               ("es", "Informe de cribado")])
+@pytest.mark.parametrize(("language", "expected"), [("en", "CT screening report"), ("fr", "Compte rendu de dépistage"),
+                                                   ("es", "Informe de cribado")])
 def test_report_pdf_in_three_languages(analysed_home, language, expected):
     client = create_app(analysed_home, environ={}).test_client()
     login(client, "tech")
@@ -375,10 +376,11 @@ def test_admin_pages_and_settings_change_is_saved_and_audited(client, app_settin
     refused = client.post("/admin/settings", data={"name": "dicom_port", "value": "eleven", "csrf_token": token},
                           follow_redirects=True)
     assert "Not saved" in refused.get_data(as_text=True)
-    assert json.loads(_audit(app_settings.home_path, "settings_changed")[-1]["detail"])["value"] == "Clinic of St John's"
+    changed = json.loads(_audit(app_settings.home_path, "settings_changed")[-1]["detail"])
+    assert changed["value"] == "Clinic of St John's"
     client.post("/admin/dicom", data={"dicom_ae_title": "CLINIC", "dicom_port": "104",
-                                      "dicom_allowed_callers": "CT01@10.0.0.5", "pacs_destinations": "PACS@10.0.0.7:104",
-                                      "csrf_token": token})
+                                      "dicom_allowed_callers": "CT01@10.0.0.5",
+                                      "pacs_destinations": "PACS@10.0.0.7:104", "csrf_token": token})
     assert 'dicom_allowed_callers = "CT01@10.0.0.5"' in (app_settings.home_path / "appliance.toml").read_text()
 
 

@@ -50,23 +50,22 @@ def server(tmp_path_factory):
     for name, role in ROLES.items():
         subprocess.run([sys.executable, "-m", "appliance.cli", "users", "add", name, "--role", role],
                        input=PASSWORDS[name] + "\n", text=True, env=env, check=True, capture_output=True)
-    log = open(home / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(150):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("appliance serve did not open its web port: " + (home / "serve.log").read_text()[-2000:])
-    yield url, home
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    with open(home / "serve.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(150):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            proc.kill()
+            pytest.fail("appliance serve did not open its web port: " + (home / "serve.log").read_text()[-2000:])
+        yield url, home
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ def seed_everything(seed: int) -> None:
     import torch
 
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - seeds the global generator that libraries draw from
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
 

@@ -28,8 +28,8 @@ def main() -> None:
                   f"**{'Validated' if pack.validated else 'NOT VALIDATED'}:** {pack.notice}", "",
                   f"- Task: {m['task']}, body region: {m['body_region']}. Intended use: {m['intended_use']}",
                   f"- Architecture: {m['architecture']}",
-                  f"- Training data: {m['training']['data']} (licence: {m['training']['licence']}); "
-                  f"script: `{m['training']['provenance']}`",
+                  (f"- Training data: {m['training']['data']} (licence: {m['training']['licence']}); "
+                   f"script: `{m['training']['provenance']}`"),
                   f"- Decision threshold: {m['decision']['threshold']} ({m['decision']['operating_point']})",
                   f"- Known limits: {m['known_limits']}", ""]
         if "test" in report:

@@ -41,12 +41,12 @@ def main() -> None:
            "study_flagged": bool(chest_covid19.aggregate(probs) >= pack.threshold)}
     print(json.dumps(doc, indent=2))
     text = ["### Out-of-source check (real CT, another source)", "",
-            f"On the {doc['lung_slices']} lung slices of the TCIA pancreatic-cancer planning CT (no COVID-19), "
-            f"{doc['slices_above_threshold']:.0%} of slices scored above the threshold {doc['threshold']}; "
-            f"median slice probability {doc['median_slice_probability']:.3f}; study score {doc['study_score']:.3f} "
-            f"({'FLAGGED: a false positive' if doc['study_flagged'] else 'not flagged, correctly'}). "
-            "One patient is no estimate of specificity: sites must run `appliance evaluate` on their own cases "
-            "before relying on this model (`python -m training.out_of_source` reproduces this)."]
+            (f"On the {doc['lung_slices']} lung slices of the TCIA pancreatic-cancer planning CT (no COVID-19), "
+             f"{doc['slices_above_threshold']:.0%} of slices scored above the threshold {doc['threshold']}; "
+             f"median slice probability {doc['median_slice_probability']:.3f}; study score {doc['study_score']:.3f} "
+             f"({'FLAGGED: a false positive' if doc['study_flagged'] else 'not flagged, correctly'}). "
+             "One patient is no estimate of specificity: sites must run `appliance evaluate` on their own cases "
+             "before relying on this model (`python -m training.out_of_source` reproduces this).")]
     out = REPO / "docs" / "models" / "chest-covid19.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(text) + "\n")

@@ -55,25 +55,28 @@ def main() -> None:
     doc["j2k"]["totalsegmentator_pancreas_centroid_mm"] = [round(float(v), 1) for v in reference]
     found = next((f for f in doc["j2k"].get("findings", []) if f["name"] == "pancreas (localised)"), None)
     if found:
-        doc["j2k"]["localisation_error_mm"] = round(float(np.linalg.norm(np.array(found["centroid_mm"]) - reference)), 1)
+        error = np.linalg.norm(np.array(found["centroid_mm"]) - reference)
+        doc["j2k"]["localisation_error_mm"] = round(float(error), 1)
     print(json.dumps(doc, indent=2))
 
     def describe(d: dict) -> str:
         if "not_applicable" in d:
             return f"not applicable: {d['not_applicable']}"
         loc = next(f for f in d["findings"] if f["name"] == "pancreas (localised)")
+        flag = "FLAGGED" if d["flagged"] else "not flagged"
         return (f"pancreas localised at {loc['centroid_mm']} mm (LPS), {loc['volume_ml']} mL at 6 mm; lesion score "
-                f"{d['score']:.3f} against threshold {d['threshold']} -> {'FLAGGED' if d['flagged'] else 'not flagged'}")
+                f"{d['score']:.3f} against threshold {d['threshold']} -> {flag}")
 
     text = ["### On real CT (not a validation)", "",
             f"- TCIA pancreatic-cancer planning CT (134 slices): {describe(doc['tcia'])}.",
             f"- JPEG 2000 upper-abdomen example (20 slices): {describe(doc['j2k'])}; TotalSegmentator's pancreas "
             f"centroid is {doc['j2k']['totalsegmentator_pancreas_centroid_mm']} mm"
             + (f", {doc['j2k']['localisation_error_mm']} mm away." if "localisation_error_mm" in doc["j2k"] else "."),
-            "", "Perfect separation of held-out phantoms says the phantom task is easy, not that the model works: a "
-            "localiser trained only on phantoms does not find a real pancreas reliably (see the distance above), and "
-            "a flag on the real pancreatic-cancer scan is not evidence of detection. These lines say what it does, "
-            "reproducibly (`python -m training.pancreas_real_check`)."]
+            "",
+            ("Perfect separation of held-out phantoms says the phantom task is easy, not that the model works: a "
+             "localiser trained only on phantoms does not find a real pancreas reliably (see the distance above), "
+             "and a flag on the real pancreatic-cancer scan is not evidence of detection. These lines say what it "
+             "does, reproducibly (`python -m training.pancreas_real_check`).")]
     for name in ("abdomen-pancreas", "pancreas-localizer"):
         out = REPO / "docs" / "models" / f"{name}.md"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,7 @@ def _read(path: Path) -> pydicom.Dataset:
         ds = pydicom.dcmread(path, defer_size=DEFER_SIZE, force=True)
     except Exception as exc:
         raise InstanceRejected(ReasonCode.NOT_DICOM, "The file is not a DICOM file.") from exc
-    if not sop_uid(ds, "SOPClassUID") or "PixelData" not in ds and "StudyInstanceUID" not in ds:
+    if not sop_uid(ds, "SOPClassUID") or ("PixelData" not in ds and "StudyInstanceUID" not in ds):
         raise InstanceRejected(ReasonCode.NOT_DICOM, "The file is not a DICOM file.")
     return ds
 

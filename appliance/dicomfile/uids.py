@@ -56,7 +56,8 @@ def resolve_uids(ds: pydicom.Dataset, sha256: str | None) -> tuple[dict[str, str
             "StudyInstanceUID": str(ds.get("StudyInstanceUID") or "").strip(),
             "SeriesInstanceUID": str(ds.get("SeriesInstanceUID") or "").strip()}
     if not uids["SOPClassUID"]:
-        raise InstanceRejected(ReasonCode.MISSING_UID, "The file does not say what kind of object it is (no SOPClassUID).")
+        raise InstanceRejected(ReasonCode.MISSING_UID,
+                               "The file does not say what kind of object it is (no SOPClassUID).")
     derived = []
     if not uids["StudyInstanceUID"]:
         uids["StudyInstanceUID"] = derived_uid(ds, STUDY_IDENTITY)

@@ -107,7 +107,8 @@ def read_header(data: bytes) -> tuple[dict[str, Any], bytes, bytes, bytes]:
     except ValueError:
         raise BundleRefused("TAMPERED", "the bundle's header is not readable") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise BundleRefused("NOT_A_BUNDLE", f"unknown bundle format {header.get('format') if isinstance(header, dict) else '?'}")
+        found = header.get("format") if isinstance(header, dict) else "?"
+        raise BundleRefused("NOT_A_BUNDLE", f"unknown bundle format {found}")
     return header, header_bytes, data[start + size:-SIGNATURE_BYTES], data[-SIGNATURE_BYTES:]
 
 

@@ -100,8 +100,8 @@ def statistics_doc(db: sqlite_utils.Database, month: str) -> dict[str, Any]:
 def audit_summary(db: sqlite_utils.Database, month: str) -> dict[str, int]:
     """How many times each audited action happened in the month (who did it stays on the box)."""
     start, end = month_bounds(month)
-    return {action: n for action, n in db.execute(
-        "SELECT action, count(*) FROM audit_log WHERE at >= ? AND at < ? GROUP BY action ORDER BY action", [start, end])}
+    return dict(db.execute("SELECT action, count(*) FROM audit_log WHERE at >= ? AND at < ? "
+                           "GROUP BY action ORDER BY action", [start, end]))
 
 
 def results_csv(rows: list[dict[str, Any]]) -> bytes:

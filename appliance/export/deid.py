@@ -108,7 +108,8 @@ class Pseudonymizer:
 
     def _walk(self, ds: Dataset, patient_key: str) -> None:
         for elem in list(ds):
-            if elem.tag.is_private or elem.tag.group in range(0x5000, 0x5100) or elem.tag.group in range(0x6000, 0x6100):
+            group = elem.tag.group
+            if elem.tag.is_private or group in range(0x5000, 0x5100) or group in range(0x6000, 0x6100):
                 del ds[elem.tag]  # private attributes, curves and overlays go
                 continue
             action = self._action(int(elem.tag))

@@ -23,12 +23,12 @@ import sqlite_utils
 
 from appliance import __version__
 from appliance.config import Settings
+from appliance.durable import durable_rename
 from appliance.errors import ApplianceError
 from appliance.export import bundle, content, keys
 from appliance.export.deid import DEID_METHOD, Pseudonymizer
 from appliance.store.database import audit, inserted_id, open_database, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory
-from appliance.durable import durable_rename
 
 log = logging.getLogger(__name__)
 IMAGE_CHOICES = ("none", "flagged", "all")
@@ -84,7 +84,8 @@ def _hub_key(settings: Settings):
         raise ExportError(f"BAD_HUB_KEY: {exc}") from None
 
 
-def _key_images(db: sqlite_utils.Database, home: Path, month: str, which: str, pseudo: Pseudonymizer) -> tuple[dict[str, bytes], int]:
+def _key_images(db: sqlite_utils.Database, home: Path, month: str, which: str,
+                pseudo: Pseudonymizer) -> tuple[dict[str, bytes], int]:
     """De-identified Secondary Capture key images of the month's (flagged) studies; images whose source
     CT declares burned-in annotation are left out (counted)."""
     if which == "none":

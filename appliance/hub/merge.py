@@ -55,7 +55,8 @@ def import_bundle(db: HubDB, hub_dir: Path, path: Path, now: datetime.datetime |
         seen = db.rows("SELECT imported_at FROM bundles WHERE sha256 = ?", [opened.sha256])
         if seen:
             raise bundle.BundleRefused("REPLAYED", f"this bundle was already merged on {seen[0]['imported_at']}")
-        newest = db.rows("SELECT max(revision) AS r FROM bundles WHERE site_id = ? AND month = ?", [site, month])[0]["r"]
+        newest = db.rows("SELECT max(revision) AS r FROM bundles WHERE site_id = ? AND month = ?",
+                         [site, month])[0]["r"]
         if newest is not None and int(newest) >= revision:
             raise bundle.BundleRefused("STALE", f"revision {revision} of {site} {month} is not newer than the merged "
                                        f"revision {newest}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def summary(db: HubDB) -> dict[str, list[dict[str, Any]]]:
             "received": received, "models": models}
 
 
-def _bars(rows: list[tuple[str, float]], unit: str, width: int = 560) -> str:
+def _bars(rows: Sequence[tuple[str, float]], unit: str, width: int = 560) -> str:
     """A horizontal bar chart as inline SVG."""
     if not rows:
         return "<p>No data.</p>"
@@ -67,7 +68,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 def render_html(tables: dict[str, list[dict[str, Any]]]) -> str:
     volumes = [(f"{r['name'] or r['site_id']} {r['month']}", float(r["studies"])) for r in tables["volumes"]]
-    rates = [(f"{r['model']} {r['model_version']}", round(100 * (r["flag_rate"] or 0), 2)) for r in tables["flag_rates"]]
+    rates = [(f"{r['model']} {r['model_version']}", round(100 * (r["flag_rate"] or 0), 2))
+             for r in tables["flag_rates"]]
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Screening programme report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:.2em .5em;text-align:left}}</style></head><body>

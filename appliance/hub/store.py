@@ -6,27 +6,32 @@ import contextlib
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psycopg
 
 SCHEMA = [
-    "CREATE TABLE IF NOT EXISTS sites (site_id TEXT PRIMARY KEY, name TEXT, public_key TEXT UNIQUE NOT NULL, "
-    "added_at TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS bundles (sha256 TEXT PRIMARY KEY, site_id TEXT NOT NULL, month TEXT NOT NULL, "
-    "revision INTEGER NOT NULL, created_at TEXT NOT NULL, imported_at TEXT NOT NULL, superseded INTEGER NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS results (site_id TEXT NOT NULL, month TEXT NOT NULL, revision INTEGER NOT NULL, "
-    "study TEXT NOT NULL, patient TEXT NOT NULL, study_date TEXT, series TEXT NOT NULL, model TEXT NOT NULL, "
-    "model_version TEXT, validated INTEGER, backend TEXT, model_precision TEXT, score DOUBLE PRECISION, "
-    "threshold DOUBLE PRECISION, flagged INTEGER NOT NULL, review TEXT, turnaround_seconds DOUBLE PRECISION)",
+    ("CREATE TABLE IF NOT EXISTS sites (site_id TEXT PRIMARY KEY, name TEXT, public_key TEXT UNIQUE NOT NULL, "
+     "added_at TEXT NOT NULL)"),
+    ("CREATE TABLE IF NOT EXISTS bundles (sha256 TEXT PRIMARY KEY, site_id TEXT NOT NULL, month TEXT NOT NULL, "
+     "revision INTEGER NOT NULL, created_at TEXT NOT NULL, imported_at TEXT NOT NULL, superseded INTEGER NOT NULL)"),
+    ("CREATE TABLE IF NOT EXISTS results (site_id TEXT NOT NULL, month TEXT NOT NULL, revision INTEGER NOT NULL, "
+     "study TEXT NOT NULL, patient TEXT NOT NULL, study_date TEXT, series TEXT NOT NULL, model TEXT NOT NULL, "
+     "model_version TEXT, validated INTEGER, backend TEXT, model_precision TEXT, score DOUBLE PRECISION, "
+     "threshold DOUBLE PRECISION, flagged INTEGER NOT NULL, review TEXT, turnaround_seconds DOUBLE PRECISION)"),
     "CREATE INDEX IF NOT EXISTS results_site_month ON results (site_id, month)",
-    "CREATE TABLE IF NOT EXISTS stats (site_id TEXT NOT NULL, month TEXT NOT NULL, revision INTEGER NOT NULL, "
-    "name TEXT NOT NULL, value DOUBLE PRECISION)",
-    "CREATE TABLE IF NOT EXISTS models (site_id TEXT NOT NULL, month TEXT NOT NULL, revision INTEGER NOT NULL, "
-    "model TEXT NOT NULL, version TEXT, validated INTEGER, backend TEXT, model_precision TEXT, model_sha256 TEXT)",
+    ("CREATE TABLE IF NOT EXISTS stats (site_id TEXT NOT NULL, month TEXT NOT NULL, revision INTEGER NOT NULL, "
+     "name TEXT NOT NULL, value DOUBLE PRECISION)"),
+    ("CREATE TABLE IF NOT EXISTS models (site_id TEXT NOT NULL, month TEXT NOT NULL, revision INTEGER NOT NULL, "
+     "model TEXT NOT NULL, version TEXT, validated INTEGER, backend TEXT, model_precision TEXT, model_sha256 TEXT)"),
 ]
 
 
 class HubDB:
     """A DB-API connection with ``?`` placeholders whatever the server, and explicit transactions."""
+
+    conn: psycopg.Connection[tuple[Any, ...]] | sqlite3.Connection
 
     def __init__(self, url: str):
         self.url = url
@@ -61,7 +66,7 @@ class HubDB:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """One writer at a time; everything inside commits together or not at all."""
-        if self.postgres:
+        if not isinstance(self.conn, sqlite3.Connection):
             with self.conn.transaction():
                 yield
             return

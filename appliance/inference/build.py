@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from appliance.config import Settings
+from appliance.durable import write_bytes_durably
 from appliance.inference import packs, parity
 from appliance.inference.backends import onnxruntime as ort_backend
 from appliance.inference.backends import tensorrt as trt_backend
 from appliance.inference.engine_cache import TIMING_CACHE_NAME, BuilderSettings, stale_engines
 from appliance.inference.quantize import quantize_qdq
 from appliance.inference.registry import engine_key
-from appliance.durable import write_bytes_durably
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -143,14 +143,18 @@ def build_all(settings: Settings, *, calibration: Mapping[str, CalibrationSet],
     for refusal in refused:
         say(f"REFUSED {refusal}")
     records = []
+    bar: Iterable[packs.ModelPack] = found
+    write = say  # lines go above the progress bar when there is one
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency; plain lines without it
-        tqdm = None
-    bar = tqdm(found, desc="model packs", unit="pack") if tqdm else found
+        pass
+    else:
+        bar = progress = tqdm(found, desc="model packs", unit="pack")
+        write = progress.write
     for pack in bar:
         def step(message: str, pack: packs.ModelPack = pack) -> None:
-            (bar.write if tqdm else say)(f"{pack.id}: {message}")  # type: ignore[union-attr]
+            write(f"{pack.id}: {message}")
 
         records.append(build_pack(pack, settings, calibration=calibration, say=step))
     return records

@@ -129,14 +129,16 @@ def _check_consistent(manifest: dict[str, Any], folder: Path) -> None:
         raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the manifest names model {manifest['id']!r}.")
     unknown = set(manifest["precisions"]["allowed"]) - set(PRECISIONS)
     if unknown or "fp32" not in manifest["precisions"]["allowed"]:
-        raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: precisions must include fp32 and be among {PRECISIONS}.")
+        raise PackRefused("PACK_INCONSISTENT",
+                          f"{folder.name}: precisions must include fp32 and be among {PRECISIONS}.")
     if not manifest["validated"] and not str(manifest["validation_note"]).strip():
         raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: an unvalidated model must say why in validation_note.")
     if MODEL not in manifest["files"]:
         raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the manifest lists no checksum for {MODEL}.")
     threshold = manifest["decision"].get("threshold")
     if not isinstance(threshold, (int, float)) or not manifest["decision"].get("operating_point"):
-        raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the decision threshold or its operating point is missing.")
+        raise PackRefused("PACK_INCONSISTENT",
+                          f"{folder.name}: the decision threshold or its operating point is missing.")
 
 
 def load_pack(folder: Path) -> ModelPack:

@@ -135,8 +135,8 @@ def markdown_report(pack: ModelPack, results: list[ParityResult], skipped: list[
     lines = [f"# Parity report: {pack.id} {pack.version}", "",
              f"Reference: FP32 on ONNX Runtime (CPU). Evaluation set: {pack.manifest['evaluation']['description']}.",
              f"Tolerance: {json.dumps(dataclasses.asdict(pack.tolerance()))}.", "",
-             "| backend | precision | model | enabled | max abs diff | mean abs diff | decision agreement | metric | "
-             "FP32 | candidate | drop | speed vs FP32 | why |",
+             ("| backend | precision | model | enabled | max abs diff | mean abs diff | decision agreement | metric | "
+              "FP32 | candidate | drop | speed vs FP32 | why |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v: float | None, digits: int = 4) -> str:

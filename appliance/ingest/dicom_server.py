@@ -19,13 +19,20 @@ from collections.abc import Callable
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
-    UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGLosslessSV1,
-    JPEGLossless, JPEGLSLossless, RLELossless,
+    JPEG2000,
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
 )
 
 from appliance.config import Settings
 from appliance.errors import InstanceRejected
-from appliance.store.database import audit, open_database, write_transaction
+from appliance.store.database import audit, write_transaction
 from appliance.store.instances import InstanceStore, open_store
 
 log = logging.getLogger(__name__)
@@ -125,8 +132,9 @@ class Receiver:
 
 def make_ae(settings: Settings):
     """The Application Entity with our SOP classes, transfer syntaxes, limits and timeouts."""
+    # pynetdicom generates its SOP class names at import, so its types cannot list them
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     ae = AE(ae_title=settings.dicom_ae_title)
     ae.add_supported_context(Verification)

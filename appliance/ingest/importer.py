@@ -8,13 +8,14 @@ becomes a path here) under limits on count, total size and compression ratio.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import stat
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from appliance.config import Settings
 from appliance.errors import InstanceRejected, ReasonCode
@@ -45,7 +46,12 @@ class ImportSummary:
 @dataclasses.dataclass(frozen=True)
 class _Member:
     name: str
-    open: Callable[[], BinaryIO]
+    open: Callable[[], IO[bytes]]
+
+
+def _opener(path: Path) -> Callable[[], IO[bytes]]:
+    """Opens ``path`` when called, so a member holds no open file until it is read."""
+    return lambda: open(path, "rb")
 
 
 def _is_zip(path: Path) -> bool:
@@ -76,8 +82,8 @@ def _zip_members(path: Path, settings: Settings) -> Iterator[_Member | InstanceR
     with zipfile.ZipFile(path) as zf:
         infos = [i for i in zf.infolist() if not i.is_dir()]
         if len(infos) > settings.max_zip_members:
-            yield InstanceRejected(ReasonCode.UNSAFE_ARCHIVE,
-                                   f"The archive holds {len(infos)} files, more than the {settings.max_zip_members} allowed.")
+            yield InstanceRejected(ReasonCode.UNSAFE_ARCHIVE, f"The archive holds {len(infos)} files, "
+                                                              f"more than the {settings.max_zip_members} allowed.")
             return
         total = 0
         for info in infos:
@@ -85,17 +91,18 @@ def _zip_members(path: Path, settings: Settings) -> Iterator[_Member | InstanceR
             ratio = info.file_size / max(info.compress_size, 1)
             total += info.file_size
             if info.filename.startswith(("/", "\\")) or ".." in Path(info.filename).parts:
-                yield InstanceRejected(ReasonCode.UNSAFE_ARCHIVE, f"{label}: the member's name points outside the archive.")
+                yield InstanceRejected(ReasonCode.UNSAFE_ARCHIVE,
+                                       f"{label}: the member's name points outside the archive.")
             elif stat.S_ISLNK(info.external_attr >> 16):
                 yield InstanceRejected(ReasonCode.UNSAFE_ARCHIVE, f"{label}: the member is a symbolic link.")
             elif ratio > settings.max_zip_ratio and info.file_size > 1024**2:
                 yield InstanceRejected(ReasonCode.UNSAFE_ARCHIVE, f"{label}: compressed {ratio:.0f}:1, a zip bomb.")
             elif total > settings.max_zip_bytes:
-                yield InstanceRejected(ReasonCode.UNSAFE_ARCHIVE,
-                                       f"{label}: the archive unpacks to more than {settings.max_zip_bytes // 2**30} GiB.")
+                yield InstanceRejected(ReasonCode.UNSAFE_ARCHIVE, f"{label}: the archive unpacks to more than "
+                                                                  f"{settings.max_zip_bytes // 2**30} GiB.")
                 return
             else:
-                yield _Member(label, lambda info=info: zf.open(info))  # type: ignore[misc]
+                yield _Member(label, functools.partial(zf.open, info))
 
 
 def _members(paths: Iterable[Path], settings: Settings) -> Iterator[_Member | tuple[str, InstanceRejected] | str]:
@@ -114,7 +121,7 @@ def _members(paths: Iterable[Path], settings: Settings) -> Iterator[_Member | tu
                 except zipfile.BadZipFile:
                     yield (str(path), InstanceRejected(ReasonCode.NOT_DICOM, "The zip archive is damaged."))
             else:
-                yield _Member(str(path), lambda path=path: open(path, "rb"))  # type: ignore[misc]
+                yield _Member(str(path), _opener(path))
 
 
 def import_paths(store: InstanceStore, paths: Iterable[Path], settings: Settings, *, source: str = "import",

@@ -73,8 +73,9 @@ class JobRunner:
             if job is not None:
                 pending.discard(job["id"])
                 continue
-            rows = self.store.db.execute(f"SELECT id, state, error FROM jobs WHERE id IN ({','.join('?' * len(pending))})",
-                                         list(pending)).fetchall()
+            rows = self.store.db.execute(
+                f"SELECT id, state, error FROM jobs WHERE id IN ({','.join('?' * len(pending))})",
+                list(pending)).fetchall()
             pending = {i for i, state, error in rows
                        if state == queue.RUNNING.value or (state == queue.QUEUED.value and not error)}
             if pending:
@@ -155,7 +156,8 @@ class JobRunner:
     def _send_report(self, job: dict[str, Any]) -> None:
         """Send the study's report as it stands now (with its reviews) to every PACS."""
         series_uid = job["series_instance_uid"]
-        path = write_report_object(series_paths(self.store, series_uid)[0], *self._report_pdf(job["study_instance_uid"]),
+        path = write_report_object(series_paths(self.store, series_uid)[0],
+                                   *self._report_pdf(job["study_instance_uid"]),
                                    artefact_dir(self.store, series_uid) / "dicom")
         if self.destinations:
             outbox.enqueue(self.store.db, self.destinations, [path], self.store.home, series_uid)

@@ -57,10 +57,10 @@ def build_sr(evidence: list[pydicom.Dataset], results: list[dict[str, Any]]) -> 
     for result in results:
         container = hd.sr.ContainerContentItem(name=_code(("121070", "DCM", "Findings")),
                                                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-        container.ContentSequence = _items(result)
+        container.ContentSequence = hd.sr.ContentSequence(_items(result))
         containers.append(container)
     root = hd.sr.ContainerContentItem(name=_code(REPORT_TITLE))
-    root.ContentSequence = containers
+    root.ContentSequence = hd.sr.ContentSequence(containers)
     return hd.sr.ComprehensiveSR(
         evidence=evidence, content=root, series_instance_uid=hd.UID(), series_number=SR_SERIES_NUMBER,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,

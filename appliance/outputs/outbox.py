@@ -105,7 +105,8 @@ def forward(db: sqlite_utils.Database, home: Path, destinations: tuple[Destinati
             for row, _, attempts in rows:
                 error = results.get(row, "not sent")
                 if error is None:
-                    db.execute("UPDATE outbox SET state = ?, sent_at = ?, error = NULL WHERE id = ?", [SENT, utcnow(), row])
+                    db.execute("UPDATE outbox SET state = ?, sent_at = ?, error = NULL WHERE id = ?",
+                               [SENT, utcnow(), row])
                     sent += 1
                 else:
                     wait = min(MAX_BACKOFF_SECONDS, backoff_seconds * 2 ** attempts)

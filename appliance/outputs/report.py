@@ -30,7 +30,9 @@ def translations(language: str) -> Gettext:
         return lambda text, **kw: text % kw if kw else text
     with open(po, "rb") as f:
         catalog = read_po(f)
-    table = {m.id: m.string for m in catalog if m.id and m.string}
+    # plural entries (tuple ids) never match a singular lookup, so only singular ones are kept
+    table = {m.id: m.string for m in catalog if isinstance(m.id, str) and isinstance(m.string, str)
+             and m.id and m.string}
 
     def gettext(text: str, **kw: Any) -> str:
         out = table.get(text, text)

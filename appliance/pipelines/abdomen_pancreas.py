@@ -92,7 +92,7 @@ def _save_overlay(volume: CTVolume, lesion_map: np.ndarray, axes, path: Path) ->
     near = np.abs(centres[:, 2] - (zs[0] + zs[-1]) / 2) <= abs(zs[-1] - zs[0]) / 2 + 50.0  # mm; slack for oblique
     slices, maps = [], []
     for k in np.flatnonzero(near):
-        alpha = _lesion_alpha(volume, lesion_map, axes, k, rows, cols)
+        alpha = _lesion_alpha(volume, lesion_map, axes, int(k), rows, cols)
         if alpha.max() > 0:
             slices.append(int(k))
             maps.append(np.clip(alpha * 255 + 0.5, 0, 255).astype(np.uint8))
@@ -108,8 +108,8 @@ def _key_image(volume: CTVolume, lesion_map: np.ndarray, axes, centre_xyz: np.nd
     k = int(np.clip(np.rint(_world_to_index(volume, [np.array(centre_xyz[2]), np.array(centre_xyz[1]),
                                                       np.array(centre_xyz[0])])[0]), 0, volume.hu.shape[0] - 1))
     gray = window_to_gray(volume.hu[k], level=40, width=400)
-    rows, cols = np.indices(gray.shape)
-    alpha = _lesion_alpha(volume, lesion_map, axes, k, rows, cols)[..., None] * 0.7
+    grid = np.indices(gray.shape)  # (2, rows, cols): row and column index of every pixel
+    alpha = _lesion_alpha(volume, lesion_map, axes, k, grid[0], grid[1])[..., None] * 0.7
     rgb = np.repeat(gray[..., None], 3, axis=2) * (1 - alpha) + np.array([255.0, 30.0, 0.0]) * alpha
     save_key_image(rgb, path, notice)
     return k

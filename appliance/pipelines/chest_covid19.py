@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from appliance.pipelines import StepResult
+from appliance.pipelines import StepResult, overlays
 from appliance.pipelines.chest_preprocess import INPUT_SIZE, prepare_gray, window_to_gray
-from appliance.pipelines import overlays
 from appliance.pipelines.key_images import save_key_image
 from appliance.pipelines.lungs import Segmentation
 from appliance.series.volume import CTVolume
@@ -79,7 +78,7 @@ def _heat(gray: np.ndarray, cam: np.ndarray, where: np.ndarray | None = None) ->
     top, bottom, left, right = body_box(gray) or (0, gray.shape[0], 0, gray.shape[1])
     region = 1 / (1 + np.exp(-cam))  # logits -> 0..1
     heat[top:bottom, left:right] = np.asarray(
-        Image.fromarray(region.astype(np.float32)).resize((right - left, bottom - top), Image.BILINEAR))
+        Image.fromarray(region.astype(np.float32)).resize((right - left, bottom - top), Image.Resampling.BILINEAR))
     if where is not None:
         heat[~where] = 0
     return heat
@@ -87,7 +86,7 @@ def _heat(gray: np.ndarray, cam: np.ndarray, where: np.ndarray | None = None) ->
 
 def _heatmap_png(gray: np.ndarray, heat: np.ndarray, path: Path, notice: str | None) -> None:
     """Key image: lung-window slice with the activation map in red."""
-    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    rgb: np.ndarray = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
     alpha = np.clip((heat - 0.5) * 2, 0, 1)[..., None] * 0.6
     rgb = rgb * (1 - alpha) + np.array([255.0, 40.0, 0.0]) * alpha
     save_key_image(rgb, path, notice)

@@ -56,7 +56,7 @@ def prepare_gray(gray: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
     if box is not None:
         top, bottom, left, right = box
         gray = gray[top:bottom, left:right]
-    resized = np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR), dtype=np.float32)
+    resized = np.asarray(Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
     return standardise(resized)
 
 

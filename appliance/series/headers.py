@@ -134,17 +134,20 @@ def _first(seq_parent: pydicom.Dataset | None, sequence: str) -> pydicom.Dataset
     return items[0] if items else None
 
 
+def _functional_group(per_frame: pydicom.Dataset, shared: pydicom.Dataset | None,
+                      name: str) -> pydicom.Dataset | None:
+    """Functional group ``name`` of one frame of an enhanced image: its own, else the shared one."""
+    return _first(per_frame, name) or _first(shared, name)
+
+
 def _enhanced_frames(ds: pydicom.Dataset, path: Path, common: _ImageAttributes) -> list[Frame]:
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     frames = []
     for index, per_frame in enumerate(ds.get("PerFrameFunctionalGroupsSequence", [])):
-        def group(name: str) -> pydicom.Dataset | None:
-            return _first(per_frame, name) or _first(shared, name)
-
-        position = group("PlanePositionSequence")
-        orientation = group("PlaneOrientationSequence")
-        measures = group("PixelMeasuresSequence")
-        rescale = group("PixelValueTransformationSequence")
+        position = _functional_group(per_frame, shared, "PlanePositionSequence")
+        orientation = _functional_group(per_frame, shared, "PlaneOrientationSequence")
+        measures = _functional_group(per_frame, shared, "PixelMeasuresSequence")
+        rescale = _functional_group(per_frame, shared, "PixelValueTransformationSequence")
         frames.append(Frame(
             path=path, frame_index=index, sop_instance_uid=sop_uid(ds, "SOPInstanceUID"),
             image_position=_floats(position.get("ImagePositionPatient") if position else None, 3),
@@ -184,7 +187,8 @@ def read_frames(paths: Iterable[Path]) -> SeriesFrames:
             image_position=_floats(ds.get("ImagePositionPatient"), 3),
             image_orientation=_floats(ds.get("ImageOrientationPatient"), 6),
             pixel_spacing=_pixel_spacing(ds.get("PixelSpacing")),
-            rescale_slope=float(ds.get("RescaleSlope", 1) or 1), rescale_intercept=float(ds.get("RescaleIntercept", 0) or 0),
+            rescale_slope=float(ds.get("RescaleSlope", 1) or 1),
+            rescale_intercept=float(ds.get("RescaleIntercept", 0) or 0),
             pixel_data_offset=_pixel_offset(ds, transfer_syntax),
             instance_number=int(number) if number not in (None, "") else None, **common,
         ))

@@ -76,8 +76,8 @@ def _decode_compressed(frame: Frame) -> np.ndarray:
                              f"The compressed image data of {frame.path.name} cannot be decoded: "
                              f"the file is damaged ({type(exc).__name__}).") from exc
     if arr.shape != (frame.rows, frame.columns):
-        raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA,
-                             f"{frame.path.name} decodes to {arr.shape}, not the {frame.rows} x {frame.columns} it declares.")
+        raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA, f"{frame.path.name} decodes to {arr.shape}, "
+                                                            f"not the {frame.rows} x {frame.columns} it declares.")
     return arr
 
 

@@ -248,9 +248,9 @@ def counts(db: sqlite_utils.Database) -> dict[str, Any]:
     def one(sql: str) -> int:
         return int(db.execute(sql).fetchone()[0])
 
-    jobs = {state: n for state, n in db.execute("SELECT state, count(*) FROM jobs GROUP BY state")}
-    outbox = {state: n for state, n in db.execute("SELECT state, count(*) FROM outbox GROUP BY state")}
-    series = {status: n for status, n in db.execute("SELECT status, count(*) FROM series GROUP BY status")}
+    jobs = dict(db.execute("SELECT state, count(*) FROM jobs GROUP BY state"))
+    outbox = dict(db.execute("SELECT state, count(*) FROM outbox GROUP BY state"))
+    series = dict(db.execute("SELECT status, count(*) FROM series GROUP BY status"))
     return {
         "patients": one("SELECT count(*) FROM patients"),
         "studies": one("SELECT count(*) FROM studies"),

@@ -147,7 +147,7 @@ class DataDirectory:
 
 # --- the writer lock -------------------------------------------------------------------------------
 
-_held: dict[Path, "_Writer"] = {}
+_held: dict[Path, _Writer] = {}
 _held_guard = threading.Lock()
 
 

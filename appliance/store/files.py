@@ -6,14 +6,14 @@ import hashlib
 import os
 import uuid
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from appliance.errors import InstanceRejected, ReasonCode
 
 CHUNK = 1024 * 1024
 
 
-def copy_to_temp(source: BinaryIO, tmp_dir: Path, max_bytes: int) -> tuple[Path, int, str]:
+def copy_to_temp(source: IO[bytes], tmp_dir: Path, max_bytes: int) -> tuple[Path, int, str]:
     """Copy ``source`` into a new fsynced file in ``tmp_dir``; return (path, size, sha256).
 
     Refuses (FILE_TOO_LARGE) past ``max_bytes`` without keeping more than one chunk in memory.
@@ -26,8 +26,9 @@ def copy_to_temp(source: BinaryIO, tmp_dir: Path, max_bytes: int) -> tuple[Path,
             while chunk := source.read(CHUNK):
                 size += len(chunk)
                 if size > max_bytes:
+                    limit_mib = max_bytes // 2**20
                     raise InstanceRejected(ReasonCode.FILE_TOO_LARGE,
-                                           f"The file is larger than the {max_bytes // 2**20} MiB this appliance accepts.")
+                                           f"The file is larger than the {limit_mib} MiB this appliance accepts.")
                 digest.update(chunk)
                 out.write(chunk)
             out.flush()

@@ -9,10 +9,9 @@ from typing import Any
 
 import sqlite_utils
 
+from appliance.durable import write_bytes_durably
 from appliance.store.database import audit, inserted_id, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory
-from appliance.durable import write_bytes_durably
-
 
 
 def start(db: sqlite_utils.Database, source: str, actor: str) -> int:

@@ -14,18 +14,18 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 import sqlite_utils
 
+from appliance.config import Settings
 from appliance.dicomfile.header import InstanceHeader, read_header
 from appliance.dicomfile.uids import is_valid_uid
+from appliance.durable import durable_rename
 from appliance.errors import InstanceRejected
-from appliance.config import Settings
 from appliance.store import datadir, quarantine
 from appliance.store.database import open_database, refresh_study, refresh_study_status, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory, hold_writer_lock
-from appliance.durable import durable_rename
 from appliance.store.files import copy_to_temp
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def instance_path(home: Path, header: InstanceHeader) -> Path:
 
 
 def _patient_key(header: InstanceHeader) -> str:
-    ident = "\x1f".join((header.patient_id, header.patient_name, header.patient_birth_date))
+    ident = f"{header.patient_id}\x1f{header.patient_name}\x1f{header.patient_birth_date}"
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
@@ -110,7 +110,7 @@ class InstanceStore:
     @property
     def datadir(self) -> DataDirectory:
         return DataDirectory(self.home)
-    def accept(self, stream: BinaryIO, *, source: str, original_name: str) -> Accepted:
+    def accept(self, stream: IO[bytes], *, source: str, original_name: str) -> Accepted:
         """Store the DICOM file read from ``stream``; return only once it is durable.
 
         Raises :class:`InstanceRejected` after quarantining a file that cannot be accepted.

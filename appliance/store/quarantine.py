@@ -7,11 +7,10 @@ from pathlib import Path
 
 import sqlite_utils
 
+from appliance.durable import durable_rename
 from appliance.errors import Rejected
 from appliance.store.database import inserted_id, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory
-from appliance.durable import durable_rename
-
 
 
 def record(db: sqlite_utils.Database, home: Path, tmp: Path | None, *, source: str, original_name: str,

@@ -7,6 +7,7 @@ from typing import Any
 
 import sqlite_utils
 
+
 def study(db: sqlite_utils.Database, study_uid: str) -> dict[str, Any] | None:
     """Everything the study page shows: patient, series with their state, current results, reviews."""
     rows = list(db.query(

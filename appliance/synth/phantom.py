@@ -117,6 +117,7 @@ def make_phantom(seed: int = 0, lesions: tuple[str, ...] = ()) -> Phantom:
         organ = by_name[organ_name]
         radius = float(rng.uniform(6, 12))
         offset = [float(rng.uniform(-0.4, 0.4)) * (r - radius) for r in organ.radii]
-        center = tuple(c + o for c, o in zip(organ.center, offset))
+        cx, cy, cz = organ.center
+        center = (cx + offset[0], cy + offset[1], cz + offset[2])
         placed.append(Ellipsoid(f"lesion {k}: {kind}", center, (radius,) * 3, delta, additive=True))
     return Phantom(body_radii=(bx, by), structures=tuple(s), lesions=tuple(placed), seed=seed)

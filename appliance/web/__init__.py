@@ -84,8 +84,9 @@ def _register(app: Flask) -> None:
     app.after_request(_security_headers)
     app.register_error_handler(CSRFError, _csrf_error)
     app.register_error_handler(HTTPException, _http_error)
-    app.context_processor(lambda: {"languages": LANGUAGES, "get_locale": get_locale, "site_name": settings_of(app).site_name,
-                                   "user": g.get("user"), "research_notice": _research_notice})
+    app.context_processor(lambda: {"languages": LANGUAGES, "get_locale": get_locale,
+                                   "site_name": settings_of(app).site_name, "user": g.get("user"),
+                                   "research_notice": _research_notice})
 
 
 def _open_request() -> Any:

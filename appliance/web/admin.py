@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, url_for
 from flask_babel import gettext as _
-
-from pathlib import Path
 
 from appliance import config
 from appliance.errors import ApplianceError
@@ -153,7 +152,8 @@ def users_page():
         else:
             flash(_("Saved."))
         return redirect(url_for("admin.users_page"))
-    rows = list(db.query("SELECT username, role, disabled, created_at, password_changed_at FROM users ORDER BY username"))
+    rows = list(db.query("SELECT username, role, disabled, created_at, password_changed_at FROM users "
+                         "ORDER BY username"))
     return render_template("admin/users.html", users=rows, roles=users.ROLES, min_length=users.MIN_PASSWORD_LENGTH)
 
 
@@ -191,5 +191,6 @@ def settings_page():
         return redirect(url_for("admin.settings_page"))
     saved = config.saved_values(_config_file())
     rows = [{"setting": s, "in_force": settings_of().values[s.name], "saved": saved[s.name],
-             "from_environment": s.env_var in current_app.config["APPLIANCE_ENVIRON"]} for s in config.SETTINGS if s.name != "home"]
+             "from_environment": s.env_var in current_app.config["APPLIANCE_ENVIRON"]}
+            for s in config.SETTINGS if s.name != "home"]
     return render_template("admin/settings.html", rows=rows)

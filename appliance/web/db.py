@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from flask import Flask, g
 import sqlite_utils
+from flask import Flask, g
 
 from appliance.store.database import DATABASE_NAME, connect
 from appliance.web.context import settings_of

@@ -55,8 +55,8 @@ def upload():
         except UploadTooLarge as exc:
             return jsonify(error="UPLOAD_TOO_LARGE", message=str(exc)), UploadTooLarge.http_status
         with write_transaction(store.db):
-            row = store.db["imports"].get(import_id)
-            store.db["imports"].update(import_id, {
+            row = store.db.table("imports").get(import_id)
+            store.db.table("imports").update(import_id, {
                 "files_read": row["files_read"] + len(parts), "stored": row["stored"] + summary.stored,
                 "duplicates": row["duplicates"] + summary.duplicates,
                 "quarantined": row["quarantined"] + len(summary.quarantined)})
@@ -70,7 +70,7 @@ def upload():
 def _finish(store, import_id: int) -> int:
     """Queue every series this upload touched (an explicit import is complete) and close its ledger row."""
     with write_transaction(store.db):
-        row = store.db["imports"].get(import_id)
+        row = store.db.table("imports").get(import_id)
         started = row["started_at"]
     series = list(store.db.execute(
         "SELECT DISTINCT series_instance_uid, study_instance_uid FROM instances WHERE source = 'upload' "
@@ -78,7 +78,7 @@ def _finish(store, import_id: int) -> int:
     for series_uid, study_uid in series:
         queue.enqueue_series(store.db, series_uid, study_uid, priority=1)
     with write_transaction(store.db):
-        store.db["imports"].update(import_id, {"state": "done", "series": len(series),
+        store.db.table("imports").update(import_id, {"state": "done", "series": len(series),
                                                "finished_at": utcnow()})
         audit(store.db, g.user["username"], "import", "upload", import_id=import_id, series=len(series),
               stored=row["stored"], duplicates=row["duplicates"], quarantined=row["quarantined"])

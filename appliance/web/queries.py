@@ -75,40 +75,54 @@ def _in(values: list[str]) -> str:
     return ",".join("?" * len(values))
 
 
+@dataclasses.dataclass
+class _StudyExtras:
+    """What the worklist shows of one study beyond its own row."""
+
+    series_count: int = 0
+    modalities: set[str] = dataclasses.field(default_factory=set)
+    flags: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    progress: float | None = None  # mean of its running analyses, 0..1
+    error: str | None = None  # why its last analysis failed
+    reasons: set[str] = dataclasses.field(default_factory=set)  # reason codes of its rejected series
+
+    def columns(self) -> dict[str, Any]:
+        """The extra columns of the worklist row, sets joined for display."""
+        return {"series_count": self.series_count, "modalities": ", ".join(sorted(self.modalities)),
+                "flags": self.flags, "progress": self.progress, "error": self.error,
+                "reasons": ", ".join(sorted(self.reasons))}
+
+
 def _decorate(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
     """Series count, modalities, progress, failure reason and flags of the studies on one page."""
     uids = [r["study_instance_uid"] for r in rows]
     if not uids:
         return
-    info = {uid: {"series_count": 0, "modalities": set(), "flags": [], "progress": None, "error": None,
-                  "reasons": set()} for uid in uids}
+    info = {uid: _StudyExtras() for uid in uids}
     for uid, modality, status, reason_code in db.execute(
             f"SELECT study_instance_uid, modality, status, reason_code FROM series "
             f"WHERE study_instance_uid IN ({_in(uids)})", uids):
-        info[uid]["series_count"] += 1
-        info[uid]["modalities"].add(modality or "?")
+        info[uid].series_count += 1
+        info[uid].modalities.add(modality or "?")
         if status == "rejected" and reason_code:
-            info[uid]["reasons"].add(reason_code)
+            info[uid].reasons.add(reason_code)
     for uid, progress in db.execute(
             f"SELECT study_instance_uid, avg(progress) FROM jobs WHERE state = 'running' AND kind = 'analyze' "
             f"AND study_instance_uid IN ({_in(uids)}) GROUP BY study_instance_uid", uids):
-        info[uid]["progress"] = progress
+        info[uid].progress = progress
     for uid, error in db.execute(
             f"SELECT study_instance_uid, error FROM jobs WHERE state = 'failed' AND kind = 'analyze' "
             f"AND study_instance_uid IN ({_in(uids)}) ORDER BY id", uids):
-        info[uid]["error"] = error
+        info[uid].error = error
     for uid, model, flagged, score, validated in db.execute(
             f"SELECT a.study_instance_uid, r.model, max(r.flagged), max(r.score), min(r.validated) "
             f"FROM analyses a JOIN results r ON r.analysis_id = a.id WHERE a.superseded = 0 "
             f"AND r.score IS NOT NULL AND a.study_instance_uid IN ({_in(uids)}) "
             f"GROUP BY a.study_instance_uid, r.model ORDER BY r.model", uids):
-        info[uid]["flags"].append({"model": model, "flagged": bool(flagged), "score": score,
-                                   "validated": bool(validated)})
+        info[uid].flags.append({"model": model, "flagged": bool(flagged), "score": score,
+                                "validated": bool(validated)})
     for row in rows:
-        extra = info[row["study_instance_uid"]]
-        extra["modalities"] = ", ".join(sorted(extra["modalities"]))
-        extra["reasons"] = ", ".join(sorted(extra["reasons"]))
-        row.update(extra)
+        row.update(info[row["study_instance_uid"]].columns())
 
 
 def progress(db: sqlite_utils.Database, study_uids: list[str]) -> dict[str, dict[str, Any]]:

@@ -14,10 +14,10 @@ from appliance.jobs import queue
 from appliance.outputs import report
 from appliance.pipelines import overlays
 from appliance.store.database import audit, utcnow, write_transaction
+from appliance.store.studies import latest_reviews, study
 from appliance.web.auth import role_required
 from appliance.web.context import settings_of
 from appliance.web.db import get_db
-from appliance.store.studies import latest_reviews, study
 
 bp = Blueprint("study", __name__)
 DECISIONS = ("confirmed", "rejected")
@@ -73,7 +73,9 @@ def key_image(result_id: int, n: int):
     if row is None:
         abort(404)
     findings = json.loads(row[0] or "[]")
-    path = report.key_image_finder(settings_of().home_path)({"findings": findings}, n) if 0 <= n < len(findings) else None
+    path = None
+    if 0 <= n < len(findings):
+        path = report.key_image_finder(settings_of().home_path)({"findings": findings}, n)
     if path is None:
         abort(404)
     return send_file(path, mimetype="image/png", max_age=3600)

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from appliance.durable import write_bytes_durably
 from appliance.inference.backends import Availability
 from appliance.inference.engine_cache import BuilderSettings, profile_shapes
-from appliance.durable import write_bytes_durably
 
 NAME = "tensorrt"
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def gpu_identity() -> tuple[str, tuple[int, int]]:
 
 
 def _major(version: str) -> int:
-    return int(version.split(".")[0])
+    return int(version.split(".", maxsplit=1)[0])
 
 
 def network_flags(version: str) -> int:
