@@ -164,11 +164,6 @@ class Settings:
             return Path(self.engines_dir).resolve()
         return Path(__file__).resolve().parents[1] / "engines"
 
-    @property
-    def engine_cache_path(self) -> Path:
-        """Where engines built for this machine are kept, in the data directory."""
-        return self.home_path / "engines-cache"
-
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` (by setting name) checked and converted.
 

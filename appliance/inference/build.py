@@ -31,6 +31,7 @@ from appliance.inference.backends import tensorrt as trt_backend
 from appliance.inference.engine_cache import TIMING_CACHE_NAME, BuilderSettings, stale_engines
 from appliance.inference.quantize import quantize_qdq
 from appliance.inference.registry import engine_key
+from appliance.store.datadir import DataDirectory
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -73,7 +74,7 @@ def _build_tensorrt(pack: packs.ModelPack, settings: Settings, record: dict[str,
     available = trt_backend.is_available()
     if not available:
         return [], [{"backend": "tensorrt", "precision": p, "why": available.why} for p in wanted]
-    cache = settings.engine_cache_path
+    cache = DataDirectory(settings.home_path).engines_cache
     gpu, version = trt_backend.gpu_identity(), trt_backend.tensorrt_version()
     builder = BuilderSettings()
     for precision in wanted:

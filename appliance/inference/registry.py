@@ -22,6 +22,7 @@ from appliance.inference.backends import Availability, Session
 from appliance.inference.backends import onnxruntime as ort_backend
 from appliance.inference.backends import tensorrt as trt_backend
 from appliance.inference.engine_cache import BuilderSettings, EngineKey
+from appliance.store.datadir import DataDirectory
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,8 @@ class Registry:
     def _open(self, pack: packs.ModelPack) -> tuple[Session, Choice]:
         record = pack.build_record()
         tensorrt = trt_backend.is_available() if self.settings.inference_backend == "auto" else Availability(False)
-        lookup = _engine_lookup(pack, record, self.settings.engine_cache_path) if tensorrt else (lambda p: None)
+        cache = DataDirectory(self.settings.home_path).engines_cache
+        lookup = _engine_lookup(pack, record, cache) if tensorrt else (lambda p: None)
         choice = choose(pack, record, tensorrt, lookup, self.settings.min_cpu_int8_speedup,
                         self.settings.inference_backend)
         if choice.backend == "tensorrt":
@@ -155,7 +157,8 @@ def inventory(settings: Settings) -> tuple[list[dict[str, Any]], list[packs.Pack
     for pack in loaded:
         record = pack.build_record()
         # without TensorRT there is no GPU identity and nothing cached to look up
-        lookup = _engine_lookup(pack, record, settings.engine_cache_path) if availability else _no_engine
+        cache = DataDirectory(settings.home_path).engines_cache
+        lookup = _engine_lookup(pack, record, cache) if availability else _no_engine
         choice = choose(pack, record, availability, lookup, settings.min_cpu_int8_speedup, settings.inference_backend)
         rows.append({"id": pack.id, "version": pack.version, "validated": pack.validated, "threshold": pack.threshold,
                      "model_sha256": pack.model_sha256, "precisions": ", ".join(pack.allowed_precisions),
@@ -172,7 +175,8 @@ _shared_guard = threading.Lock()
 
 def _switches(settings: Settings) -> tuple[Any, ...]:
     """The settings a registry's choices depend on."""
-    return (str(settings.engines_path), str(settings.engine_cache_path), settings.inference_backend,
+    cache = DataDirectory(settings.home_path).engines_cache
+    return (str(settings.engines_path), str(cache), settings.inference_backend,
             settings.min_cpu_int8_speedup, settings.inference_threads)
 
 

@@ -21,19 +21,19 @@ from werkzeug.exceptions import HTTPException
 
 from appliance.config import Settings
 from appliance.store.database import open_database
+from appliance.store.datadir import DataDirectory
 from appliance.store.users import admin_count
 from appliance.web import db
 from appliance.web.context import settings_of
 from appliance.web.i18n import LANGUAGES, compile_catalogues, select_locale
 
-SECRET_KEY_FILE = "web-secret.key"
 # many files per request in the single-request path; the browser page sends batches well below this
 MAX_FORM_PARTS = 5000
 
 
 def _secret_key(home: Path) -> bytes:
     """The key that signs session cookies: made once per box, readable by its owner only."""
-    path = home / SECRET_KEY_FILE
+    path = DataDirectory(home).web_secret
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -66,7 +66,7 @@ def create_app(settings: Settings, environ: dict[str, str] | None = None) -> Fla
         APPLIANCE_SETTINGS=settings,
         APPLIANCE_ENVIRON=dict(os.environ if environ is None else environ),
         SITE_LANGUAGE=settings.web_language if settings.web_language in LANGUAGES else "en",
-        BABEL_TRANSLATION_DIRECTORIES=str(compile_catalogues(home / "cache" / "translations")),
+        BABEL_TRANSLATION_DIRECTORIES=str(compile_catalogues(DataDirectory(home).cache / "translations")),
     )
     CSRFProtect(app)
     Babel(app, locale_selector=select_locale)

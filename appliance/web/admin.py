@@ -17,6 +17,7 @@ from appliance.inference.registry import inventory
 from appliance.outputs.outbox import parse_destinations
 from appliance.store import users
 from appliance.store.database import audit, write_transaction
+from appliance.store.datadir import DataDirectory
 from appliance.web.auth import role_required
 from appliance.web.context import settings_of
 from appliance.web.db import get_db
@@ -75,7 +76,7 @@ def export():
     """Write a month's bundle into the export folder now (the monthly timer does the same)."""
     settings = settings_of()
     month = request.form.get("month", "").strip() or export_run.previous_month()
-    out = Path(settings.export_dir) if settings.export_dir else settings.home_path / "exports"
+    out = Path(settings.export_dir) if settings.export_dir else DataDirectory(settings.home_path).exports
     try:
         result = export_run.export_month(settings, month, out, images=settings.export_images)
     except ApplianceError as exc:

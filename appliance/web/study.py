@@ -14,6 +14,7 @@ from appliance.jobs import queue
 from appliance.outputs import report
 from appliance.pipelines import overlays
 from appliance.store.database import audit, utcnow, write_transaction
+from appliance.store.datadir import DataDirectory
 from appliance.store.studies import latest_reviews, study
 from appliance.web.auth import role_required
 from appliance.web.context import settings_of
@@ -86,7 +87,8 @@ def _series_artefacts(series_uid: str) -> Path:
                            [series_uid]).fetchone()
     if row is None:
         abort(404)
-    return _inside(settings_of().home_path / "artefacts", settings_of().home_path / "artefacts" / row[0] / series_uid)
+    ddir = DataDirectory(settings_of().home_path)
+    return _inside(ddir.artefacts, ddir.series_artefacts(row[0], series_uid))
 
 
 def _viewer_index(series_uid: str) -> dict:
@@ -116,7 +118,7 @@ def slice_pixels(uid: str, k: int):
         abort(404)
     frame = frames[k]
     home = settings_of().home_path
-    path = _inside(home / "instances", home / frame["path"])
+    path = _inside(DataDirectory(home).instances, home / frame["path"])
     pixels = pixel_array(str(path), index=frame["frame"]) if frame["frame"] is not None else pixel_array(str(path))
     hu = pixels.astype(np.float32) * frame["slope"] + frame["intercept"]
     data = np.clip(hu, -32768, 32767).astype("<i2").tobytes()
