@@ -242,3 +242,23 @@ def test_tensorrt_fp16_engine_builds_and_matches_fp32(pack_copy, tmp_path):
     record = build_pack(packs.load_pack(pack_copy), settings, calibration=CALIBRATION_SETS, say=lambda m: None)
     fp16 = next(r for r in record["parity"]["results"] if r["backend"] == "tensorrt" and r["precision"] == "fp16")
     assert fp16["max_abs_diff"] < 0.05
+
+
+def test_one_registry_per_process_reloaded_only_when_packs_or_their_settings_change(tmp_path):
+    import os
+    import shutil
+
+    from appliance import config
+    from appliance.inference.registry import shared_registry
+
+    engines = tmp_path / "engines"
+    shutil.copytree(config.load(environ={}).engines_path / "chest-covid19", engines / "chest-covid19")
+    settings = config.load(environ={}, home=str(tmp_path / "home"), engines_dir=str(engines))
+    first = shared_registry(settings)
+    assert shared_registry(settings) is first  # jobs share its sessions
+    assert shared_registry(settings.replace(site_name="Another name")) is first  # unrelated setting
+    manifest = engines / "chest-covid19" / "manifest.toml"
+    os.utime(manifest, ns=(manifest.stat().st_atime_ns, manifest.stat().st_mtime_ns + 10**9))
+    second = shared_registry(settings)
+    assert second is not first  # a pack changed on disk
+    assert shared_registry(settings.replace(inference_backend="onnxruntime")) is not second
