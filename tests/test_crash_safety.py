@@ -21,6 +21,7 @@ from appliance.synth.writer import SynthOptions, write_series
 from .test_dicom_receiver import ECHOSCU, STORESCU, free_port, needs_dcmtk
 
 INSTANCES = int(os.environ.get("APPLIANCE_CRASH_TEST_INSTANCES", "1000"))
+KILLS = int(os.environ.get("APPLIANCE_CRASH_TEST_KILLS", "3"))  # bench/kill_rounds.py runs 100
 
 
 def _env(home: Path, port: int) -> dict:
@@ -68,17 +69,17 @@ def test_kill_9_during_send_loses_no_acknowledged_instance(tmp_path):
     rng = random.Random(7)
     try:
         _wait_for_echo(port)
-        for kill in range(3):  # two sends cut by kill -9, then one that completes
+        for kill in range(KILLS + 1):  # sends cut by kill -9, then one that completes
             remaining = [f for f in files if f not in acknowledged]
             sender = subprocess.Popen([str(STORESCU), "-v", "-aec", "APPLIANCE", "127.0.0.1", str(port), *remaining],
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            if kill < 2:
+            if kill < KILLS:
                 time.sleep(rng.uniform(0.5, 1.5))
                 receiver.send_signal(signal.SIGKILL)
                 receiver.wait()
             out, _ = sender.communicate(timeout=300)
             acknowledged |= _acknowledged(out)
-            if kill < 2:
+            if kill < KILLS:
                 receiver = _start("dicom", env)  # start-up sweeps what the kill left half-written
                 _wait_for_echo(port)
         assert len(acknowledged) == INSTANCES
