@@ -138,10 +138,10 @@ def worker_rounds(work: Path, rounds: int, rng: random.Random) -> dict[str, obje
         worker.send_signal(signal.SIGKILL)
         worker.wait()
     per_series = [n for _, n in db.execute("SELECT series_instance_uid, count(*) FROM analyses "
-                                           "WHERE superseded = 0 GROUP BY series_instance_uid")]
+                                           "GROUP BY series_instance_uid")]
     return {"kills": kills, "series": rounds,
             "done": db.execute("SELECT count(*) FROM jobs WHERE state = 'done'").fetchone()[0],
-            "current analyses per series": sorted(set(per_series)),
+            "analyses per series": sorted(set(per_series)),
             "integrity": db.execute("PRAGMA integrity_check").fetchone()[0]}
 
 
@@ -159,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|")
     print(f"| receiver | {receiver['kills']} | {receiver['acknowledged']} instances acknowledged, "
           f"{receiver['lost']} lost, integrity {receiver['integrity']} |")
-    print(f"| worker | {worker['kills']} | {worker['done']}/{worker['series']} series done, current analyses per "
-          f"series {worker['current analyses per series']}, integrity {worker['integrity']} |")
-    ok = receiver["lost"] == 0 and worker["done"] == worker["series"] and worker["current analyses per series"] == [1]
+    print(f"| worker | {worker['kills']} | {worker['done']}/{worker['series']} series done, analyses per "
+          f"series {worker['analyses per series']}, integrity {worker['integrity']} |")
+    ok = receiver["lost"] == 0 and worker["done"] == worker["series"] and worker["analyses per series"] == [1]
     return 0 if ok else 1
 
 

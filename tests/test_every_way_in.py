@@ -33,6 +33,15 @@ def _env(home: Path, **settings: object) -> dict[str, str]:
     return env
 
 
+def _wait_for_echo(port: int) -> None:
+    for _ in range(100):
+        if subprocess.run(["/usr/bin/echoscu", "-aec", "APPLIANCE", "127.0.0.1", str(port)],
+                          capture_output=True).returncode == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the receiver did not answer C-ECHO")
+
+
 def _series(root: Path, name: str, seed: int) -> tuple[Path, str]:
     folder = root / name
     truth = write_series(folder, SynthOptions(slices=40, size=128, region="chest", seed=seed))
@@ -78,11 +87,7 @@ def test_every_way_in_reaches_the_pacs_as_sr_key_images_and_pdf(tmp_path):
     serve = subprocess.Popen([*APPLIANCE, "serve", "--poll-seconds", "0.5"], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
-        for _ in range(100):
-            if subprocess.run(["/usr/bin/echoscu", "-aec", "APPLIANCE", "127.0.0.1", str(dicom_port)],
-                              capture_output=True).returncode == 0:
-                break
-            time.sleep(0.2)
+        _wait_for_echo(dicom_port)
         folder, studies["drop"] = _series(tmp_path, "drop", 101)
         shutil.copytree(folder, home / "incoming" / "from-usb")
         folder, studies["import"] = _series(tmp_path, "import", 102)
@@ -133,11 +138,7 @@ def test_a_concurrent_importer_never_costs_the_receiver_an_acknowledged_image(tm
     loop = subprocess.Popen(["bash", "-c", script], env=env)
     rounds = int(os.environ.get("APPLIANCE_TEST_SEND_ROUNDS", "3"))
     try:
-        for _ in range(100):
-            if subprocess.run(["/usr/bin/echoscu", "-aec", "APPLIANCE", "127.0.0.1", str(port)],
-                              capture_output=True).returncode == 0:
-                break
-            time.sleep(0.2)
+        _wait_for_echo(port)
         for n in range(rounds):
             sent = subprocess.run([str(STORESCU), "-aec", "APPLIANCE", "127.0.0.1", str(port), *files],
                                   capture_output=True, text=True)
