@@ -181,6 +181,28 @@ def write_viewer_index(volume: CTVolume, artefacts: Path, home: Path) -> None:
     write_bytes_durably(json.dumps(doc).encode(), artefacts / "viewer.json")
 
 
+def _load(paths: list[Path], settings: Settings, progress: Callable[[float], None],
+          series_instance_uid: str) -> CTVolume | SeriesRejected:
+    """The series' volume, or why there is none.
+
+    Whatever the files make the reader raise is the series' problem, not the job's: it becomes
+    UNREADABLE_SERIES (logged with its traceback, so a fault of this program is still seen) rather than
+    a job that fails and is retried to no end. Memory and disk errors are the box's and fail the job.
+    """
+    try:
+        return load_series(paths, settings, progress)
+    except SeriesRejected as exc:
+        return exc
+    except (MemoryError, OSError):
+        raise
+    except Exception as exc:
+        log.exception("series %s could not be read", series_instance_uid)
+        return SeriesRejected(ReasonCode.UNREADABLE_SERIES,
+                              f"The images of this series could not be read ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}). Send the series again; if it is refused again, report it "
+                              "with the appliance's log.")
+
+
 def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Settings, registry: Registry,
                    *, job_id: int | None = None, progress: Progress = _no_progress) -> dict[str, Any]:
     """Assemble, check and analyse one stored series; store and return its result record.
@@ -196,12 +218,11 @@ def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Set
                               "spacing_mm_zyx": None, "problems": [], "excluded": [], "results": []}
     seconds = {"load": 0.0, "preprocess": 0.0, "infer": 0.0}
     notes = uid_problems(store.db, series_instance_uid)
-    try:
-        volume = load_series(paths, settings, lambda done: progress(LOADED * done, "loading"))
-    except SeriesRejected as exc:
+    volume = _load(paths, settings, lambda done: progress(LOADED * done, "loading"), series_instance_uid)
+    if isinstance(volume, SeriesRejected):
         seconds["load"] = time.perf_counter() - t0
-        record.update(status=SeriesStatus.REJECTED.value, reason_code=exc.reason_code.value, reason=exc.reason,
-                      problems=[p.as_dict() for p in (*notes, *exc.problems)])
+        record.update(status=SeriesStatus.REJECTED.value, reason_code=volume.reason_code.value,
+                      reason=volume.reason, problems=[p.as_dict() for p in (*notes, *volume.problems)])
     else:
         seconds["load"] = volume.seconds["headers"] + volume.seconds["decode"]
         seconds["preprocess"] = volume.seconds["resample"]
