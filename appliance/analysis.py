@@ -20,14 +20,14 @@ import sqlite_utils
 
 from appliance.config import Settings
 from appliance.durable import write_bytes_durably
-from appliance.errors import SeriesRejected
+from appliance.errors import ReasonCode, SeriesRejected
 from appliance.inference.registry import Registry
 from appliance.jobs import queue
 from appliance.pipelines import StepResult, abdomen_pancreas, chest_covid19, lungs, series_qa
-from appliance.series.volume import CTVolume, load_series
+from appliance.series.volume import CTVolume, Problem, load_series
 from appliance.store.database import inserted_id, refresh_study, site_threshold, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory
-from appliance.store.instances import InstanceStore
+from appliance.store.instances import InstanceStore, series_instances
 from appliance.store.states import SeriesStatus
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,31 @@ def _abdomen_pancreas(volume: CTVolume, ctx: StepContext) -> StepResult | None:
 STEPS: tuple[Step, ...] = (_series_qa, _lungs, _chest_covid19, _abdomen_pancreas)
 
 
+def uid_problems(db: sqlite_utils.Database, series_instance_uid: str) -> list[Problem]:
+    """What the store corrected in the UIDs of a series' files (emptied, or not valid UIDs), as
+    corrected problems: the technician learns why the results name other UIDs than the images."""
+    originals: dict[tuple[str, bool], list[str]] = {}  # (keyword, had a value) -> the values
+    for (text,) in db.execute("SELECT original_uids FROM instances WHERE series_instance_uid = ? "
+                              "AND original_uids IS NOT NULL", [series_instance_uid]):
+        for keyword, value in json.loads(text).items():
+            originals.setdefault((keyword, bool(value)), []).append(value)
+    invalid = [f"{k} of {len(v)} image(s) (such as '{v[0][:64]}')" for (k, had), v in originals.items() if had]
+    emptied = [f"{k} of {len(v)} image(s)" for (k, had), v in originals.items() if not had]
+    problems = []
+    if invalid:
+        problems.append(Problem(ReasonCode.INVALID_UID,
+                                f"The {', '.join(invalid)} are not valid DICOM UIDs; valid UIDs derived from them "
+                                "were used for this series and its results (the originals are kept).", False))
+    if emptied:
+        problems.append(Problem(ReasonCode.MISSING_UID,
+                                f"The {', '.join(emptied)} were empty; UIDs derived from the images were used for "
+                                "this series and its results.", False))
+    return problems
+
+
 def series_paths(store: InstanceStore, series_instance_uid: str) -> list[Path]:
-    rows = store.db.execute("SELECT path FROM instances WHERE series_instance_uid = ? ORDER BY path",
-                            [series_instance_uid]).fetchall()
-    return [store.home / r[0] for r in rows]
+    """The files of a stored series, in the order of their paths."""
+    return [i.path for i in series_instances(store.db, store.home, series_instance_uid)]
 
 
 # share of a job's progress reached once the series is loaded, and once every step has run
@@ -160,6 +181,28 @@ def write_viewer_index(volume: CTVolume, artefacts: Path, home: Path) -> None:
     write_bytes_durably(json.dumps(doc).encode(), artefacts / "viewer.json")
 
 
+def _load(paths: list[Path], settings: Settings, progress: Callable[[float], None],
+          series_instance_uid: str) -> CTVolume | SeriesRejected:
+    """The series' volume, or why there is none.
+
+    Whatever the files make the reader raise is the series' problem, not the job's: it becomes
+    UNREADABLE_SERIES (logged with its traceback, so a fault of this program is still seen) rather than
+    a job that fails and is retried to no end. Memory and disk errors are the box's and fail the job.
+    """
+    try:
+        return load_series(paths, settings, progress)
+    except SeriesRejected as exc:
+        return exc
+    except (MemoryError, OSError):
+        raise
+    except Exception as exc:
+        log.exception("series %s could not be read", series_instance_uid)
+        return SeriesRejected(ReasonCode.UNREADABLE_SERIES,
+                              f"The images of this series could not be read ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}). Send the series again; if it is refused again, report it "
+                              "with the appliance's log.")
+
+
 def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Settings, registry: Registry,
                    *, job_id: int | None = None, progress: Progress = _no_progress) -> dict[str, Any]:
     """Assemble, check and analyse one stored series; store and return its result record.
@@ -174,12 +217,12 @@ def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Set
                               "reason_code": None, "reason": None, "slices": len(paths), "shape_zyx": None,
                               "spacing_mm_zyx": None, "problems": [], "excluded": [], "results": []}
     seconds = {"load": 0.0, "preprocess": 0.0, "infer": 0.0}
-    try:
-        volume = load_series(paths, settings, lambda done: progress(LOADED * done, "loading"))
-    except SeriesRejected as exc:
+    notes = uid_problems(store.db, series_instance_uid)
+    volume = _load(paths, settings, lambda done: progress(LOADED * done, "loading"), series_instance_uid)
+    if isinstance(volume, SeriesRejected):
         seconds["load"] = time.perf_counter() - t0
-        record.update(status=SeriesStatus.REJECTED.value, reason_code=exc.reason_code.value, reason=exc.reason,
-                      problems=[p.as_dict() for p in exc.problems])
+        record.update(status=SeriesStatus.REJECTED.value, reason_code=volume.reason_code.value,
+                      reason=volume.reason, problems=[p.as_dict() for p in (*notes, *volume.problems)])
     else:
         seconds["load"] = volume.seconds["headers"] + volume.seconds["decode"]
         seconds["preprocess"] = volume.seconds["resample"]
@@ -192,7 +235,7 @@ def analyze_series(store: InstanceStore, series_instance_uid: str, settings: Set
         record["skipped_models"] = ctx.skipped
         record.update(slices=volume.slices, shape_zyx=list(volume.hu.shape),
                       spacing_mm_zyx=[round(v, 4) for v in volume.spacing_mm_zyx],
-                      problems=[p.as_dict() for p in volume.plan.problems],
+                      problems=[p.as_dict() for p in (*notes, *volume.plan.problems)],
                       excluded=[{"sop_instance_uid": uid, "why": why} for uid, why in volume.excluded],
                       results=[r.as_dict() for r in results])
         _relative_key_images(record["results"], DataDirectory(store.home))

@@ -32,6 +32,9 @@ class ReasonCode(str, enum.Enum):
     GANTRY_TILT = "GANTRY_TILT"
     UNSUPPORTED_TRANSFER_SYNTAX = "UNSUPPORTED_TRANSFER_SYNTAX"
     CORRUPT_PIXEL_DATA = "CORRUPT_PIXEL_DATA"
+    MISSING_POSITION = "MISSING_POSITION"  # no Image Position (Patient): taken from Slice Location, or rejected
+    UNREADABLE_SERIES = "UNREADABLE_SERIES"  # reading failed in a way no other code names
+    MALFORMED_NUMBER = "MALFORMED_NUMBER"  # a DS/IS value read as other readers read it (corrected, never fatal)
 
 
 class ApplianceError(Exception):

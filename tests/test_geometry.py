@@ -179,10 +179,18 @@ def test_axial_and_reformatted_series_are_told_apart():
 
 
 def test_a_pixel_spacing_that_is_not_two_numbers_rejects_the_series():
-    from appliance.series.headers import _pixel_spacing
+    import pydicom
 
-    assert _pixel_spacing(None) == (1.0, 1.0) and _pixel_spacing(["0.7", "0.8"]) == (0.7, 0.8)
-    for bad in (["0.7"], ["a", "b"], 0.7):
+    from appliance.series.headers import _Numbers, _pixel_spacing
+
+    def spacing(value):
+        ds = pydicom.Dataset()
+        if value is not None:
+            ds.PixelSpacing = value
+        return _pixel_spacing(_Numbers("1.2.3", []), ds)
+
+    assert spacing(None) == (1.0, 1.0) and spacing(["0.7", "0.8"]) == (0.7, 0.8)
+    for bad in (["0.7"], ["0", "0.7"], 0.7):
         with pytest.raises(SeriesRejected) as info:
-            _pixel_spacing(bad)
-        assert info.value.reason_code == ReasonCode.CORRUPT_PIXEL_DATA
+            spacing(bad)
+        assert info.value.reason_code == ReasonCode.CORRUPT_PIXEL_DATA and "Instance 1.2.3" in info.value.reason

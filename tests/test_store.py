@@ -1,4 +1,5 @@
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -6,9 +7,8 @@ import sys
 from pathlib import Path
 
 import pydicom
-import pytest
 
-from appliance.errors import InstanceRejected, ReasonCode
+from appliance.dicomfile.uids import is_valid_uid
 from appliance.store.database import counts, open_database
 from appliance.store.datadir import DataDirectory, release_writer_lock, writers_alive
 from appliance.store.instances import open_store
@@ -54,17 +54,23 @@ def test_same_sop_instance_twice_is_stored_once(store, synthetic_chest):
     assert store.db.execute("SELECT instance_count FROM series").fetchone()[0] == 1
 
 
-def test_uid_that_would_escape_the_store_is_refused(store, synthetic_chest, tmp_path):
+def test_uid_that_would_escape_the_store_writes_nothing_outside_it(store, synthetic_chest, tmp_path):
+    """A UID is never a path: '../../etc/passwd' files under a derived UID inside the store, kept as written."""
     ds = pydicom.dcmread(_first_file(synthetic_chest))
     ds.SOPInstanceUID = "../../../../etc/passwd"
+    ds.SeriesInstanceUID = "../../../series"
     buf = io.BytesIO()
     ds.save_as(buf)
     buf.seek(0)
-    with pytest.raises(InstanceRejected) as info:
-        store.accept(buf, source="test", original_name="evil.dcm")
-    assert info.value.reason_code == ReasonCode.INVALID_UID
-    assert not (tmp_path / "etc").exists()
-    assert counts(store.db)["quarantined"] == 1
+    accepted = store.accept(buf, source="test", original_name="evil.dcm")
+    instances = store.home / "instances"
+    assert accepted.path.parent.parent.parent == instances
+    assert all(is_valid_uid(part) for part in accepted.path.relative_to(instances).with_suffix("").parts)
+    assert not (tmp_path / "etc").exists() and not (store.home / "series").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+    row = store.db.table("instances").get(accepted.header.sop_instance_uid)
+    assert json.loads(row["original_uids"]) == {"SeriesInstanceUID": "../../../series",
+                                                "SOPInstanceUID": "../../../../etc/passwd"}
 
 
 def _crash_leftovers(store, synthetic_chest):

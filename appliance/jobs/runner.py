@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from appliance.analysis import analyze_series, artefact_dir, series_paths, stored_record
+from appliance.analysis import analyze_series, artefact_dir, stored_record
 from appliance.config import Settings
 from appliance.inference.registry import Registry, shared_registry
 from appliance.jobs import queue
@@ -21,7 +21,7 @@ from appliance.jobs.notify import sd_notify
 from appliance.jobs.owner import WorkerLock, worker_alive
 from appliance.outputs import outbox
 from appliance.outputs.dicom_objects import write_outputs, write_report_object
-from appliance.store.instances import InstanceStore, open_store
+from appliance.store.instances import InstanceStore, open_store, series_instances
 from appliance.store.states import JobKind, SeriesStatus
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class JobRunner:
         """Write the series' SR, key images and report, and queue them for every PACS."""
         series_uid = job["series_instance_uid"]
         out_dir = artefact_dir(self.store, series_uid) / "dicom"
-        paths = write_outputs(record, series_paths(self.store, series_uid), out_dir,
+        paths = write_outputs(record, series_instances(self.store.db, self.store.home, series_uid), out_dir,
                               report_pdf=self._report_pdf(job["study_instance_uid"]), home=self.store.home)
         if self.destinations:
             outbox.enqueue(self.store.db, self.destinations, paths, self.store.home, series_uid)
@@ -156,7 +156,7 @@ class JobRunner:
     def _send_report(self, job: dict[str, Any]) -> None:
         """Send the study's report as it stands now (with its reviews) to every PACS."""
         series_uid = job["series_instance_uid"]
-        path = write_report_object(series_paths(self.store, series_uid)[0],
+        path = write_report_object(series_instances(self.store.db, self.store.home, series_uid)[0],
                                    *self._report_pdf(job["study_instance_uid"]),
                                    artefact_dir(self.store, series_uid) / "dicom")
         if self.destinations:

@@ -6,7 +6,10 @@
 - the study's PDF report as Encapsulated PDF (highdicom has no builder for it: written
   with pydicom, module by module from PS3.3 A.45.1).
 
-Objects are written, read back and checked before they are queued for a PACS.
+Every object names the patient's study, series and images by the UIDs the store filed them under,
+never by what the files wrote: an anonymiser's emptied or UUID-form UIDs were replaced by valid
+derived ones on import (:mod:`appliance.dicomfile.uids`), and the outputs carry those. Objects are
+written, read back and checked (every UID valid) before they are queued for a PACS.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 from appliance import __version__
+from appliance.dicomfile.uids import is_valid_uid, valid_uid
+from appliance.store.instances import StoredInstance
 
 MANUFACTURER = "CT screening appliance"
 SR_SERIES_NUMBER = 9901
@@ -140,6 +145,50 @@ def _conformant(reference: pydicom.Dataset) -> pydicom.Dataset:
     return reference
 
 
+def _valid_uids(ds: pydicom.Dataset) -> None:
+    """Replace every UID value in ``ds`` (sequences included) that is not a UID by the valid UID the
+    store derives from it (:func:`valid_uid`): a UUID-form Frame of Reference UID must not reach the PACS."""
+    def fix(dataset: pydicom.Dataset, element: pydicom.DataElement) -> None:
+        if element.VR != "UI" or element.VM != 1:
+            return
+        value = str(element.value or "").strip()
+        if value and not is_valid_uid(value):
+            element.value = valid_uid(value)
+
+    ds.walk(fix)
+
+
+def reference_dataset(instance: StoredInstance) -> pydicom.Dataset:
+    """The header of a stored image as the outputs copy it: patient and study as the image has them,
+    the study, series and image named by the store's UIDs, and no value highdicom would refuse."""
+    reference = _conformant(pydicom.dcmread(instance.path, stop_before_pixels=True))
+    _valid_uids(reference)
+    reference.SOPClassUID, reference.SOPInstanceUID = instance.sop_class_uid, instance.sop_instance_uid
+    reference.StudyInstanceUID = instance.study_instance_uid
+    reference.SeriesInstanceUID = instance.series_instance_uid
+    meta = getattr(reference, "file_meta", None)
+    if meta is not None:
+        meta.MediaStorageSOPClassUID = instance.sop_class_uid
+        meta.MediaStorageSOPInstanceUID = instance.sop_instance_uid
+    return reference
+
+
+def invalid_uids(ds: pydicom.Dataset) -> list[str]:
+    """Keywords of the UID values in ``ds`` (file meta and sequences included) that are not valid UIDs,
+    and of the Study, Series, SOP Class or SOP Instance UID when missing."""
+    bad = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID") if not ds.get(k)]
+
+    def check(dataset: pydicom.Dataset, element: pydicom.DataElement) -> None:
+        values = element.value if element.VM > 1 else [element.value]
+        if element.VR == "UI" and any(v and not is_valid_uid(str(v)) for v in values):
+            bad.append(element.keyword or str(element.tag))
+
+    for part in (getattr(ds, "file_meta", None), ds):
+        if part is not None:
+            part.walk(check)
+    return bad
+
+
 def _write_and_check(ds: pydicom.Dataset, out_dir: Path, study_uid: str) -> Path:
     """Write ``ds`` durably under its modality and SOP Instance UID, read it back, check it."""
     import io
@@ -153,23 +202,27 @@ def _write_and_check(ds: pydicom.Dataset, out_dir: Path, study_uid: str) -> Path
     back = pydicom.dcmread(path)
     if back.SOPInstanceUID != ds.SOPInstanceUID or back.StudyInstanceUID != study_uid:
         raise ValueError(f"{path.name} did not read back as written")
+    bad = invalid_uids(back)
+    if bad:
+        raise ValueError(f"{path.name} has UIDs that are not valid: {', '.join(bad)}")
     return path
 
 
-def write_report_object(reference_path: Path, pdf: bytes, title: str, out_dir: Path) -> Path:
-    """The study report alone as Encapsulated PDF (sent again after a review); returns its path."""
-    reference = _conformant(pydicom.dcmread(reference_path, stop_before_pixels=True))
-    return _write_and_check(build_encapsulated_pdf(reference, pdf, title), out_dir, reference.StudyInstanceUID)
+def write_report_object(reference: StoredInstance, pdf: bytes, title: str, out_dir: Path) -> Path:
+    """The study report alone as Encapsulated PDF (sent again after a review), in the study of the stored
+    image ``reference``; returns its path."""
+    return _write_and_check(build_encapsulated_pdf(reference_dataset(reference), pdf, title), out_dir,
+                            reference.study_instance_uid)
 
 
-def write_outputs(record: dict[str, Any], image_paths: list[Path], out_dir: Path,
+def write_outputs(record: dict[str, Any], images: list[StoredInstance], out_dir: Path,
                   report_pdf: tuple[bytes, str] | None = None, home: Path | None = None) -> list[Path]:
     """Build, write and read back the SR, key images and (given ``(pdf, title)``) the report of an analysed
-    series; returns their paths. Key images are found relative to the data directory ``home``."""
+    series of stored ``images``; returns their paths. Key images are found relative to the data directory
+    ``home``."""
     import highdicom as hd
 
-
-    evidence = [_conformant(pydicom.dcmread(p, stop_before_pixels=True)) for p in image_paths[:1]]
+    evidence = [reference_dataset(i) for i in images[:1]]
     objects = [build_sr(evidence, record["results"])]
     sc_series = hd.UID()
     root = home or Path.cwd()
@@ -177,4 +230,4 @@ def write_outputs(record: dict[str, Any], image_paths: list[Path], out_dir: Path
     objects += [build_key_image(evidence[0], png, k + 1, sc_series) for k, png in enumerate(pngs)]
     if report_pdf is not None:
         objects.append(build_encapsulated_pdf(evidence[0], *report_pdf))
-    return [_write_and_check(ds, out_dir, evidence[0].StudyInstanceUID) for ds in objects]
+    return [_write_and_check(ds, out_dir, images[0].study_instance_uid) for ds in objects]

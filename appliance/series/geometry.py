@@ -11,6 +11,8 @@ those of the settings of the same names (``appliance.config``), and
 :meth:`GeometryTolerances.from_settings` takes the site's values.
 
 A tilt below ``TILT_TOLERANCE_DEG`` is rounding in the scanner's header, not a tilt.
+``SLICE_LOCATION_TOLERANCE_MM`` is how closely the rest of a series must agree before a missing
+Image Position (Patient) is taken from Slice Location (:func:`positions_from_slice_location`).
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ if TYPE_CHECKING:
 TILT_TOLERANCE_DEG = 0.5
 AXIAL_MIN_COSINE = 0.9  # cos(~25 degrees) between the stacking direction and the head-feet axis
 COMPOUND_TILT_TOLERANCE = 1e-3
+SLICE_LOCATION_TOLERANCE_MM = 0.1
 
 # When several problems are found, the first in this order is the series' reason code:
 # problems that stop the frames forming a volume at all come before the policy limits.
 PRIORITY = (
-    ReasonCode.MIXED_ORIENTATION, ReasonCode.DUPLICATE_POSITIONS, ReasonCode.MISSING_SLICES,
-    ReasonCode.IRREGULAR_SPACING, ReasonCode.GANTRY_TILT, ReasonCode.TOO_FEW_SLICES, ReasonCode.NOT_CT,
-    ReasonCode.UNSUPPORTED_TRANSFER_SYNTAX, ReasonCode.CORRUPT_PIXEL_DATA,
+    ReasonCode.MIXED_ORIENTATION, ReasonCode.MISSING_POSITION, ReasonCode.DUPLICATE_POSITIONS,
+    ReasonCode.MISSING_SLICES, ReasonCode.IRREGULAR_SPACING, ReasonCode.GANTRY_TILT, ReasonCode.TOO_FEW_SLICES,
+    ReasonCode.NOT_CT, ReasonCode.UNSUPPORTED_TRANSFER_SYNTAX, ReasonCode.CORRUPT_PIXEL_DATA,
+    ReasonCode.UNREADABLE_SERIES, ReasonCode.MALFORMED_NUMBER,
 )
 
 
@@ -141,6 +145,51 @@ def reject(problems: list[Problem]) -> SeriesRejected:
     error = SeriesRejected(first.reason_code, reason)
     error.problems = tuple(problems)
     return error
+
+
+def positions_from_slice_location(positions: list[np.ndarray | None], orientation: np.ndarray,
+                                  slice_locations: list[float | None], *,
+                                  tolerance_mm: float = SLICE_LOCATION_TOLERANCE_MM) -> tuple[np.ndarray, Problem]:
+    """Fill in the missing ``positions`` (None) of single-frame images from their Slice Location (mm): the
+    tolerance ``position_from_slice_location`` of docs/series-checks.md.
+
+    Taken only where the rest of the series vouches for it: at least two images, and at least half of
+    them, have both a position and a Slice Location; their positions share one in-plane point (an upright
+    stack, no tilt) and their Slice Locations are their distances along the normal ``orientation`` gives,
+    less one common offset, all within ``tolerance_mm``. A missing position is then that point plus
+    (Slice Location + offset) along the normal. Returns the (n, 3) positions and a corrected problem;
+    raises MISSING_POSITION when the series does not vouch for it.
+    """
+    count = sum(p is None for p in positions)
+    cannot = reject([Problem(ReasonCode.MISSING_POSITION,
+                             f"{count} image(s) have no Image Position (Patient), and the rest of the series "
+                             "does not say where they lie, so the volume cannot be built.", True)])
+    missing: dict[int, float] = {}  # index -> Slice Location of the images without a position
+    known: list[tuple[np.ndarray, float]] = []  # (position, Slice Location) of those with both
+    for i, (position, location) in enumerate(zip(positions, slice_locations)):
+        if position is not None:
+            if location is not None:
+                known.append((position, location))
+        elif location is None:
+            raise cannot
+        else:
+            missing[i] = location
+    if len(known) < max(2, len(positions) / 2):
+        raise cannot
+    normal = np.cross(orientation[:3], orientation[3:])
+    normal /= np.linalg.norm(normal)
+    along = np.array([p @ normal for p, _ in known])
+    in_plane = np.array([p - a * normal for (p, _), a in zip(known, along)])
+    offsets = along - np.array([loc for _, loc in known])
+    point, offset = in_plane.mean(axis=0), float(np.median(offsets))
+    if np.abs(in_plane - point).max() > tolerance_mm or np.abs(offsets - offset).max() > tolerance_mm:
+        raise cannot
+    filled = np.array([point if p is None else p for p in positions], dtype=np.float64)
+    for i, location in missing.items():
+        filled[i] += (location + offset) * normal
+    return filled, Problem(ReasonCode.MISSING_POSITION,
+                           f"{count} image(s) have no Image Position (Patient); it was taken from their Slice "
+                           "Location, where the rest of the series agrees.", False)
 
 
 def _check_orientation(orientations: np.ndarray, tolerance: float) -> Problem | None:

@@ -9,6 +9,7 @@ process pool: those decoders hold the GIL, so threads would not help.
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -30,7 +31,8 @@ def _native_dtype(frame: Frame, little_endian: bool) -> np.dtype:
     kind = "i" if frame.pixel_representation else "u"
     if frame.bits_allocated not in (8, 16, 32):
         raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA,
-                             f"The images use {frame.bits_allocated}-bit pixels, which CT never does.")
+                             f"Instance {frame.sop_instance_uid} uses {frame.bits_allocated}-bit pixels, "
+                             "which CT never does.")
     return np.dtype(f"{'<' if little_endian else '>'}{kind}{frame.bits_allocated // 8}")
 
 
@@ -45,6 +47,10 @@ def _to_hu(raw: np.ndarray, frame: Frame, out: np.ndarray) -> None:
     """Write ``raw * RescaleSlope + RescaleIntercept`` (HU) into the int16 slice ``out``."""
     raw = _sign_extend(raw, frame)
     slope, intercept = frame.rescale_slope, frame.rescale_intercept
+    if not (math.isfinite(slope) and math.isfinite(intercept)):
+        raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA,
+                             f"Instance {frame.sop_instance_uid}: the rescale slope or intercept is not a finite "
+                             "number, so its pixels have no Hounsfield units.")
     if slope == 1 and intercept == int(intercept):
         low, high = int(raw.min()) + int(intercept), int(raw.max()) + int(intercept)
         if HU_MIN <= low and high <= HU_MAX:  # the common case: one pass, no temporary
@@ -64,7 +70,7 @@ def _read_native(frame: Frame) -> np.ndarray:
     raw = np.fromfile(frame.path, dtype=dtype, count=count, offset=frame.pixel_data_offset or 0)
     if raw.size != count:
         raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA,
-                             f"The image data of {frame.path.name} ends early: the file is damaged.")
+                             f"Instance {frame.sop_instance_uid}: the image data ends early; the file is damaged.")
     return raw.reshape(frame.rows, frame.columns)
 
 
@@ -73,11 +79,12 @@ def _decode_compressed(frame: Frame) -> np.ndarray:
         arr = pydicom.pixels.pixel_array(frame.path, index=frame.frame_index)
     except Exception as exc:  # decoders raise many kinds on damaged data
         raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA,
-                             f"The compressed image data of {frame.path.name} cannot be decoded: "
+                             f"Instance {frame.sop_instance_uid}: the compressed image data cannot be decoded; "
                              f"the file is damaged ({type(exc).__name__}).") from exc
     if arr.shape != (frame.rows, frame.columns):
-        raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA, f"{frame.path.name} decodes to {arr.shape}, "
-                                                            f"not the {frame.rows} x {frame.columns} it declares.")
+        raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA,
+                             f"Instance {frame.sop_instance_uid} decodes to {arr.shape}, not the "
+                             f"{frame.rows} x {frame.columns} it declares.")
     return arr
 
 

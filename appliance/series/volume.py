@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable, Iterable
@@ -11,7 +12,15 @@ import numpy as np
 
 from appliance.config import Settings
 from appliance.errors import ReasonCode, SeriesRejected
-from appliance.series.geometry import PRIORITY, GeometryTolerances, Problem, VolumePlan, plan_volume, reject
+from appliance.series.geometry import (
+    PRIORITY,
+    GeometryTolerances,
+    Problem,
+    VolumePlan,
+    plan_volume,
+    positions_from_slice_location,
+    reject,
+)
 from appliance.series.headers import Frame, SeriesFrames, read_frames
 from appliance.series.pixels import decode_volume
 from appliance.series.resample import resample_slices
@@ -52,25 +61,56 @@ def _not_ct(series: SeriesFrames) -> SeriesRejected:
                           "so it is kept but not analysed.")
 
 
-def _geometry_arrays(frames: list[Frame]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    positions, orientations = [], []
+def _positions(frames: list[Frame], orientation: np.ndarray) -> tuple[np.ndarray, list[Problem]]:
+    """ImagePositionPatient of every frame (n, 3); a missing one of a single-frame image is taken from its
+    Slice Location when the rest of the series agrees (a corrected problem), else MISSING_POSITION."""
+    positions = [f.image_position for f in frames]
+    known = [p for p in positions if p is not None]
+    if len(known) == len(frames):
+        return np.stack(known), []
+    multi_frame = next((f for f in frames if f.image_position is None and f.frame_index is not None), None)
+    if multi_frame is not None:
+        raise reject([Problem(ReasonCode.MISSING_POSITION,
+                              f"Instance {multi_frame.sop_instance_uid}: frames of this multi-frame image have no "
+                              "position, so the volume cannot be built.", True)])
+    filled, problem = positions_from_slice_location(positions, orientation, [f.slice_location for f in frames])
+    return filled, [problem]
+
+
+def _geometry_arrays(frames: list[Frame]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Problem]]:
+    orientations = []
     for f in frames:
-        if f.image_position is None or f.image_orientation is None:
+        if f.image_orientation is None:
             raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA,
-                                 "Some images have no position or orientation, so the volume cannot be built.")
-        positions.append(f.image_position)
+                                 f"Instance {f.sop_instance_uid} has no Image Orientation (Patient), so the volume "
+                                 "cannot be built.")
         orientations.append(f.image_orientation)
+    positions, problems = _positions(frames, orientations[0])
     spacing = np.array([f.pixel_spacing for f in frames], dtype=np.float64)
-    return np.stack(positions), np.stack(orientations), spacing
+    return positions, np.stack(orientations), spacing, problems
+
+
+def _image_size(frames: list[Frame]) -> tuple[int, int]:
+    """The (rows, columns) every frame has; CORRUPT_PIXEL_DATA naming an odd one out otherwise."""
+    sizes = collections.Counter((f.rows, f.columns) for f in frames)
+    (rows, columns), _ = sizes.most_common(1)[0]
+    if len(sizes) > 1:
+        odd = next(f for f in frames if (f.rows, f.columns) != (rows, columns))
+        raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA,
+                             f"The images of this series differ in size: instance {odd.sop_instance_uid} has "
+                             f"{odd.rows} x {odd.columns} pixels, most have {rows} x {columns}.")
+    return rows, columns
 
 
 def _plan_frames(frames: list[Frame], tolerances: GeometryTolerances) -> VolumePlan:
-    positions, orientations, spacing = _geometry_arrays(frames)
-    sizes = {(f.rows, f.columns) for f in frames}
-    rows, columns = max(sizes)
-    if len(sizes) > 1:
-        raise SeriesRejected(ReasonCode.CORRUPT_PIXEL_DATA, "The images of this series differ in size.")
-    return plan_volume(positions, orientations, spacing, rows, columns, tolerances=tolerances)
+    positions, orientations, spacing, corrected = _geometry_arrays(frames)
+    rows, columns = _image_size(frames)
+    try:
+        plan = plan_volume(positions, orientations, spacing, rows, columns, tolerances=tolerances)
+    except SeriesRejected as exc:
+        exc.problems = (*corrected, *exc.problems)
+        raise
+    return dataclasses.replace(plan, problems=(*corrected, *plan.problems))
 
 
 def plan_series(series: SeriesFrames, tolerances: GeometryTolerances) -> VolumePlan:
@@ -105,7 +145,12 @@ def load_series(paths: Iterable[Path], settings: Settings,
     t0 = time.perf_counter()
     series = read_frames(paths)
     t_headers = time.perf_counter()
-    plan = plan_series(series, GeometryTolerances.from_settings(settings))
+    try:
+        plan = plan_series(series, GeometryTolerances.from_settings(settings))
+    except SeriesRejected as exc:
+        exc.problems = (*series.notes, *exc.problems)
+        raise
+    plan = dataclasses.replace(plan, problems=(*series.notes, *plan.problems))
     ordered = [series.frames[i] for i in plan.order]
     hu = decode_volume(ordered, settings.decode_workers, progress)
     t_decode = time.perf_counter()

@@ -177,6 +177,12 @@ def m006_owned_jobs(db: sqlite_utils.Database) -> None:
     db.table("studies").create_index(["status"])
 
 
+@migrations()
+def m007_original_uids(db: sqlite_utils.Database) -> None:
+    """Instances filed under a derived UID keep the UIDs their file wrote (JSON by keyword; NULL when none was)."""
+    db.table("instances").add_column("original_uids", str)
+
+
 def site_threshold(db: sqlite_utils.Database, model: str, model_version: str) -> float | None:
     """The site's own decision threshold for this model version, when the admin recorded one."""
     row = db.execute("SELECT threshold FROM operating_points WHERE model = ? AND model_version = ? "

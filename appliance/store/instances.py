@@ -3,13 +3,17 @@
 A file is copied to a temporary name and fsynced, its header checked, renamed
 into ``instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
 (a path built only from validated UIDs) and only then indexed and committed.
-The same SOP Instance UID twice is stored once.
+The same SOP Instance UID twice is stored once. A file filed under UIDs derived
+for it (emptied or not valid, see :mod:`appliance.dicomfile.uids`) keeps the
+values it wrote in ``instances.original_uids``; the store's UIDs are the ones
+every output uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -20,7 +24,7 @@ import sqlite_utils
 
 from appliance.config import Settings
 from appliance.dicomfile.header import InstanceHeader, read_header
-from appliance.dicomfile.uids import is_valid_uid
+from appliance.dicomfile.uids import file_uids, is_valid_uid
 from appliance.durable import durable_rename
 from appliance.errors import InstanceRejected
 from appliance.store import datadir, quarantine
@@ -31,6 +35,7 @@ from appliance.store.files import copy_to_temp
 log = logging.getLogger(__name__)
 
 INSTANCES_DIR = datadir.INSTANCES
+ORIGINAL_UID_MAX_CHARS = 256  # an original value kept for the record, not a place to store a file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +45,32 @@ class Accepted:
     status: str  # "stored" | "duplicate"
     header: InstanceHeader
     path: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredInstance:
+    """One stored instance: its file and the (valid) UIDs the store filed it under."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+
+
+def series_instances(db: sqlite_utils.Database, home: Path, series_instance_uid: str) -> list[StoredInstance]:
+    """The stored instances of a series, in the order of their paths."""
+    rows = db.execute("SELECT path, sop_class_uid, sop_instance_uid, series_instance_uid, study_instance_uid "
+                      "FROM instances WHERE series_instance_uid = ? ORDER BY path", [series_instance_uid])
+    return [StoredInstance(home / path, *uids) for path, *uids in rows]
+
+
+def original_uids(path: Path, header: InstanceHeader) -> str | None:
+    """JSON of the values the file at ``path`` wrote for the UIDs derived for it; None when it has none."""
+    if not header.derived_uids:
+        return None
+    written = file_uids(path)
+    return json.dumps({k: written.get(k, "")[:ORIGINAL_UID_MAX_CHARS] for k in header.derived_uids})
 
 
 def instance_path(home: Path, header: InstanceHeader) -> Path:
@@ -56,7 +87,7 @@ def _patient_key(header: InstanceHeader) -> str:
 
 
 def _index(db: sqlite_utils.Database, header: InstanceHeader, path: Path, size: int,
-           sha256: str, source: str, home: Path) -> None:
+           sha256: str, source: str, home: Path, originals: str | None) -> None:
     now = utcnow()
     key = _patient_key(header)
     db.table("patients").insert({
@@ -79,7 +110,7 @@ def _index(db: sqlite_utils.Database, header: InstanceHeader, path: Path, size: 
         "study_instance_uid": header.study_instance_uid, "sop_class_uid": header.sop_class_uid,
         "transfer_syntax_uid": header.transfer_syntax_uid, "instance_number": header.instance_number,
         "path": str(path.relative_to(home)), "size_bytes": size, "sha256": sha256, "source": source,
-        "received_at": now,
+        "received_at": now, "original_uids": originals,
     })
     db.execute("UPDATE series SET instance_count = instance_count + 1, last_received_at = ?, updated_at = ?,"
                " status = 'received' WHERE series_instance_uid = ?", [now, now, header.series_instance_uid])
@@ -133,13 +164,14 @@ class InstanceStore:
     def _file(self, tmp: Path, header: InstanceHeader, size: int, sha256: str, source: str) -> Accepted:
         """Rename into place and index in one write transaction, so two writers never file one instance twice."""
         final = instance_path(self.home, header)
+        originals = original_uids(tmp, header)
         with write_transaction(self.db):
             if self.db.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?",
                                [header.sop_instance_uid]).fetchone():
                 tmp.unlink(missing_ok=True)
                 return Accepted("duplicate", header, final)
             durable_rename(tmp, final)
-            _index(self.db, header, final, size, sha256, source, self.home)
+            _index(self.db, header, final, size, sha256, source, self.home, originals)
         return Accepted("stored", header, final)
 
 
