@@ -88,10 +88,18 @@ class Settings:
         "*@127.0.0.1,*@::1",
         "Who may send: comma-separated AE@address entries, * for any; the default admits only this box itself.")
     dicom_max_associations: int = _setting(8, "Largest number of simultaneous DICOM associations.")
+    dicom_max_associations_per_address: int = _setting(
+        4, "Largest number of simultaneous connections from one address, associated or not yet; further ones "
+        "are closed at once, so one host cannot hold every association.")
+    dicom_first_pdu_timeout: float = _setting(
+        5.0, "Seconds a new connection has to send its whole A-ASSOCIATE-RQ; one that has not is closed, so idle "
+        "connections cannot hold the receiver's places.")
     dicom_acse_timeout: float = _setting(30.0, "Seconds to wait for association messages.")
     dicom_dimse_timeout: float = _setting(60.0, "Seconds to wait for DIMSE messages within an association.")
     dicom_network_timeout: float = _setting(60.0, "Seconds an idle association is kept before it is closed.")
-    dicom_max_pdu: int = _setting(262144, "Largest PDU (bytes) we advertise and accept.")
+    dicom_max_pdu: int = _setting(
+        262144, "Largest PDU (bytes) we advertise and accept: a P-DATA-TF claiming more ends the association "
+        "before its body is read (0 = no limit, not advised: a PDU is read whole into memory).")
     disk_low_watermark_mb: int = _setting(
         1024, "Below this much free space (MiB) in the data directory, new images are refused (Out of Resources).")
 

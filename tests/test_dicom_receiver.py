@@ -1,18 +1,33 @@
 """The DICOM receiver against DCMTK's echoscu and storescu (an independent peer), on loopback."""
 
 import concurrent.futures
+import contextlib
 import hashlib
+import json
 import os
 import socket
 import struct
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from appliance import config
 from appliance.ingest import dicom_server
-from appliance.ingest.dicom_server import Caller, is_allowed, parse_allowed_callers
+from appliance.ingest.dicom_guard import (
+    MAX_CONTROL_PDU,
+    P_DATA_SLACK,
+    Caller,
+    ConnectionLimits,
+    PDUStream,
+    Refusal,
+    RefusalLedger,
+    is_allowed,
+    p_data_limit,
+    parse_allowed_callers,
+)
 from appliance.store.database import open_database
 
 from .conftest import need_data
@@ -28,24 +43,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def receiver(tmp_path):
-    """Start a receiver on a free loopback port; yields (settings, port) and stops it after."""
-    started = []
+class Receivers:
+    """Receivers started on free loopback ports for one test; ``stop()`` stops them (audit rows flushed)."""
 
-    def start(**overrides):
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.started: list = []
+
+    def __call__(self, **overrides):
+        """Start a receiver; returns (settings, port)."""
         port = free_port()
-        values = {"home": str(tmp_path / "home"), "dicom_allowed_callers": "*@127.0.0.1", "disk_low_watermark_mb": 0,
-                  "dicom_network_timeout": 5.0, "dicom_acse_timeout": 5.0}
+        values = {"home": str(self.tmp_path / "home"), "dicom_allowed_callers": "*@127.0.0.1",
+                  "disk_low_watermark_mb": 0, "dicom_network_timeout": 5.0, "dicom_acse_timeout": 5.0}
         values.update(overrides)
         settings = config.load(environ={}, **values)
         open_database(settings.home_path)
-        started.append(dicom_server.start(settings, port=port, address="127.0.0.1"))
+        self.started.append(dicom_server.start(settings, port=port, address="127.0.0.1"))
         return settings, port
 
-    yield start
-    for stop in started:
-        stop()
+    def stop(self) -> None:
+        while self.started:
+            self.started.pop()()
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    """Start receivers on free loopback ports (``receiver(**settings)`` -> (settings, port)); stopped after."""
+    receivers = Receivers(tmp_path)
+    yield receivers
+    receivers.stop()
 
 
 def echo(port: int, calling: str = "ECHOSCU", called: str = "APPLIANCE") -> subprocess.CompletedProcess:
@@ -60,6 +86,53 @@ def store(port: int, files, calling: str = "STORESCU") -> subprocess.CompletedPr
 
 def pixel_sha256(ds) -> str:
     return hashlib.sha256(ds.PixelData).hexdigest()
+
+
+def test_pdu_headers_over_the_limits_are_refused_as_they_complete():
+    stream = PDUStream(max_p_data=p_data_limit(16384))
+    release_rq = b"\x05\x00" + struct.pack(">I", 4) + b"\0" * 4
+    p_data_at_limit = b"\x04\x00" + struct.pack(">I", 16384 + P_DATA_SLACK)
+    assert stream.feed(release_rq[:3]) is None and stream.feed(release_rq[3:]) is None  # headers split anywhere
+    assert stream.feed(p_data_at_limit) is None
+    assert stream.feed(b"\0" * (16384 + P_DATA_SLACK)) is None  # its body: not mistaken for headers
+    assert stream.feed(b"\x04\x00" + struct.pack(">I", 64 * 2**20)) is Refusal.PDU_TOO_LONG
+    assert PDUStream(None).feed(b"\x01\x00" + struct.pack(">I", MAX_CONTROL_PDU + 1)) is Refusal.PDU_TOO_LONG
+    assert PDUStream(None).feed(b"\x04\x00" + struct.pack(">I", 2**31)) is None  # dicom_max_pdu = 0: no limit
+    assert PDUStream(None).feed(b"\x09\x00" + struct.pack(">I", 4)) is Refusal.UNKNOWN_PDU
+
+
+def test_refusal_ledger_writes_the_first_refusal_at_once_and_the_rest_of_the_minute_as_one_count():
+    now = [0.0]
+    ledger = RefusalLedger(window_s=60, max_callers=2, clock=lambda: now[0])
+    ledger.refused("dicom_association_refused", "INTRUDER@10.0.0.9", Refusal.CALLER_NOT_ALLOWED)
+    assert ledger.wake.is_set()
+    first = ledger.due()
+    assert [(r.caller, r.count, r.first) for r in first] == [("INTRUDER@10.0.0.9", 1, True)]
+    ledger.wake.clear()
+    for _ in range(99):
+        ledger.refused("dicom_association_refused", "INTRUDER@10.0.0.9", Refusal.CALLER_NOT_ALLOWED)
+    assert not ledger.wake.is_set() and ledger.due() == []  # the rest waits for the window's end
+    for address in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):  # more callers than it counts apart
+        ledger.refused("dicom_connection_refused", address, Refusal.ADDRESS_NOT_ALLOWED)
+    now[0] = 61.0
+    rows = ledger.due()
+    assert sorted((r.caller, r.count) for r in rows) == [("*", 2), ("10.0.0.1", 1), ("INTRUDER@10.0.0.9", 99)]
+    assert sum(r.count for r in first + rows) == 103
+    assert ledger.due(final=True) == []
+
+
+def test_connection_limits_per_address_and_waiting():
+    limits = ConnectionLimits(per_address=2, waiting=3)
+    assert limits.open("10.0.0.1") is None and limits.open("10.0.0.1") is None
+    assert limits.open("10.0.0.1") is Refusal.TOO_MANY_FROM_ADDRESS
+    assert limits.open("10.0.0.2") is None
+    assert limits.open("10.0.0.3") is Refusal.TOO_MANY_WAITING  # three already wait for their first PDU
+    limits.associating()  # one of them associated: it holds its address's place, no longer a waiting one
+    assert limits.open("10.0.0.3") is None
+    limits.close("10.0.0.1", waiting=False)
+    assert limits.open("10.0.0.1") is Refusal.TOO_MANY_WAITING
+    limits.close("10.0.0.2", waiting=True)
+    assert limits.open("10.0.0.1") is None
 
 
 def test_allow_list_parsing():
@@ -80,7 +153,7 @@ def test_echo(receiver):
 def test_real_series_over_eight_concurrent_associations_loses_nothing(receiver):
     folder = need_data("ct", "tcia-pancreas-ct-chest-abdomen")
     files = sorted(folder.glob("*.dcm"))
-    settings, port = receiver()
+    settings, port = receiver(dicom_max_associations_per_address=8)  # a PACS sending on 8 associations at once
     groups = [files[i::8] for i in range(8)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         runs = list(pool.map(lambda g: store(port, g), groups))
@@ -107,10 +180,13 @@ def test_caller_not_on_the_allow_list_is_rejected_and_audited(receiver):
     settings, port = receiver(dicom_allowed_callers="SCANNER@127.0.0.1")
     refused = echo(port, calling="INTRUDER")
     assert refused.returncode != 0
-    db = open_database(settings.home_path)
-    assert db.execute("SELECT actor, action FROM audit_log").fetchall() == [
-        ("INTRUDER@127.0.0.1", "dicom_association_refused")]
+    assert "Association Rejected" in refused.stdout + refused.stderr
     assert echo(port, calling="SCANNER").returncode == 0  # the service is still up
+    receiver.stop()
+    db = open_database(settings.home_path)
+    rows = db.execute("SELECT actor, action, detail FROM audit_log").fetchall()
+    assert [(actor, action, json.loads(detail)["count"]) for actor, action, detail in rows] == [
+        ("INTRUDER@127.0.0.1", "dicom_association_refused", 1)]
 
 
 @needs_dcmtk
@@ -175,7 +251,7 @@ def test_sent_series_is_analysed_after_its_quiet_period_without_anyone_pressing_
         thread.join(timeout=30)
 
 
-def _assoc_rq_bytes(port_calling="RAWPEER"):
+def _assoc_rq_bytes(calling="RAWPEER"):
     """An A-ASSOCIATE-RQ proposing Verification, encoded by pynetdicom's PDU classes."""
     from pynetdicom.pdu import A_ASSOCIATE_RQ
     from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
@@ -183,7 +259,7 @@ def _assoc_rq_bytes(port_calling="RAWPEER"):
 
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = port_calling
+    primitive.calling_ae_title = calling
     primitive.called_ae_title = "APPLIANCE"
     context = build_context("1.2.840.10008.1.1")
     context.context_id = 1
@@ -259,3 +335,230 @@ def test_associations_beyond_the_maximum_are_refused_until_one_ends(receiver):
             break
         time.sleep(0.1)
     assert echo(port).returncode == 0
+
+
+# --- abuse: idle holders, oversize PDUs, a full disk, refusal floods -------------------------------------------
+
+def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A TCP connection to the receiver from ``source`` (any 127.x.y.z address is this box, as another host)."""
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the receiver closed ``sock`` (reading whatever it sent), or None if it stayed open."""
+    t0 = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(65536):
+            if time.monotonic() - t0 > seconds:
+                return None
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - t0
+
+
+def _echo_until_success(port: int, seconds: float) -> float | None:
+    """Seconds until a real echoscu succeeded, retrying until ``seconds`` have passed; None if it never did."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        if echo(port).returncode == 0:
+            return time.monotonic() - t0
+        time.sleep(0.2)
+    return None
+
+
+@needs_dcmtk
+def test_idle_connections_from_another_host_do_not_block_a_real_caller(receiver):
+    # regression: 8 idle TCP connections held all 8 association slots for 30 s
+    # the idle ones are not closed by the first-PDU timeout during this test: the per-address limit serves the caller
+    _, port = receiver(dicom_allowed_callers="*@127.0.0.1,*@127.0.0.2", dicom_acse_timeout=30.0,
+                       dicom_first_pdu_timeout=30.0, dicom_max_associations_per_address=4)
+    idle = [_connect(port, "127.0.0.2") for _ in range(12)]
+    try:
+        waited = _echo_until_success(port, 3.0)
+        assert waited is not None and waited < 3.0
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+@needs_dcmtk
+def test_connection_that_sends_no_association_request_is_closed_after_the_first_pdu_timeout(receiver):
+    _, port = receiver(dicom_acse_timeout=30.0, dicom_first_pdu_timeout=1.0, dicom_max_associations_per_address=4)
+    idle = [_connect(port) for _ in range(8)]  # the caller's own address: every slot it may hold is taken
+    try:
+        waited = _echo_until_success(port, 6.0)
+        assert waited is not None and waited < 5.0
+        closed = [_closed_within(sock, 5.0) for sock in idle]
+        assert all(c is not None for c in closed), closed
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_association_request_dripped_slower_than_the_first_pdu_timeout_is_closed(receiver):
+    _, port = receiver(dicom_first_pdu_timeout=1.0)
+    t0 = time.monotonic()
+    with _connect(port) as sock:
+        with contextlib.suppress(OSError):
+            for byte in _assoc_rq_bytes():  # a byte every 50 ms: 12 s for the whole request
+                sock.send(bytes([byte]))
+                time.sleep(0.05)
+        assert _closed_within(sock, 5.0) is not None
+    assert time.monotonic() - t0 < 4.0
+
+
+def test_connections_beyond_the_per_address_limit_are_closed_at_once(receiver):
+    _, port = receiver(dicom_allowed_callers="*@127.0.0.2", dicom_first_pdu_timeout=10.0,
+                       dicom_max_associations_per_address=2)
+    held = [_connect(port, "127.0.0.2") for _ in range(2)]
+    try:
+        time.sleep(0.3)
+        extra = _connect(port, "127.0.0.2")
+        assert _closed_within(extra, 2.0) is not None
+        assert all(_closed_within(sock, 0.3) is None for sock in held)  # the first two are still waited for
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_address_not_on_the_allow_list_is_closed_before_anything_is_read(receiver):
+    _, port = receiver(dicom_allowed_callers="SCANNER@127.0.0.1", dicom_first_pdu_timeout=10.0)
+    with _connect(port, "127.0.0.3") as sock:
+        assert _closed_within(sock, 2.0) is not None
+
+
+def test_association_request_claiming_a_megabyte_is_refused_before_its_body(receiver):
+    _, port = receiver(dicom_first_pdu_timeout=10.0)
+    with _connect(port) as sock:
+        sock.sendall(b"\x01\x00" + struct.pack(">I", 2**20) + b"\0" * 64)
+        assert _closed_within(sock, 2.0) is not None
+
+
+def _vm_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _send_oversize_pdata(port: int, claimed: int) -> tuple[int, float]:
+    """Associate, then send a P-DATA-TF header claiming ``claimed`` bytes and stream its body until refused.
+
+    Returns (body bytes the receiver let in before closing, seconds until it closed).
+    """
+    with _connect(port) as sock:
+        sock.sendall(_assoc_rq_bytes())
+        assert sock.recv(6)[:1] == b"\x02"  # A-ASSOCIATE-AC
+        _recv_all(sock, 0.3)
+        t0 = time.monotonic()
+        sock.sendall(b"\x04\x00" + struct.pack(">I", claimed))
+        sent, chunk = 0, b"\0" * 2**20
+        sock.settimeout(5.0)
+        try:
+            while sent < claimed and time.monotonic() - t0 < 10:
+                sent += sock.send(chunk)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass
+        closed = _closed_within(sock, 5.0)
+        return sent, (time.monotonic() - t0 if closed is not None else float("inf"))
+
+
+@pytest.fixture
+def receiver_process(tmp_path):
+    """`appliance dicom` in its own process on a free loopback port; yields (pid, port)."""
+    port = free_port()
+    env = dict(os.environ, APPLIANCE_HOME=str(tmp_path / "proc-home"), APPLIANCE_DICOM_PORT=str(port),
+               APPLIANCE_DICOM_BIND_ADDRESS="127.0.0.1", APPLIANCE_DICOM_ALLOWED_CALLERS="*@127.0.0.1",
+               APPLIANCE_DISK_LOW_WATERMARK_MB="0", APPLIANCE_DICOM_NETWORK_TIMEOUT="10")
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "dicom"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _echo_until_success(port, 60.0) is not None, "the receiver did not start"
+        yield proc.pid, port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@needs_dcmtk
+def test_pdata_claiming_64_mib_is_refused_before_its_body_is_read(receiver_process):
+    # regression: a P-DATA-TF claiming 64 MiB (we advertise 256 KiB) was read in full: RSS 83 -> 280 MB
+    pid, port = receiver_process
+    peak_before = _vm_kib(pid, "VmHWM")
+    sent, seconds = _send_oversize_pdata(port, 64 * 2**20)
+    growth_mib = (_vm_kib(pid, "VmHWM") - peak_before) / 1024
+    assert seconds < 3.0, seconds
+    assert sent < 16 * 2**20, sent  # what the sockets' buffers took before the close, not 64 MiB
+    assert growth_mib < 8, growth_mib
+    assert echo(port).returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 20 MiB tmpfs (needs root); unmounted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    run = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)],
+                         capture_output=True, text=True)
+    if run.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {run.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(folder: Path, leave_bytes: int) -> None:
+    """Write a filler file so that about ``leave_bytes`` stay free on ``folder``'s file system."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    with open(folder / "filler.bin", "wb") as out:
+        remaining = max(0, free - leave_bytes)
+        while remaining > 0:
+            n = min(remaining, 2**20)
+            out.write(b"\xff" * n)
+            remaining -= n
+
+
+@needs_dcmtk
+def test_full_disk_answers_out_of_resources_and_leaves_no_scratch_file(small_disk, receiver, synthetic_chest):
+    # regression: ENOSPC while writing was answered 0xC211 (Unable to process)
+    settings, port = receiver(home=str(small_disk / "home"), disk_low_watermark_mb=0)
+    assert echo(port).returncode == 0  # the store and its database exist before the disk fills
+    _fill(small_disk, leave_bytes=400 * 1024)
+    files = sorted(synthetic_chest.glob("*.dcm"))
+    run = subprocess.run([str(STORESCU), "-v", "--no-halt", "-aec", "APPLIANCE", "127.0.0.1", str(port),
+                          *map(str, files)], capture_output=True, text=True, timeout=120)
+    out = run.stdout + run.stderr
+    responses = [line for line in out.splitlines() if "Received Store Response" in line]
+    assert len(responses) == len(files), out[-2000:]
+    assert any("OutOfResources" in line for line in responses), out[-2000:]  # DCMTK names 0xA7xx so
+    assert all("Success" in line or "OutOfResources" in line for line in responses), out[-2000:]
+    assert not list((settings.home_path / "instances").rglob("*.part"))
+    (small_disk / "filler.bin").unlink()  # once there is room again, the same images are taken
+    assert store(port, files).returncode == 0
+    db = open_database(settings.home_path)
+    assert db.execute("SELECT count(*) FROM instances").fetchone()[0] == len(files)
+
+
+def test_flood_of_refused_associations_writes_a_few_audit_rows_that_count_them_all(receiver):
+    # regression: 202 refused associations wrote 202 audit rows in 4.4 s
+    settings, port = receiver(dicom_allowed_callers="SCANNER@127.0.0.1")
+    request = _assoc_rq_bytes(calling="INTRUDER")
+    for _ in range(200):
+        with _connect(port) as sock:
+            sock.sendall(request)
+            assert _recv_all(sock, 5)[:1] == b"\x03"  # A-ASSOCIATE-RJ
+    receiver.stop()  # the last window's count is written when the receiver stops
+    db = open_database(settings.home_path)
+    rows = db.execute("SELECT actor, action, detail FROM audit_log").fetchall()
+    assert 1 <= len(rows) <= 4, rows
+    assert {(actor, action) for actor, action, _ in rows} == {("INTRUDER@127.0.0.1", "dicom_association_refused")}
+    assert sum(json.loads(detail)["count"] for _, _, detail in rows) == 200

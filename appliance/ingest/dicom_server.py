@@ -2,21 +2,28 @@
 
 The received bytes are stored as sent (pynetdicom's encoded dataset behind a
 new file meta header), never decoded or re-encoded; success is answered only
-after the file is fsynced and its row committed. Callers not on the
-allow-list get an association reject and an audit entry; under the disk's low
-watermark the answer is Out of Resources before anything is written; a file
-that cannot be accepted gets a Cannot Understand status with its reason.
+after the file is fsynced and its row committed. Under the disk's low
+watermark, or when the disk fills while writing, the answer is Out of
+Resources; a file that cannot be accepted gets a Cannot Understand status with
+its reason.
+
+Who may connect, for how long and with PDUs how long is checked in front of
+pynetdicom (:mod:`appliance.ingest.dicom_guard`): callers not on the
+allow-list get an association reject, and every refusal is counted into a few
+audit rows per caller and minute (:class:`RefusalAudit`).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import errno
 import io
 import logging
 import shutil
+import sqlite3
 import threading
 from collections.abc import Callable
 
+import sqlite_utils
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
@@ -32,7 +39,17 @@ from pydicom.uid import (
 
 from appliance.config import Settings
 from appliance.errors import InstanceRejected
-from appliance.store.database import audit, write_transaction
+from appliance.ingest.dicom_guard import (
+    WAITING_PER_ASSOCIATION,
+    ConnectionLimits,
+    Guard,
+    GuardedRequestHandler,
+    GuardedServer,
+    RefusalLedger,
+    RefusalRow,
+    parse_allowed_callers,
+)
+from appliance.store.database import audit, open_database, write_transaction
 from appliance.store.instances import InstanceStore, open_store
 
 log = logging.getLogger(__name__)
@@ -40,8 +57,7 @@ log = logging.getLogger(__name__)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
-# A-ASSOCIATE-RJ: rejected permanent, by the service user, calling AE title not recognised
-REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03
+SQLITE_FULL = getattr(sqlite3, "SQLITE_FULL", 13)  # "database or disk is full"
 
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 ENHANCED_CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.1")
@@ -50,30 +66,6 @@ STORAGE_SOP_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVE
 # what the loader decodes; never Deflated (a zip bomb on the wire) nor big endian
 TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEG2000, JPEGLosslessSV1,
                      JPEGLossless, JPEGLSLossless, RLELossless)
-
-
-@dataclasses.dataclass(frozen=True)
-class Caller:
-    """One allow-list entry: an AE title and an address, either may be ``*``."""
-
-    ae_title: str
-    address: str
-
-    def admits(self, ae_title: str, address: str) -> bool:
-        return self.ae_title in ("*", ae_title.strip()) and self.address in ("*", address)
-
-
-def parse_allowed_callers(text: str) -> tuple[Caller, ...]:
-    """``"CT1@10.0.0.5, *@127.0.0.1"`` -> callers; an entry without ``@`` means that AE from anywhere."""
-    callers = []
-    for entry in filter(None, (e.strip() for e in text.split(","))):
-        ae, _, address = entry.rpartition("@") if "@" in entry else (entry, "", "*")
-        callers.append(Caller(ae.strip() or "*", address.strip() or "*"))
-    return tuple(callers)
-
-
-def is_allowed(callers: tuple[Caller, ...], ae_title: str, address: str) -> bool:
-    return any(c.admits(ae_title, address) for c in callers)
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -88,7 +80,6 @@ class Receiver:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.callers = parse_allowed_callers(settings.dicom_allowed_callers)
         self._local = threading.local()
 
     def _store(self) -> InstanceStore:
@@ -96,23 +87,11 @@ class Receiver:
             self._local.store = open_store(self.settings)
         return self._local.store
 
-    def handle_requested(self, event) -> None:
-        """Refuse callers not on the allow-list with an association reject, and audit it."""
-        ae_title = event.assoc.requestor.primitive.calling_ae_title.strip()
-        address = event.assoc.requestor.address
-        if is_allowed(self.callers, ae_title, address):
-            return
-        log.warning("refused association from %s@%s: not on the allow-list", ae_title, address)
-        db = self._store().db
-        with write_transaction(db):
-            audit(db, f"{ae_title}@{address}", "dicom_association_refused", self.settings.dicom_ae_title)
-        event.assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED)
-
     def handle_echo(self, event) -> int:
         return SUCCESS
 
     def handle_store(self, event) -> int | Dataset:
-        """Store the instance durably, then answer; Out of Resources under the low watermark."""
+        """Store the instance durably, then answer; Out of Resources under the low watermark or on a full disk."""
         home = self.settings.home_path
         free_mb = shutil.disk_usage(home).free / 2**20
         if free_mb < self.settings.disk_low_watermark_mb:
@@ -127,7 +106,77 @@ class Receiver:
         except InstanceRejected as exc:
             log.warning("C-STORE from %s refused: %s", caller, exc)
             return _status(CANNOT_UNDERSTAND, f"{exc.reason_code.value}: {exc.reason}")
+        except (OSError, sqlite3.Error) as exc:
+            if not is_out_of_space(exc):
+                raise
+            log.error("refusing C-STORE from %s: the disk is full (%s)", caller, exc)
+            return _status(OUT_OF_RESOURCES, "Disk full on the receiving appliance")
         return SUCCESS
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the data owner's quota) is full: a write's ENOSPC or SQLite's."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL
+
+
+class RefusalAudit:
+    """Writes a :class:`RefusalLedger`'s rows to the audit log, and their log lines, from its own thread.
+
+    A flood of refusals costs a counter increment each; the database and the log see at most two
+    rows per caller, reason and minute. ``stop()`` writes what is still counted.
+    """
+
+    def __init__(self, settings: Settings, ledger: RefusalLedger):
+        self.home = settings.home_path
+        self.object = settings.dicom_ae_title
+        self.ledger = ledger
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dicom-refusal-audit", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.ledger.wake.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        try:
+            db = open_database(self.home)
+        except (OSError, sqlite3.Error):  # the receiver still refuses callers; only the audit rows are lost
+            log.exception("cannot open the database: refusals will not be audited")
+            return
+        try:
+            while True:
+                stopping = self._stop.is_set()
+                self.ledger.wake.clear()
+                self._write(db, self.ledger.due(final=stopping))
+                if stopping:
+                    return
+                self.ledger.wake.wait(self.ledger.seconds_left())
+        finally:
+            db.conn.close()
+
+    def _write(self, db: sqlite_utils.Database, rows: list[RefusalRow]) -> None:
+        if not rows:
+            return
+        window = int(self.ledger.window_s)
+        for row in rows:
+            if row.first:
+                log.warning("refused %s: %s (%s)", row.caller, row.refusal.value, row.action)
+            else:
+                log.warning("refused %s %d more times in the last %d s: %s (%s)", row.caller, row.count, window,
+                            row.refusal.value, row.action)
+        try:
+            with write_transaction(db):
+                for row in rows:
+                    audit(db, row.caller, row.action, self.object, count=row.count, reason=row.refusal.name,
+                          why=row.refusal.value, window_s=window)
+        except (OSError, sqlite3.Error):
+            log.exception("could not write %d refusal rows to the audit log", len(rows))
 
 
 def make_ae(settings: Settings):
@@ -149,18 +198,44 @@ def make_ae(settings: Settings):
     return ae
 
 
+def make_guard(settings: Settings, refusals: RefusalLedger) -> Guard:
+    """The allow-list, connection limits, first-PDU timeout and PDU limit of ``settings``."""
+    limits = ConnectionLimits(per_address=settings.dicom_max_associations_per_address,
+                              waiting=WAITING_PER_ASSOCIATION * settings.dicom_max_associations)
+    return Guard(callers=parse_allowed_callers(settings.dicom_allowed_callers), limits=limits,
+                 first_pdu_timeout=settings.dicom_first_pdu_timeout, max_pdu=settings.dicom_max_pdu,
+                 refusals=refusals)
+
+
 def start(settings: Settings, *, block: bool = False, port: int | None = None,
           address: str | None = None) -> Callable[[], None] | None:
-    """Start the receiver; returns a function that stops it (when not blocking)."""
+    """Start the receiver; returns a function that stops it (when not blocking).
+
+    Blocking, it serves until interrupted (KeyboardInterrupt is raised on to the caller).
+    """
     from pynetdicom import evt
 
     receiver = Receiver(settings)
     ae = make_ae(settings)
-    handlers = [(evt.EVT_REQUESTED, receiver.handle_requested), (evt.EVT_C_ECHO, receiver.handle_echo),
-                (evt.EVT_C_STORE, receiver.handle_store)]
+    handlers = [(evt.EVT_C_ECHO, receiver.handle_echo), (evt.EVT_C_STORE, receiver.handle_store)]
     where = (address or settings.dicom_bind_address, port or settings.dicom_port)
+    refusal_audit = RefusalAudit(settings, RefusalLedger())
+    server = ae.make_server(where, evt_handlers=handlers, server_class=GuardedServer,
+                            request_handler=GuardedRequestHandler, guard=make_guard(settings, refusal_audit.ledger))
+    ae._servers.append(server)  # as AE.start_server does: AE.shutdown() and server.shutdown() expect it there
+    refusal_audit.start()
     log.info("DICOM receiver %s listening on %s:%d", settings.dicom_ae_title, *where)
-    server = ae.start_server(where, block=block, evt_handlers=handlers)
     if block:
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
+            refusal_audit.stop()
         return None
-    return server.shutdown
+    threading.Thread(target=server.serve_forever, name="dicom-receiver", daemon=True).start()
+
+    def stop() -> None:
+        server.shutdown()
+        refusal_audit.stop()
+
+    return stop
