@@ -421,3 +421,16 @@ def test_the_commands_end_to_end(site, tmp_path):
     assert again.returncode == 1 and "REPLAYED" in again.stdout
     report_run = appliance("hub", "report", "--hub", hub_dir)
     assert report_run.returncode == 0 and (Path(hub_dir) / "report" / "report.html").is_file()
+
+
+def test_the_audit_summary_counts_the_events_a_row_stands_for(tmp_path):
+    from appliance.export.content import audit_summary
+    from appliance.store.database import audit, open_database, write_transaction
+
+    db = open_database(tmp_path / "home")
+    with write_transaction(db):
+        audit(db, "dicom", "dicom_association_refused", "INTRUDER@127.0.0.3", count=199)
+        audit(db, "dicom", "dicom_association_refused", "INTRUDER@127.0.0.3", count=1)
+        audit(db, "amina", "login")
+    month = db.execute("SELECT substr(at, 1, 7) FROM audit_log").fetchone()[0]
+    assert audit_summary(db, month) == {"dicom_association_refused": 200, "login": 1}

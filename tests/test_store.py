@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from appliance.dicomfile.uids import is_valid_uid
 from appliance.store.database import counts, open_database
@@ -147,3 +148,20 @@ def test_a_first_release_database_upgrades_in_place(tmp_path):
     row = db.execute("SELECT search_text, flagged FROM studies WHERE study_instance_uid = '1.2.3'").fetchone()
     assert row == ("doe jane id1 a1 ct chest", 0)
     assert "notice" in db.table("results").columns_dict
+
+
+def test_a_store_that_fails_after_the_rename_keeps_no_unindexed_file(store, synthetic_chest, monkeypatch):
+    """A full disk while indexing: the transaction rolls back and the renamed file goes with it."""
+    import sqlite3
+
+    from appliance.store import instances
+
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(instances, "_index", full)
+    with open(_first_file(synthetic_chest), "rb") as f, pytest.raises(sqlite3.OperationalError):
+        store.accept(f, source="test", original_name="x")
+    assert not list((store.home / "instances").rglob("*.dcm"))
+    assert not any(store.tmp_dir.iterdir())
+    assert not store.db.conn.in_transaction

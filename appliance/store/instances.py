@@ -165,13 +165,20 @@ class InstanceStore:
         """Rename into place and index in one write transaction, so two writers never file one instance twice."""
         final = instance_path(self.home, header)
         originals = original_uids(tmp, header)
-        with write_transaction(self.db):
-            if self.db.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?",
-                               [header.sop_instance_uid]).fetchone():
-                tmp.unlink(missing_ok=True)
-                return Accepted("duplicate", header, final)
-            durable_rename(tmp, final)
-            _index(self.db, header, final, size, sha256, source, self.home, originals)
+        renamed = False
+        try:
+            with write_transaction(self.db):
+                if self.db.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?",
+                                   [header.sop_instance_uid]).fetchone():
+                    tmp.unlink(missing_ok=True)
+                    return Accepted("duplicate", header, final)
+                durable_rename(tmp, final)
+                renamed = True
+                _index(self.db, header, final, size, sha256, source, self.home, originals)
+        except BaseException:
+            # rolled back (a full disk, say): the file was never indexed, so it is not kept either
+            (final if renamed else tmp).unlink(missing_ok=True)
+            raise
         return Accepted("stored", header, final)
 
 
