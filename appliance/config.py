@@ -83,7 +83,8 @@ class Settings:
     # DICOM receiver
     dicom_ae_title: str = _setting("APPLIANCE", "Our DICOM AE title (the called AE title peers must use).")
     dicom_port: int = _setting(11112, "TCP port of the DICOM receiver.")
-    dicom_bind_address: str = _setting("0.0.0.0", "Address the DICOM receiver listens on.")
+    # every interface by default: the scanner must reach the receiver; callers are allow-listed below
+    dicom_bind_address: str = _setting("0.0.0.0", "Address the DICOM receiver listens on.")  # nosec B104
     dicom_allowed_callers: str = _setting(
         "*@127.0.0.1,*@::1",
         "Who may send: comma-separated AE@address entries, * for any; the default admits only this box itself.")

@@ -368,3 +368,14 @@ def test_users_command_refuses_a_common_password(tmp_path):
                          input="qwertyuiop\n", capture_output=True, text=True, env=env)
     assert run.returncode == 1
     assert run.stderr.startswith("error: ACCOUNT: ") and "most common passwords" in run.stderr
+
+
+def test_audit_log_filters_by_action_and_actor(client):
+    login(client, "admin")
+    client.post("/login", data={"username": "tech", "password": "wrong guess", "csrf_token": csrf(client, "/")})
+    logins = client.get("/admin/audit?action=login").get_data(as_text=True)
+    assert "login_failed" not in logins.split("<tbody", 1)[1] and ">login<" in logins
+    failed = client.get("/admin/audit?action=login_failed&actor=tech").get_data(as_text=True)
+    assert failed.split("<tbody", 1)[1].count("<tr") == 1
+    assert client.get("/admin/audit?action=login_failed&actor=admin").get_data(as_text=True).split(
+        "<tbody", 1)[1].count("<tr") == 0

@@ -167,16 +167,10 @@ def audit_log():
     db = get_db()
     page = page_number(request.args.get("page"))
     action, actor = request.args.get("action", "").strip(), request.args.get("actor", "").strip()
-    where, args = [], []
-    if action:
-        where.append("action = ?")
-        args.append(action)
-    if actor:
-        where.append("actor = ?")
-        args.append(actor)
-    clause = (" WHERE " + " AND ".join(where)) if where else ""
-    rows = list(db.query(f"SELECT * FROM audit_log{clause} ORDER BY id DESC LIMIT ? OFFSET ?",
-                         args + [AUDIT_PAGE, (page - 1) * AUDIT_PAGE]))
+    # an empty filter matches every row: one fixed statement, whichever filters are set
+    rows = list(db.query("SELECT * FROM audit_log WHERE (? = '' OR action = ?) AND (? = '' OR actor = ?) "
+                         "ORDER BY id DESC LIMIT ? OFFSET ?",
+                         [action, action, actor, actor, AUDIT_PAGE, (page - 1) * AUDIT_PAGE]))
     actions = [r[0] for r in db.execute("SELECT DISTINCT action FROM audit_log ORDER BY action")]
     return render_template("admin/audit.html", rows=rows, page=page, action=action, actor=actor, actions=actions,
                            more=len(rows) == AUDIT_PAGE)
