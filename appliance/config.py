@@ -83,7 +83,8 @@ class Settings:
     # DICOM receiver
     dicom_ae_title: str = _setting("APPLIANCE", "Our DICOM AE title (the called AE title peers must use).")
     dicom_port: int = _setting(11112, "TCP port of the DICOM receiver.")
-    dicom_bind_address: str = _setting("0.0.0.0", "Address the DICOM receiver listens on.")
+    # every interface by default: the scanner must reach the receiver; callers are allow-listed below
+    dicom_bind_address: str = _setting("0.0.0.0", "Address the DICOM receiver listens on.")  # nosec B104
     dicom_allowed_callers: str = _setting(
         "*@127.0.0.1,*@::1",
         "Who may send: comma-separated AE@address entries, * for any; the default admits only this box itself.")
@@ -133,7 +134,17 @@ class Settings:
     web_idle_timeout_minutes: float = _setting(15.0, "A web session idle for this long must log in again.")
     web_secure_cookies: bool = _setting(False, "Mark session cookies Secure (set when the UI is served behind TLS).")
     web_login_attempts_per_minute: int = _setting(
-        5, "Wrong passwords allowed per minute for one account or address; beyond it: 429.")
+        5, "Wrong passwords allowed per minute for one account from one browser (a known device of the account, "
+        "else one address); beyond it that browser gets 429 for the account.")
+    web_login_attempts_per_account_per_minute: int = _setting(
+        20, "Wrong passwords allowed per minute for one account from all browsers that are not a known device of "
+        "it; beyond it only the account's known devices may sign in to it.")
+    web_login_attempts_per_address_per_minute: int = _setting(
+        30, "Wrong passwords allowed per minute from one address over all accounts, for browsers that are not a "
+        "known device of the account tried; beyond it that address gets 429 (its known devices still sign in).")
+    web_known_device_days: int = _setting(
+        180, "A browser that signed in to an account is its known device for this many days (a signed cookie); "
+        "a known device signs in even while the account is throttled for other browsers.")
     web_language: str = _setting(
         "en", "Language of the UI and reports when the browser asks for none we have (en, fr, es).")
 

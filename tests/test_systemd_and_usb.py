@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,8 +23,8 @@ def test_units_render_without_placeholders(tmp_path):
     assert {"appliance-dicom.service", "appliance-worker.service", "appliance-web.service",
             "appliance-import@.service", "appliance-build-engines.service", "appliance-export.service",
             "appliance-export.timer", "99-appliance-usb.rules"} <= names
-    for path in written:
-        assert "@" not in path.read_text().replace("appliance-import@", "").replace("%I", ""), path.name
+    for path in written:  # @NAME@ placeholders, not systemd's @group system call sets
+        assert not re.search(r"@[A-Z]+@", path.read_text()), path.name
     worker = (tmp_path / "appliance-worker.service").read_text()
     assert "Type=notify" in worker and "WatchdogSec=" in worker and "ProtectSystem=strict" in worker
     assert "MemoryMax=" in (tmp_path / "appliance-dicom.service").read_text()
@@ -39,6 +40,39 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     run = subprocess.run([SYSTEMD_ANALYZE, "verify", *units], capture_output=True, text=True,
                          env=dict(os.environ, SYSTEMD_LOG_LEVEL="warning"))
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+MAX_EXPOSURE = 3.0
+EXPOSURE = re.compile(r"Overall exposure level for \S+: (\d+\.\d+)")
+
+
+def _offline_security_review() -> bool:
+    if SYSTEMD_ANALYZE is None:
+        return False
+    run = subprocess.run([SYSTEMD_ANALYZE, "security", "--help"], capture_output=True, text=True)
+    return "--offline" in run.stdout
+
+
+@pytest.mark.skipif(not _offline_security_review(),
+                    reason="systemd-analyze security --offline needs systemd 250 or later (Debian package systemd)")
+def test_every_service_is_hardened_to_exposure_3_or_less(tmp_path, capsys):
+    """`systemd-analyze security` rates each unit from 0 (locked down) to 10 (unprotected)."""
+    written = systemd_units.install(tmp_path, user="appliance", home=Path("/var/lib/appliance"),
+                                    venv=Path(sys.prefix), engines=tmp_path / "engines")
+    services = [p for p in written if p.suffix == ".service" and "@" not in p.name]
+    services.append(tmp_path / "appliance-import@sdb1.service")
+    shutil.copy(tmp_path / "appliance-import@.service", services[-1])
+    exposure = {}
+    for unit in services:
+        run = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=true", "--no-pager", str(unit)],
+                             capture_output=True, text=True, env=dict(os.environ, SYSTEMD_COLORS="0"))
+        found = EXPOSURE.search(run.stdout + run.stderr)
+        assert found, f"{unit.name}: no exposure level in the review: {run.stdout[-500:]} {run.stderr[-500:]}"
+        exposure[unit.name] = float(found.group(1))
+    with capsys.disabled():
+        print("\nsystemd-analyze security exposure: " + ", ".join(f"{name} {level:.1f}"
+                                                               for name, level in sorted(exposure.items())))
+    assert {name for name, level in exposure.items() if level > MAX_EXPOSURE} == set(), exposure
 
 
 def test_usb_medium_is_mounted_read_only_and_named_safely():

@@ -9,7 +9,7 @@ from appliance import config
 from appliance.store import users
 from appliance.store.database import open_database
 
-PASSWORDS = {"admin": "admin password 1", "tech": "technician pw 1", "rad": "radiologist pw 1"}
+PASSWORDS = {"admin": "brass lantern orbit 94", "tech": "quiet harbour kettle 27", "rad": "violet summit ferry 58"}
 ROLES = {"admin": "admin", "tech": "technician", "rad": "radiologist"}
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
 

@@ -269,3 +269,13 @@ def counts(db: sqlite_utils.Database) -> dict[str, Any]:
         "jobs": {s: jobs.get(s, 0) for s in ("queued", "running", "done", "failed")},
         "outbox": {s: outbox.get(s, 0) for s in ("queued", "sent")},
     }
+
+
+@migrations()
+def m008_web_sessions(db: sqlite_utils.Database) -> None:
+    """Web sessions end on the server: each account has a session generation that logout, a password
+    change or reset and disabling move on; a wrong password names the known device it came from."""
+    db.table("users").add_column("session_generation", int, not_null_default=0)
+    db.table("login_failures").add_column("known_device", str)
+    db.table("login_failures").create_index(["username", "at"])
+    db.table("login_failures").create_index(["address", "at"])

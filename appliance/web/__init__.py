@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, g, jsonify, redirect, render_template, request, url_for
+from flask import Flask, g, jsonify, make_response, redirect, render_template, request, url_for
 from flask_babel import Babel, get_locale
 from flask_babel import gettext as _
 from flask_wtf.csrf import CSRFError, CSRFProtect
@@ -26,6 +26,7 @@ from appliance.store.users import admin_count
 from appliance.web import db
 from appliance.web.context import settings_of
 from appliance.web.i18n import LANGUAGES, compile_catalogues, select_locale
+from appliance.web.params import BoundedIntConverter
 
 # many files per request in the single-request path; the browser page sends batches well below this
 MAX_FORM_PARTS = 5000
@@ -68,6 +69,7 @@ def create_app(settings: Settings, environ: dict[str, str] | None = None) -> Fla
         SITE_LANGUAGE=settings.web_language if settings.web_language in LANGUAGES else "en",
         BABEL_TRANSLATION_DIRECTORIES=str(compile_catalogues(DataDirectory(home).cache / "translations")),
     )
+    app.url_map.converters["int"] = BoundedIntConverter  # before the blueprints' rules are made
     CSRFProtect(app)
     Babel(app, locale_selector=select_locale)
     _register(app)
@@ -130,8 +132,15 @@ def _http_error(error: HTTPException):
     }
     message = messages.get(error.code or 500, error.description)
     if wants_json() or request.path.startswith("/import/upload"):
-        return jsonify(error=error.name, message=message), error.code
-    return render_template("error.html", code=error.code, message=message), error.code
+        response = jsonify(error=error.name, message=message)
+    else:
+        response = make_response(render_template("error.html", code=error.code, message=message))
+    response.status_code = error.code or 500
+    # what the error says in its headers stays: Retry-After of a 429, Allow of a 405
+    for name, value in error.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
 
 
 def _research_notice(result: dict[str, Any]) -> str | None:

@@ -18,9 +18,10 @@ from appliance.outputs.outbox import parse_destinations
 from appliance.store import users
 from appliance.store.database import audit, write_transaction
 from appliance.store.datadir import DataDirectory
-from appliance.web.auth import role_required
+from appliance.web.auth import keep_session, role_required
 from appliance.web.context import settings_of
 from appliance.web.db import get_db
+from appliance.web.params import page_number
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 AUDIT_PAGE = 100
@@ -141,8 +142,11 @@ def users_page():
             if form.get("action") == "add":
                 users.add_user(db, form.get("username", "").strip(), form.get("password", ""), form.get("role", ""),
                                actor=g.user["username"])
-            elif form.get("action") == "password":
-                users.set_password(db, form["username"], form.get("password", ""), actor=g.user["username"])
+            elif form.get("action") == "password":  # ends every session of that account
+                generation = users.set_password(db, form["username"], form.get("password", ""),
+                                                actor=g.user["username"])
+                if form["username"] == g.user["username"]:
+                    keep_session(generation)
             elif form.get("action") == "change":
                 users.set_user(db, form["username"], g.user["username"], role=form.get("role") or None,
                                disabled=form.get("disabled") == "1")
@@ -161,18 +165,12 @@ def users_page():
 @bp.route("/audit")
 def audit_log():
     db = get_db()
-    page = max(1, request.args.get("page", 1, type=int) or 1)
+    page = page_number(request.args.get("page"))
     action, actor = request.args.get("action", "").strip(), request.args.get("actor", "").strip()
-    where, args = [], []
-    if action:
-        where.append("action = ?")
-        args.append(action)
-    if actor:
-        where.append("actor = ?")
-        args.append(actor)
-    clause = (" WHERE " + " AND ".join(where)) if where else ""
-    rows = list(db.query(f"SELECT * FROM audit_log{clause} ORDER BY id DESC LIMIT ? OFFSET ?",
-                         args + [AUDIT_PAGE, (page - 1) * AUDIT_PAGE]))
+    # an empty filter matches every row: one fixed statement, whichever filters are set
+    rows = list(db.query("SELECT * FROM audit_log WHERE (? = '' OR action = ?) AND (? = '' OR actor = ?) "
+                         "ORDER BY id DESC LIMIT ? OFFSET ?",
+                         [action, action, actor, actor, AUDIT_PAGE, (page - 1) * AUDIT_PAGE]))
     actions = [r[0] for r in db.execute("SELECT DISTINCT action FROM audit_log ORDER BY action")]
     return render_template("admin/audit.html", rows=rows, page=page, action=action, actor=actor, actions=actions,
                            more=len(rows) == AUDIT_PAGE)

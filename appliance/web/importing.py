@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Blueprint, abort, flash, g, jsonify, redirect, render_template, request, url_for
@@ -16,7 +17,9 @@ from appliance.store.instances import open_store
 from appliance.web.auth import role_required
 from appliance.web.context import settings_of
 from appliance.web.db import get_db
+from appliance.web.params import bounded_int
 
+log = logging.getLogger(__name__)
 bp = Blueprint("importing", __name__)
 QUARANTINE_PAGE = 100
 
@@ -48,12 +51,19 @@ def upload():
     settings = settings_of()
     store = open_store(settings)
     try:
-        import_id = _upload_ledger(store.db, request.form.get("upload_id", type=int))
+        import_id = _upload_ledger(store.db, bounded_int(request.form.get("upload_id")))
         parts = [(f.filename or "", f.stream) for f in request.files.getlist("files")]
         try:
             summary = receive_upload(parts, store, settings)
         except UploadTooLarge as exc:
             return jsonify(error="UPLOAD_TOO_LARGE", message=str(exc)), UploadTooLarge.http_status
+        except Exception:  # a file the import path did not foresee: the batch fails, the service goes on
+            log.exception("upload %d: a file in this batch could not be imported", import_id)
+            _fail(store, import_id)
+            return jsonify(error="IMPORT_FAILED", upload_id=import_id,
+                           message=_("A file in this batch could not be imported, for a reason this appliance "
+                                     "did not foresee; the files before it were kept. The web service's log "
+                                     "says which error it was.")), 422
         with write_transaction(store.db):
             row = store.db.table("imports").get(import_id)
             store.db.table("imports").update(import_id, {
@@ -65,6 +75,13 @@ def upload():
                        quarantined=summary.quarantined, series=len(summary.series), queued_series=queued)
     finally:
         store.db.conn.close()
+
+
+def _fail(store, import_id: int) -> None:
+    """Close this upload's ledger row as failed, and audit it."""
+    with write_transaction(store.db):
+        store.db.table("imports").update(import_id, {"state": "failed", "finished_at": utcnow()})
+        audit(store.db, g.user["username"], "import_failed", "upload", import_id=import_id)
 
 
 def _finish(store, import_id: int) -> int:

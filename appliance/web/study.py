@@ -19,6 +19,7 @@ from appliance.store.studies import latest_reviews, study
 from appliance.web.auth import role_required
 from appliance.web.context import settings_of
 from appliance.web.db import get_db
+from appliance.web.params import bounded_int
 
 bp = Blueprint("study", __name__)
 DECISIONS = ("confirmed", "rejected")
@@ -50,7 +51,7 @@ def page(uid: str):
 def review(uid: str):
     """Confirm or reject one finding, with a comment; every decision is kept and audited."""
     db = get_db()
-    result_id = request.form.get("result_id", type=int)
+    result_id = bounded_int(request.form.get("result_id"))
     decision = request.form.get("decision")
     row = db.execute("SELECT r.series_instance_uid, r.model, s.study_instance_uid FROM results r "
                      "JOIN series s ON s.series_instance_uid = r.series_instance_uid WHERE r.id = ?",

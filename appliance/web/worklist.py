@@ -7,6 +7,7 @@ import re
 from flask import Blueprint, jsonify, render_template, request
 
 from appliance.web.db import get_db
+from appliance.web.params import page_number
 from appliance.web.queries import PAGE_SIZE, STATUSES, WorklistFilter, progress, worklist
 
 bp = Blueprint("worklist", __name__)
@@ -22,7 +23,7 @@ def _filter() -> WorklistFilter:
     args = request.args
     return WorklistFilter(text=args.get("q", "").strip()[:100], status=args.get("status", ""),
                           flagged=args.get("flagged") == "1", date_from=_date(args.get("from", "")),
-                          date_to=_date(args.get("to", "")), page=max(1, args.get("page", 1, type=int) or 1))
+                          date_to=_date(args.get("to", "")), page=page_number(args.get("page")))
 
 
 @bp.route("/")
