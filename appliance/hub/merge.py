@@ -61,7 +61,7 @@ def import_bundle(db: HubDB, hub_dir: Path, path: Path, now: datetime.datetime |
             raise bundle.BundleRefused("STALE", f"revision {revision} of {site} {month} is not newer than the merged "
                                        f"revision {newest}")
         for table in ("results", "stats", "models"):
-            db.execute(f"DELETE FROM {table} WHERE site_id = ? AND month = ?", [site, month])
+            db.execute(f"DELETE FROM {table} WHERE site_id = ? AND month = ?", [site, month])  # nosec B608 - table from a fixed tuple; values bound
         db.execute("UPDATE bundles SET superseded = 1 WHERE site_id = ? AND month = ?", [site, month])
         results = _merge_members(db, opened, site, month, revision)
         db.execute("INSERT INTO bundles (sha256, site_id, month, revision, created_at, imported_at, superseded) "

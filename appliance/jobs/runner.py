@@ -74,7 +74,7 @@ class JobRunner:
                 pending.discard(job["id"])
                 continue
             rows = self.store.db.execute(
-                f"SELECT id, state, error FROM jobs WHERE id IN ({','.join('?' * len(pending))})",
+                f"SELECT id, state, error FROM jobs WHERE id IN ({','.join('?' * len(pending))})",  # nosec B608 - only ? placeholders; values bound
                 list(pending)).fetchall()
             pending = {i for i, state, error in rows
                        if state == queue.RUNNING.value or (state == queue.QUEUED.value and not error)}

@@ -70,4 +70,4 @@ CASE
                AND s.status = '{SeriesStatus.ANALYZED.value}')
     THEN '{StudyStatus.DONE.value}'
   ELSE '{StudyStatus.REJECTED.value}'
-END"""
+END"""  # nosec B608 - fixed text from enums
