@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install bench clean engines
+.PHONY: run test install bench clean engines reliability
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/analyze_e2e.py
 	$(BIN)/python bench/receive_throughput.py
 	$(BIN)/python bench/web_pages.py
+	$(BIN)/python bench/reliability.py
+
+# the full reliability and security suite: 10,000 mutants, 100 kill -9 rounds (about 30 minutes)
+reliability: $(STAMP)
+	$(BIN)/python bench/reliability.py --full
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

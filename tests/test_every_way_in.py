@@ -19,7 +19,7 @@ import pytest
 from appliance.synth.writer import SynthOptions, write_series
 
 from .conftest import need_data
-from .test_crash_safety import STORESCU, needs_dcmtk
+from .test_dicom_receiver import STORESCU, needs_dcmtk
 from .test_outputs_pacs import free_port, needs_orthanc, orthanc_get, start_orthanc
 from .web_helpers import csrf, login, make_accounts, web_settings
 
