@@ -210,14 +210,14 @@ class _Walk:
             if group == 0xFFFE:
                 raise invalid(f"a stray delimiter ({group:04X},{element:04X}) at byte {pos}")
             vr, length, value_at = self.element_header(pos, header, implicit)
-            sane = tag > previous and _sane(tag, vr, length, creators)
-            previous = tag
+            ascending, previous = tag > previous, tag
             if group % 2 and 0x0010 <= element <= 0x00FF:
                 creators.add((group, element))
             if length == UNDEFINED_LENGTH:
+                sane = ascending and _sane(tag, vr, length, creators)
                 pos = self._undefined(tag, vr, value_at, implicit, depth, sane)
             elif value_at + length > self.size:
-                return self._overrun(tag, length, value_at, sane, depth)
+                return self._overrun(tag, length, value_at, ascending and _sane(tag, vr, length, creators), depth)
             elif value_at + length > stop:
                 raise invalid(f"element ({group:04X},{element:04X}) at byte {pos} declares {length} bytes, more "
                               "than its sequence item holds")

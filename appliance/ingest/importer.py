@@ -166,8 +166,8 @@ class _MemberStream:
     """A zip member being read: a damaged member (bad CRC, broken deflate data, cut short) is refused as
     DAMAGED_ARCHIVE, and an archive inside the archive is not opened."""
 
-    def __init__(self, raw: IO[bytes], label: str):
-        self._raw, self._label, self._first = raw, label, True
+    def __init__(self, raw: IO[bytes]):
+        self._raw, self._first = raw, True
 
     def read(self, size: int = -1) -> bytes:
         try:
@@ -198,9 +198,9 @@ def _damaged_member(exc: BaseException) -> InstanceRejected:
                             f"The file is damaged inside the zip archive ({why}) and cannot be unpacked.")
 
 
-def _open_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, label: str) -> IO[bytes]:
+def _open_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> IO[bytes]:
     try:
-        return _MemberStream(zf.open(info), label)  # type: ignore[return-value]
+        return _MemberStream(zf.open(info))  # type: ignore[return-value]
     except Exception as exc:  # zipfile raises many kinds on a damaged local header
         raise _damaged_member(exc) from exc
 
@@ -279,15 +279,15 @@ def _zip_members(path: Path, settings: Settings, follow_symlinks: bool) -> Itera
         for info in infos:
             label = f"{path.name}:{info.filename}"
             refused = _member_refusal(info, label, settings)
-            opener = _member_opener(zf, info, label)
+            opener = _member_opener(zf, info)
             if refused is None:
                 yield _Member(label, opener)
             else:
                 yield dataclasses.replace(refused, open=opener if refused.keep else None)
 
 
-def _member_opener(zf: zipfile.ZipFile, info: zipfile.ZipInfo, label: str) -> Callable[[], IO[bytes]]:
-    return lambda: _open_member(zf, info, label)
+def _member_opener(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], IO[bytes]]:
+    return lambda: _open_member(zf, info)
 
 
 # --- the import -------------------------------------------------------------------------------------------
@@ -393,8 +393,8 @@ def _store(store: InstanceStore, item: _Member, name: str, source: str, summary:
 
 def _refuse(store: InstanceStore, name: str, source: str, summary: ImportSummary,
             rejection: InstanceRejected) -> None:
-    quarantine.record(store.db, store.home, None, source=source, original_name=name, size=None, sha256=None,
-                      rejection=rejection)
+    """A row (and no bytes) for a file that could not be opened."""
+    _quarantine(store, _Refused(name, rejection), name, source)
     _count_refusal(summary, name, rejection)
 
 
