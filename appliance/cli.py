@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__, config
-from appliance.errors import ApplianceError, NothingUsable
+from appliance.errors import ApplianceError, DiskLow, NothingUsable
 from appliance.store.datadir import DataDirectory
 
 log = logging.getLogger("appliance")
@@ -199,20 +199,27 @@ def cmd_import(args: argparse.Namespace, settings: config.Settings) -> int:
         from appliance.ingest.usb import import_device
 
         return import_device(args.usb, settings.home_path)
+    from appliance.ingest.importer import ImportSummary
     from appliance.jobs.intake import import_and_queue
     from appliance.store import imports
     from appliance.store.instances import open_store
 
     store = open_store(settings)
     import_id = imports.start(store.db, args.source, getpass.getuser())
+    latest = [ImportSummary()]
 
     def progress(summary) -> None:
+        latest[0] = summary
         done = summary.stored + summary.duplicates + len(summary.quarantined) + summary.skipped
         if done % 100 == 0:
             print(f"  {done} files read ...", flush=True)
             imports.update(store.db, import_id, summary)
 
-    summary = import_and_queue(store, args.paths, settings, source=args.source, progress=progress).summary
+    try:
+        summary = import_and_queue(store, args.paths, settings, source=args.source, progress=progress).summary
+    except DiskLow:
+        imports.finish(store.db, import_id, latest[0], state="failed")  # main() prints the one line
+        raise
     imports.finish(store.db, import_id, summary)
     doc = {**summary.as_dict(), "queued_series": len(summary.series)}
     if args.json:

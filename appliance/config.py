@@ -73,10 +73,18 @@ class Settings:
     max_frames: int = _setting(4096, "Multi-frame images declaring more frames than this are refused without decoding.")
     max_instance_bytes: int = _setting(2 * 1024**3, "Largest single file (bytes) accepted on import.")
     max_upload_bytes: int = _setting(4 * 1024**3, "Largest browser upload (bytes, all files together); beyond it: 413.")
-    max_zip_members: int = _setting(100_000, "Largest number of members read from one zip archive.")
-    max_zip_bytes: int = _setting(20 * 1024**3, "Largest total uncompressed size (bytes) read from one zip archive.")
+    max_zip_members: int = _setting(
+        100_000, "Largest number of files in one zip archive; an archive with more is refused whole (UNSAFE_ARCHIVE).")
+    max_zip_bytes: int = _setting(
+        20 * 1024**3, "Largest uncompressed size (bytes) of one zip archive, all its files together; a larger "
+        "archive is refused whole (UNSAFE_ARCHIVE) before anything is unpacked.")
     max_zip_ratio: float = _setting(
-        200.0, "A zip member whose compression ratio exceeds this is refused as a zip bomb.")
+        200.0, "Largest compression ratio accepted: a zip archive unpacking to more than 64 MiB at a higher ratio "
+        "(all files together) is refused whole, a file over 1 MiB in it at a higher ratio is refused alone "
+        "(UNSAFE_ARCHIVE).")
+    quarantine_sample_bytes: int = _setting(
+        65536, "Of a file refused for its size or as part of an unsafe or damaged archive, only this many first "
+        "bytes are kept in quarantine (files refused on their own are kept whole, up to max_instance_bytes).")
     max_import_depth: int = _setting(32, "Deepest folder level descended into during an import.")
     decode_workers: int = _setting(0, "Processes that decode compressed pixel data (0 = one per CPU core).")
 
@@ -102,7 +110,8 @@ class Settings:
         262144, "Largest PDU (bytes) we advertise and accept: a P-DATA-TF claiming more ends the association "
         "before its body is read (0 = no limit, not advised: a PDU is read whole into memory).")
     disk_low_watermark_mb: int = _setting(
-        1024, "Below this much free space (MiB) in the data directory, new images are refused (Out of Resources).")
+        1024, "Below this much free space (MiB) in the data directory, new images are refused: the receiver answers "
+        "Out of Resources, imports and uploads stop with DISK_LOW (what was stored stays stored).")
 
     # results to the PACS, job queue
     pacs_destinations: str = _setting(

@@ -13,15 +13,23 @@ import enum
 class ReasonCode(str, enum.Enum):
     """Why a file was quarantined or a series rejected."""
 
-    # files
+    # files (docs/series-checks.md, "Files refused on import")
     EMPTY_FILE = "EMPTY_FILE"
     NOT_DICOM = "NOT_DICOM"
+    NOT_REGULAR_FILE = "NOT_REGULAR_FILE"
+    UNREADABLE = "UNREADABLE"
     TRUNCATED = "TRUNCATED"
+    INVALID_HEADER = "INVALID_HEADER"
+    NO_PIXEL_DATA = "NO_PIXEL_DATA"
     MISSING_UID = "MISSING_UID"
     INVALID_UID = "INVALID_UID"
     IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"
     FILE_TOO_LARGE = "FILE_TOO_LARGE"
     UNSAFE_ARCHIVE = "UNSAFE_ARCHIVE"
+    DAMAGED_ARCHIVE = "DAMAGED_ARCHIVE"
+    UNSUPPORTED_ARCHIVE = "UNSUPPORTED_ARCHIVE"
+    # the appliance itself
+    DISK_LOW = "DISK_LOW"
     # series
     NOT_CT = "NOT_CT"
     TOO_FEW_SLICES = "TOO_FEW_SLICES"
@@ -64,6 +72,21 @@ class SeriesRejected(Rejected):
     """
 
     problems: tuple = ()
+
+
+class DiskLow(Rejected):
+    """Free space in the data directory fell below ``disk_low_watermark_mb``: an import stops here.
+
+    Files already stored stay stored; nothing is quarantined for it (the files are not at fault).
+    """
+
+    http_status = 507  # Insufficient Storage, for the browser upload
+
+    def __init__(self, reason: str):
+        super().__init__(ReasonCode.DISK_LOW, reason)
+
+    def __reduce__(self):
+        return (self.__class__, (self.reason,))
 
 
 class NothingUsable(ApplianceError):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appliance.config import Settings
+from appliance.errors import DiskLow
 from appliance.ingest import dicom_server
 from appliance.jobs.intake import import_and_queue
 from appliance.jobs.notify import sd_notify
@@ -23,6 +24,7 @@ from appliance.store.instances import InstanceStore, open_store
 log = logging.getLogger(__name__)
 
 SAMPLE = "synthetic-chest"
+DISK_LOW_RETRY_SECONDS = 60.0  # a drop waiting for disk space is tried again this often
 
 
 def ensure_sample(settings: Settings) -> Path:
@@ -43,11 +45,15 @@ def queue_sample(settings: Settings, store: InstanceStore | None = None) -> int:
     return len(intake.job_ids)
 
 
-def drain_incoming(store: InstanceStore, settings: Settings, entries: list[Path]) -> None:
+def drain_incoming(store: InstanceStore, settings: Settings, entries: list[Path]) -> bool:
     """Store and queue what was dropped in, then empty the drop. An unexpected failure keeps the files
-    in ``incoming-failed/`` for the admin instead of retrying them forever."""
+    in ``incoming-failed/`` for the admin instead of retrying them forever; below the low-disk watermark
+    they stay in the drop folder, to be imported once space is freed (returns False then)."""
     try:
         intake = import_and_queue(store, entries, settings, source="incoming")
+    except DiskLow as exc:
+        print(f"error: {exc} The dropped files stay in {DataDirectory(settings.home_path).incoming}.", flush=True)
+        return False
     except Exception as exc:
         log.exception("import of the incoming folder failed")
         kept = DataDirectory(settings.home_path).incoming_failed
@@ -55,7 +61,7 @@ def drain_incoming(store: InstanceStore, settings: Settings, entries: list[Path]
         for entry in entries:
             shutil.move(str(entry), kept / entry.name)
         print(f"error: IMPORT_FAILED: {exc}; the files were moved to {kept}", flush=True)
-        return
+        return True
     s = intake.summary
     print(f"Imported {s.stored} new image(s), {s.duplicates} already stored, {len(s.quarantined)} quarantined; "
           f"{len(intake.job_ids)} series queued for analysis.", flush=True)
@@ -63,16 +69,16 @@ def drain_incoming(store: InstanceStore, settings: Settings, entries: list[Path]
         print(f"  quarantined {q['file']}: {q['reason_code']} - {q['reason']}", flush=True)
     for entry in entries:
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return True
 
 
 def poll_incoming(store: InstanceStore, settings: Settings, stop: threading.Event, poll_seconds: float = 2.0) -> None:
-    """Store and queue what appears in the drop folder until ``stop`` is set."""
+    """Store and queue what appears in the drop folder until ``stop`` is set (less often while the disk is low)."""
     incoming = DataDirectory(settings.home_path).incoming
     while not stop.is_set():
         entries = sorted(incoming.iterdir())
-        if entries:
-            drain_incoming(store, settings, entries)
-        stop.wait(poll_seconds)
+        imported = drain_incoming(store, settings, entries) if entries else True
+        stop.wait(poll_seconds if imported else DISK_LOW_RETRY_SECONDS)
 
 
 def _start_receiver(settings: Settings) -> Callable[[], None] | None:

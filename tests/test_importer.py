@@ -47,7 +47,7 @@ def make_bad_folder(root, good):
 
 EXPECTED_REASONS = {"empty.dcm": "EMPTY_FILE", "random.dcm": "NOT_DICOM", "notes.txt": "NOT_DICOM",
                     "header-only.dcm": "TRUNCATED", "truncated.dcm": "TRUNCATED", "huge.dcm": "IMAGE_TOO_LARGE",
-                    "broken.zip": "NOT_DICOM"}
+                    "broken.zip": "DAMAGED_ARCHIVE"}
 
 
 def test_bad_files_are_quarantined_and_good_ones_stored(store, settings, synthetic_chest, tmp_path):

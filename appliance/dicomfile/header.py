@@ -1,7 +1,23 @@
 """Check one DICOM file's header before it is accepted, without decoding pixels.
 
-A file declaring 65535 x 65535 pixels is refused here from its header alone;
-pixel data that ends before its declared length is refused as truncated.
+:func:`read_header` returns an :class:`InstanceHeader` or raises :class:`InstanceRejected`, and
+nothing else, whatever the file holds. Each reason is true of the file:
+
+- ``EMPTY_FILE``; ``NOT_DICOM`` when neither a DICOM file meta header nor a data set is found;
+- ``TRUNCATED`` only when the file ends inside an element, or before the value, items or
+  delimiter that its (otherwise sound) elements declare;
+- ``INVALID_HEADER`` for elements that are malformed without running off the end: lengths that
+  lead to garbage, stray delimiters, image data whose form contradicts the transfer syntax,
+  values that do not parse, a damaged Deflate stream;
+- ``UNSUPPORTED_TRANSFER_SYNTAX`` for an encoding this appliance does not know;
+- ``NO_PIXEL_DATA`` for an image object that holds its header only;
+- ``CORRUPT_PIXEL_DATA`` for uncompressed image data shorter than Rows x Columns declare;
+- ``IMAGE_TOO_LARGE``, ``FILE_TOO_LARGE`` (a Deflated data set that unpacks beyond the limits),
+  ``MISSING_UID``, ``INVALID_UID``.
+
+The element structure is walked first (:mod:`appliance.dicomfile.structure`): that walk tells a file
+cut short from a malformed one, and bounds the work a hostile file can cause. A Deflated file is inflated
+once under a cap (:mod:`appliance.dicomfile.deflate`) and kept inflated.
 """
 
 from __future__ import annotations
@@ -11,16 +27,23 @@ import os
 from pathlib import Path
 
 import pydicom
-from pydicom.errors import InvalidDicomError
-from pydicom.tag import Tag
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian
 
+from appliance.dicomfile.deflate import MAX_INFLATE_RATIO, inflate
+from appliance.dicomfile.structure import (
+    PIXEL_DATA,
+    PIXEL_DATA_TAGS,
+    UNDEFINED_LENGTH,
+    FileMeta,
+    PixelOverrun,
+    invalid,
+    not_dicom,
+    read_meta,
+    walk,
+)
 from appliance.dicomfile.uids import resolve_uids, sop_uid
 from appliance.errors import InstanceRejected, ReasonCode
 
-PIXEL_DATA = Tag(0x7FE0, 0x0010)
-SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
-UNDEFINED_LENGTH = 0xFFFFFFFF
 # big enough for any DICOM header value we read; pixel data and large blobs stay on disk
 DEFER_SIZE = 4096
 
@@ -48,105 +71,128 @@ class InstanceHeader:
     accession_number: str
     derived_uids: tuple[str, ...] = ()  # keywords of UIDs the file lacked, derived here
 
+# --- attributes ---------------------------------------------------------------------------------------------
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    return "" if value is None else str(value).strip()
+    """A text attribute for the index; one that does not decode is left empty rather than refusing the file."""
+    try:
+        value = ds.get(keyword, "")
+        return "" if value is None else str(value).strip()
+    except Exception:  # a damaged descriptive value must not refuse the image
+        return ""
 
 
 def _int_or_none(ds: pydicom.Dataset, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
         return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
+    except Exception:  # any damaged value reads as absent
         return None
 
 
-def _read(path: Path) -> pydicom.Dataset:
+def _image_int(ds: pydicom.Dataset, keyword: str, default: int) -> int:
+    """An attribute that sizes the image: absent gives ``default``; present but unreadable refuses the file."""
+    if keyword not in ds:
+        return default
     try:
-        return pydicom.dcmread(path, defer_size=DEFER_SIZE)
-    except InvalidDicomError:
-        pass
-    except Exception as exc:  # pydicom raises many kinds on damaged files
-        raise InstanceRejected(ReasonCode.TRUNCATED,
-                               f"The file is damaged or cut short and cannot be read ({type(exc).__name__}).") from exc
-    # files without the 128-byte preamble and meta header still occur on old media
-    try:
-        ds = pydicom.dcmread(path, defer_size=DEFER_SIZE, force=True)
-    except Exception as exc:
-        raise InstanceRejected(ReasonCode.NOT_DICOM, "The file is not a DICOM file.") from exc
-    if not sop_uid(ds, "SOPClassUID") or ("PixelData" not in ds and "StudyInstanceUID" not in ds):
-        raise InstanceRejected(ReasonCode.NOT_DICOM, "The file is not a DICOM file.")
-    return ds
+        value = ds[keyword].value
+        return default if value in (None, "") else int(value)
+    except Exception as exc:  # pydicom raises many kinds on damaged values
+        raise invalid(f"its {keyword} value cannot be read") from exc
 
 
-def _check_has_pixels(ds: pydicom.Dataset) -> None:
-    """An image object without pixel data was cut short (pydicom reads what is there without error)."""
-    sop_class = pydicom.uid.UID(sop_uid(ds, "SOPClassUID"))
-    if sop_class.name.endswith("Image Storage") and PIXEL_DATA not in ds:
-        raise InstanceRejected(ReasonCode.TRUNCATED, "The file ends before its image data: it was cut short.")
+# --- the checks ---------------------------------------------------------------------------------------------
+
+def _syntax(meta: FileMeta | None, ds: pydicom.Dataset) -> UID:
+    """The transfer syntax the data set was read with: the meta's, or the encoding found when it names none."""
+    if meta is not None and meta.transfer_syntax:
+        return UID(meta.transfer_syntax)
+    implicit, little = ds.original_encoding
+    if little is False:
+        return ExplicitVRBigEndian
+    return pydicom.uid.ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
 
 
-def _check_image_size(ds: pydicom.Dataset, max_rows_columns: int, max_frames: int) -> None:
-    rows, columns = _int_or_none(ds, "Rows") or 0, _int_or_none(ds, "Columns") or 0
-    frames = _int_or_none(ds, "NumberOfFrames") or 1
+def _check_syntax_known(meta: FileMeta | None) -> None:
+    if meta is None or not meta.transfer_syntax:
+        return
+    syntax = UID(meta.transfer_syntax)
+    if not syntax.is_transfer_syntax:
+        shown = "".join(c if c.isprintable() else "?" for c in meta.transfer_syntax)[:64]
+        raise InstanceRejected(ReasonCode.UNSUPPORTED_TRANSFER_SYNTAX,
+                               f"The file is encoded in transfer syntax '{shown}', which this appliance does not "
+                               "know, so it cannot be read. Ask for it to be sent uncompressed or as JPEG 2000.")
+
+
+def _check_image(ds: pydicom.Dataset, syntax: UID, max_rows_columns: int, max_frames: int,
+                 overrun: PixelOverrun | None) -> None:
+    sop_class = UID(sop_uid(ds, "SOPClassUID"))
+    has_pixels = any(tag in ds for tag in PIXEL_DATA_TAGS)
+    if sop_class.name.endswith("Image Storage") and not has_pixels:
+        raise InstanceRejected(ReasonCode.NO_PIXEL_DATA,
+                               "The file holds an image's header but no image data (Pixel Data is absent).")
+    rows, columns = _image_int(ds, "Rows", 0), _image_int(ds, "Columns", 0)
+    frames = _image_int(ds, "NumberOfFrames", 1)
     if rows > max_rows_columns or columns > max_rows_columns or frames > max_frames:
         raise InstanceRejected(ReasonCode.IMAGE_TOO_LARGE,
                                f"The image declares {rows} x {columns} pixels and {frames} frame(s), "
                                f"more than this appliance accepts ({max_rows_columns} x {max_rows_columns}, "
                                f"{max_frames} frames).")
-
-
-def _check_pixel_data_length(ds: pydicom.Dataset, path: Path, transfer_syntax: pydicom.uid.UID) -> None:
     element = ds.get_item(PIXEL_DATA, keep_deferred=True)
     if element is None:
         return
-    if not isinstance(element, pydicom.dataelem.RawDataElement) or element.value_tell is None:
-        return  # small enough to be read already: pydicom checked it while reading
-    size = os.path.getsize(path)
-    if element.length == UNDEFINED_LENGTH:
-        with open(path, "rb") as f:
-            f.seek(max(0, size - len(SEQUENCE_DELIMITER)))
-            if f.read() != SEQUENCE_DELIMITER:
-                raise InstanceRejected(ReasonCode.TRUNCATED,
-                                       "The compressed image data ends early: the file was cut short.")
-        return
-    if element.value_tell + element.length > size:
-        raise InstanceRejected(ReasonCode.TRUNCATED, "The image data ends early: the file was cut short.")
-    rows, columns = _int_or_none(ds, "Rows") or 0, _int_or_none(ds, "Columns") or 0
-    frames = _int_or_none(ds, "NumberOfFrames") or 1
-    samples = _int_or_none(ds, "SamplesPerPixel") or 1
-    bits = _int_or_none(ds, "BitsAllocated") or 16
-    expected = rows * columns * frames * samples * bits // 8
-    if not transfer_syntax.is_encapsulated and element.length < expected:
-        raise InstanceRejected(ReasonCode.TRUNCATED,
-                               f"The image data holds {element.length} bytes but the header declares "
-                               f"{expected}: the file is damaged.")
+    encapsulated = element.length == UNDEFINED_LENGTH if isinstance(element, pydicom.dataelem.RawDataElement) \
+        else bool(getattr(element, "is_undefined_length", False))
+    if syntax.is_encapsulated and not encapsulated:
+        raise invalid(f"its transfer syntax says the image data is compressed ({syntax.name}) but it is "
+                       "stored uncompressed")
+    if not syntax.is_encapsulated and encapsulated:
+        raise invalid(f"its image data is stored compressed but its transfer syntax ({syntax.name}) says "
+                       "uncompressed")
+    if not encapsulated:
+        _check_native_length(ds, element, rows, columns, frames, overrun)
 
 
-def read_header(path: Path, *, max_rows_columns: int = 4096, max_frames: int = 4096,
-                sha256: str | None = None) -> InstanceHeader:
-    """Read and check the header of the DICOM file at ``path``.
+def _check_native_length(ds: pydicom.Dataset, element, rows: int, columns: int, frames: int,
+                         overrun: PixelOverrun | None) -> None:
+    samples = _image_int(ds, "SamplesPerPixel", 1)
+    bits = _image_int(ds, "BitsAllocated", 16)
+    expected = (rows * columns * frames * samples * bits + 7) // 8
+    if _text(ds, "PhotometricInterpretation") in ("YBR_FULL_422", "YBR_PARTIAL_422"):
+        expected = expected * 2 // 3  # two chroma samples shared by each pair of pixels (PS3.3 C.7.6.3.1.2)
+    if overrun is not None:
+        if not expected or overrun.declared in (expected, expected + 1):
+            raise InstanceRejected(ReasonCode.TRUNCATED,
+                                   f"The file ends inside its image data ({overrun.present} of "
+                                   f"{overrun.declared} bytes present): it was cut short.")
+        raise invalid(f"its image data declares {overrun.declared} bytes, more than the file holds and not "
+                       f"the {expected} that its {rows} x {columns} pixels and {frames} frame(s) need")
+    length = element.length if isinstance(element, pydicom.dataelem.RawDataElement) else len(element.value or b"")
+    if length < expected:
+        raise InstanceRejected(ReasonCode.CORRUPT_PIXEL_DATA,
+                               f"The image data holds {length} bytes, fewer than the {expected} that its "
+                               f"{rows} x {columns} pixels and {frames} frame(s) need: the file is damaged.")
 
-    Anonymisers sometimes empty the Study, Series or SOP Instance UID; those are
-    derived from the identifying attributes (and, for the instance, the file's
-    ``sha256``) so the same file always files the same way.
 
-    Raises :class:`InstanceRejected` with a reason code when the file cannot be accepted.
-    """
-    if os.path.getsize(path) == 0:
-        raise InstanceRejected(ReasonCode.EMPTY_FILE, "The file is empty (0 bytes).")
-    ds = _read(path)
-    _check_has_pixels(ds)
+def _looks_like_dataset(ds: pydicom.Dataset) -> bool:
+    """A data set read without file meta is taken as DICOM only with a SOP class and an image or a study."""
+    return bool(sop_uid(ds, "SOPClassUID")) and (PIXEL_DATA in ds or "StudyInstanceUID" in ds)
+
+
+def _read(path: Path, meta: FileMeta | None, sha256: str | None, max_rows_columns: int,
+          max_frames: int) -> InstanceHeader:
+    with open(path, "rb") as f:
+        overrun = walk(f, os.path.getsize(path), meta)
+    ds = pydicom.dcmread(path, defer_size=DEFER_SIZE, force=True)
+    if meta is None and not _looks_like_dataset(ds):
+        raise not_dicom()
+    syntax = _syntax(meta, ds)
     uids, derived = resolve_uids(ds, sha256)
-    _check_image_size(ds, max_rows_columns, max_frames)
-    meta = getattr(ds, "file_meta", None)
-    transfer_syntax = pydicom.uid.UID(str((meta or {}).get("TransferSyntaxUID", ImplicitVRLittleEndian)))
-    _check_pixel_data_length(ds, path, transfer_syntax)
+    _check_image(ds, syntax, max_rows_columns, max_frames, overrun)
     return InstanceHeader(
         sop_instance_uid=uids["SOPInstanceUID"], sop_class_uid=uids["SOPClassUID"],
         study_instance_uid=uids["StudyInstanceUID"], series_instance_uid=uids["SeriesInstanceUID"],
-        transfer_syntax_uid=str(transfer_syntax), modality=_text(ds, "Modality"),
+        transfer_syntax_uid=str(syntax), modality=_text(ds, "Modality"),
         instance_number=_int_or_none(ds, "InstanceNumber"), series_number=_int_or_none(ds, "SeriesNumber"),
         series_description=_text(ds, "SeriesDescription"), patient_id=_text(ds, "PatientID"),
         patient_name=_text(ds, "PatientName"), patient_birth_date=_text(ds, "PatientBirthDate"),
@@ -154,3 +200,44 @@ def read_header(path: Path, *, max_rows_columns: int = 4096, max_frames: int = 4
         study_description=_text(ds, "StudyDescription"), accession_number=_text(ds, "AccessionNumber"),
         derived_uids=derived,
     )
+
+
+def read_header(path: Path, *, max_rows_columns: int = 4096, max_frames: int = 4096,
+                max_inflated_bytes: int = 2 * 1024**3, max_inflate_ratio: float = MAX_INFLATE_RATIO,
+                sha256: str | None = None) -> InstanceHeader:
+    """Read and check the header of the DICOM file at ``path``.
+
+    Anonymisers sometimes empty the Study, Series or SOP Instance UID; those are
+    derived from the identifying attributes (and, for the instance, the file's
+    ``sha256``) so the same file always files the same way.
+
+    A Deflated file is replaced, once its header passed, by its inflated form (Explicit VR Little
+    Endian): at most ``max_inflated_bytes``, and at most ``max_inflate_ratio`` times its compressed size.
+
+    Raises :class:`InstanceRejected` with a reason code when the file cannot be accepted, and
+    nothing else: an unforeseen failure on a hostile file is INVALID_HEADER.
+    """
+    inflated = None
+    try:
+        if os.path.getsize(path) == 0:
+            raise InstanceRejected(ReasonCode.EMPTY_FILE, "The file is empty (0 bytes).")
+        with open(path, "rb") as f:
+            meta = read_meta(f, os.path.getsize(path))
+        if meta is not None and meta.transfer_syntax == DeflatedExplicitVRLittleEndian:
+            inflated = inflate(path, meta, max_inflated_bytes, max_inflate_ratio)
+            with open(inflated, "rb") as f:
+                meta = read_meta(f, os.path.getsize(inflated))
+        _check_syntax_known(meta)
+        header = _read(inflated or path, meta, sha256, max_rows_columns, max_frames)
+        if inflated is not None:
+            os.replace(inflated, path)
+            inflated = None
+        return header
+    except InstanceRejected:
+        raise
+    except Exception as exc:  # whatever else a hostile file provokes is a malformed header
+        raise InstanceRejected(ReasonCode.INVALID_HEADER, f"The file's DICOM header is malformed and cannot be "
+                                                          f"read ({type(exc).__name__}).") from exc
+    finally:
+        if inflated is not None:
+            inflated.unlink(missing_ok=True)

@@ -34,7 +34,12 @@ class Intake:
 
 def import_and_queue(store: InstanceStore, paths: Iterable[Path], settings: Settings, *, source: str = "import",
                      progress: Callable[[ImportSummary], None] | None = None, priority: int = 1) -> Intake:
-    """Import files, folders and zip archives; queue every series they touched (an explicit import is complete)."""
+    """Import files, folders and zip archives; queue every series they touched (an explicit import is complete).
+
+    Bad files are quarantined and the import goes on. Raises :class:`~appliance.errors.DiskLow` when free
+    space falls below ``disk_low_watermark_mb``: the files stored until then stay stored, and their series
+    are queued by the worker once quiet, like any received series (or by importing again once space is freed).
+    """
     summary = import_paths(store, paths, settings, source=source, progress=progress)
     return Intake(summary, queue.enqueue_many(store.db, summary.series, priority=priority))
 
@@ -44,7 +49,8 @@ def analyze_paths(paths: Iterable[Path], settings: Settings,
     """``appliance analyze``: import ``paths``, then run their jobs to the end in this process with the
     job runner (analyse and publish), and return the ``--json`` document.
 
-    Raises :class:`NothingUsable` when no DICOM instance was found.
+    Raises :class:`NothingUsable` when no DICOM instance was found, :class:`~appliance.errors.DiskLow` when
+    the disk fills below its watermark (nothing is analysed then).
     """
     store = open_store(settings)
     intake = import_and_queue(store, paths, settings, source="analyze", progress=progress)

@@ -154,12 +154,15 @@ class InstanceStore:
             raise
         try:
             header = read_header(tmp, max_rows_columns=self.max_rows_columns, max_frames=self.max_frames,
-                                 sha256=sha256)
+                                 max_inflated_bytes=self.max_bytes, sha256=sha256)
         except InstanceRejected as exc:
             quarantine.record(self.db, self.home, tmp, source=source, original_name=original_name,
                               size=size, sha256=sha256, rejection=exc)
             raise
-        return self._file(tmp, header, size, sha256, source)
+        try:
+            return self._file(tmp, header, size, sha256, source)
+        finally:
+            tmp.unlink(missing_ok=True)  # filed under its UIDs or not at all: no scratch file outlives a failure
 
     def _file(self, tmp: Path, header: InstanceHeader, size: int, sha256: str, source: str) -> Accepted:
         """Rename into place and index in one write transaction, so two writers never file one instance twice."""

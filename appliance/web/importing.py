@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, abort, flash, g, jsonify, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 
-from appliance.errors import Rejected
+from appliance.errors import DiskLow, Rejected
 from appliance.ingest.upload import UploadTooLarge, receive_upload
 from appliance.jobs import queue
 from appliance.store import imports, quarantine
@@ -57,6 +57,8 @@ def upload():
             summary = receive_upload(parts, store, settings)
         except UploadTooLarge as exc:
             return jsonify(error="UPLOAD_TOO_LARGE", message=str(exc)), UploadTooLarge.http_status
+        except DiskLow as exc:
+            return jsonify(error=exc.reason_code.value, message=exc.reason), DiskLow.http_status
         except Exception:  # a file the import path did not foresee: the batch fails, the service goes on
             log.exception("upload %d: a file in this batch could not be imported", import_id)
             _fail(store, import_id)
