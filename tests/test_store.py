@@ -165,3 +165,16 @@ def test_a_store_that_fails_after_the_rename_keeps_no_unindexed_file(store, synt
     assert not list((store.home / "instances").rglob("*.dcm"))
     assert not any(store.tmp_dir.iterdir())
     assert not store.db.conn.in_transaction
+
+
+def test_an_instance_number_beyond_64_bits_reads_as_absent(store, synthetic_chest):
+    """It crashed the upload with OverflowError from SQLite."""
+    ds = pydicom.dcmread(_first_file(synthetic_chest))
+    ds.InstanceNumber = str(2**70)
+    ds.SeriesNumber = str(-(2**70))
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    buf.seek(0)
+    accepted = store.accept(buf, source="test", original_name="huge.dcm")
+    assert accepted.status == "stored"
+    assert accepted.header.instance_number is None and accepted.header.series_number is None

@@ -85,9 +85,10 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
 def _int_or_none(ds: pydicom.Dataset, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
-        return None if value in (None, "") else int(value)
+        number = None if value in (None, "") else int(value)
     except Exception:  # any damaged value reads as absent
         return None
+    return number if number is not None and -(2**63) <= number < 2**63 else None  # SQLite's integer range
 
 
 def _image_int(ds: pydicom.Dataset, keyword: str, default: int) -> int:

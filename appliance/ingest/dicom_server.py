@@ -38,7 +38,7 @@ from pydicom.uid import (
 )
 
 from appliance.config import Settings
-from appliance.errors import InstanceRejected
+from appliance.errors import DiskLow, InstanceRejected
 from appliance.ingest.dicom_guard import (
     WAITING_PER_ASSOCIATION,
     ConnectionLimits,
@@ -103,6 +103,9 @@ class Receiver:
             data = event.encoded_dataset(include_meta=True)
             self._store().accept(io.BytesIO(data), source=f"dicom:{caller}",
                                  original_name=str(event.request.AffectedSOPInstanceUID))
+        except DiskLow as exc:  # the disk filled while this image was written
+            log.error("refusing C-STORE from %s: %s", caller, exc.reason)
+            return _status(OUT_OF_RESOURCES, "Disk full on the receiving appliance")
         except InstanceRejected as exc:
             log.warning("C-STORE from %s refused: %s", caller, exc)
             return _status(CANNOT_UNDERSTAND, f"{exc.reason_code.value}: {exc.reason}")
