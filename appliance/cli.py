@@ -7,6 +7,7 @@ import getpass
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,10 @@ def cmd_evaluate(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_dicom(args: argparse.Namespace, settings: config.Settings) -> int:
     from appliance.ingest import dicom_server
     from appliance.store.instances import open_store
@@ -186,6 +191,7 @@ def cmd_dicom(args: argparse.Namespace, settings: config.Settings) -> int:
     open_store(settings)  # migrate, and recover from a crash if no other writer is alive
     print(f"DICOM receiver {settings.dicom_ae_title} on {settings.dicom_bind_address}:{settings.dicom_port}; "
           f"allowed callers: {settings.dicom_allowed_callers}", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # systemd stops with SIGTERM: stop as on Ctrl-C, audit flushed
     try:
         dicom_server.start(settings, block=True)
     except KeyboardInterrupt:
