@@ -219,7 +219,7 @@ def test_crlf_in_next_is_no_500(client):
     assert "x=1" not in str(response.headers)
 
 
-def test_upload_of_a_file_the_import_path_did_not_foresee_is_422_not_500(client, app_settings, synthetic_chest):
+def test_upload_of_an_instance_number_beyond_64_bits_is_stored(client, synthetic_chest):
     """Regression: an InstanceNumber beyond SQLite's 64-bit integers took the upload request down with a 500."""
     ds = pydicom.dcmread(min(synthetic_chest.glob("*.dcm")))
     ds.InstanceNumber = "99999999999999999999"
@@ -229,6 +229,20 @@ def test_upload_of_a_file_the_import_path_did_not_foresee_is_422_not_500(client,
     login(client, "tech")
     token = csrf(client, "/import")
     response = client.post("/import/upload", data={"files": [(io.BytesIO(crash.getvalue()), "crash.dcm")],
+                                                   "csrf_token": token}, content_type="multipart/form-data")
+    assert response.status_code == 200 and response.get_json()["stored"] == 1
+
+
+def test_upload_of_a_file_the_import_path_did_not_foresee_is_422_not_500(client, app_settings, monkeypatch):
+    from appliance.web import importing
+
+    def unforeseen(*args, **kwargs):
+        raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+    monkeypatch.setattr(importing, "receive_upload", unforeseen)
+    login(client, "tech")
+    token = csrf(client, "/import")
+    response = client.post("/import/upload", data={"files": [(io.BytesIO(b"x"), "crash.dcm")],
                                                    "csrf_token": token}, content_type="multipart/form-data")
     assert 400 <= response.status_code < 500
     body = response.get_json()
