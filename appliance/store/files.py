@@ -5,11 +5,13 @@ A full disk while writing is :class:`DiskLow` (the import stops), never a proper
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -36,25 +38,14 @@ def disk_full(path: Path) -> DiskLow:
                    "import again; what was stored is kept.")
 
 
-def copy_to_temp(source: IO[bytes], tmp_dir: Path, max_bytes: int) -> tuple[Path, int, str]:
-    """Copy ``source`` into a new fsynced file in ``tmp_dir``; return (path, size, sha256).
-
-    Refuses (FILE_TOO_LARGE) past ``max_bytes`` without keeping more than one chunk in memory;
-    raises :class:`DiskLow` when the disk fills. Leaves no file behind when it raises.
-    """
+@contextlib.contextmanager
+def _scratch_file(tmp_dir: Path) -> Iterator[tuple[Path, IO[bytes]]]:
+    """A new file in ``tmp_dir``, fsynced when the block ends; removed when it raises (a full disk: DiskLow)."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
-    digest, size = hashlib.sha256(), 0
     try:
         with open(tmp, "xb") as out:
-            while chunk := source.read(CHUNK):
-                size += len(chunk)
-                if size > max_bytes:
-                    limit_mib = max_bytes // 2**20
-                    raise InstanceRejected(ReasonCode.FILE_TOO_LARGE,
-                                           f"The file is larger than the {limit_mib} MiB this appliance accepts.")
-                digest.update(chunk)
-                out.write(chunk)
+            yield tmp, out
             out.flush()
             os.fsync(out.fileno())
     except OSError as exc:
@@ -65,6 +56,24 @@ def copy_to_temp(source: IO[bytes], tmp_dir: Path, max_bytes: int) -> tuple[Path
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def copy_to_temp(source: IO[bytes], tmp_dir: Path, max_bytes: int) -> tuple[Path, int, str]:
+    """Copy ``source`` into a new fsynced file in ``tmp_dir``; return (path, size, sha256).
+
+    Refuses (FILE_TOO_LARGE) past ``max_bytes`` without keeping more than one chunk in memory;
+    raises :class:`DiskLow` when the disk fills. Leaves no file behind when it raises.
+    """
+    digest, size = hashlib.sha256(), 0
+    with _scratch_file(tmp_dir) as (tmp, out):
+        while chunk := source.read(CHUNK):
+            size += len(chunk)
+            if size > max_bytes:
+                limit_mib = max_bytes // 2**20
+                raise InstanceRejected(ReasonCode.FILE_TOO_LARGE,
+                                       f"The file is larger than the {limit_mib} MiB this appliance accepts.")
+            digest.update(chunk)
+            out.write(chunk)
     return tmp, size, digest.hexdigest()
 
 
@@ -73,22 +82,9 @@ def copy_prefix_to_temp(source: IO[bytes], tmp_dir: Path, limit: int) -> tuple[P
 
     For keeping a sample of something refused without reading (or unpacking) all of it.
     """
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
     size = 0
-    try:
-        with open(tmp, "xb") as out:
-            while size < limit and (chunk := source.read(min(CHUNK, limit - size))):
-                size += len(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(exc):
-            raise disk_full(tmp_dir) from exc
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _scratch_file(tmp_dir) as (tmp, out):
+        while size < limit and (chunk := source.read(min(CHUNK, limit - size))):
+            size += len(chunk)
+            out.write(chunk)
     return tmp, size
