@@ -85,6 +85,7 @@ def receiver(home: Path, **settings: str) -> Iterator[tuple[subprocess.Popen, in
 
 
 def connect(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A TCP connection to the receiver from ``source`` (any 127.x.y.z address is this box, as another host)."""
     sock = socket.socket()
     sock.bind((source, 0))
     sock.connect(("127.0.0.1", port))
@@ -92,15 +93,16 @@ def connect(port: int, source: str = "127.0.0.1") -> socket.socket:
 
 
 def wait_closed(sock: socket.socket, limit: float) -> float | None:
-    """Seconds until the peer closed ``sock``, or None."""
+    """Seconds until the receiver closed ``sock`` (reading whatever it sent), or None if it stayed open."""
     t0 = time.monotonic()
     sock.settimeout(limit)
     try:
         while sock.recv(65536):
-            pass
+            if time.monotonic() - t0 > limit:
+                return None
     except TimeoutError:
         return None
-    except OSError:
+    except OSError:  # a reset is a close too
         pass
     return time.monotonic() - t0
 

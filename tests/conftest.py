@@ -42,6 +42,16 @@ def _release_writer_locks():
         datadir.release_writer_lock(datadir.DataDirectory(home))
 
 
+@pytest.fixture
+def app_settings(tmp_path: Path) -> config.Settings:
+    """A data directory with one account per role (tests/web_helpers.py), for the web tests."""
+    from tests.web_helpers import make_accounts, web_settings
+
+    settings = web_settings(tmp_path)
+    make_accounts(settings.home_path)
+    return settings
+
+
 @pytest.fixture(scope="session")
 def synthetic_chest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic chest-abdomen series (40 slices, 128 x 128), made once per run."""

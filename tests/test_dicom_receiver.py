@@ -32,6 +32,9 @@ from appliance.store.database import open_database
 
 from .conftest import need_data
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import receiver_abuse  # the bench's socket helpers: one implementation of the attacks' plumbing
+
 ECHOSCU, STORESCU = Path("/usr/bin/echoscu"), Path("/usr/bin/storescu")
 needs_dcmtk = pytest.mark.skipif(not (ECHOSCU.exists() and STORESCU.exists()),
                                  reason="DCMTK is not installed (Debian package dcmtk)")
@@ -339,29 +342,6 @@ def test_associations_beyond_the_maximum_are_refused_until_one_ends(receiver):
 
 # --- abuse: idle holders, oversize PDUs, a full disk, refusal floods -------------------------------------------
 
-def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
-    """A TCP connection to the receiver from ``source`` (any 127.x.y.z address is this box, as another host)."""
-    sock = socket.socket()
-    sock.bind((source, 0))
-    sock.connect(("127.0.0.1", port))
-    return sock
-
-
-def _closed_within(sock: socket.socket, seconds: float) -> float | None:
-    """Seconds until the receiver closed ``sock`` (reading whatever it sent), or None if it stayed open."""
-    t0 = time.monotonic()
-    sock.settimeout(seconds)
-    try:
-        while sock.recv(65536):
-            if time.monotonic() - t0 > seconds:
-                return None
-    except TimeoutError:
-        return None
-    except ConnectionResetError:
-        pass
-    return time.monotonic() - t0
-
-
 def _echo_until_success(port: int, seconds: float) -> float | None:
     """Seconds until a real echoscu succeeded, retrying until ``seconds`` have passed; None if it never did."""
     t0 = time.monotonic()
@@ -378,7 +358,7 @@ def test_idle_connections_from_another_host_do_not_block_a_real_caller(receiver)
     # the idle ones are not closed by the first-PDU timeout during this test: the per-address limit serves the caller
     _, port = receiver(dicom_allowed_callers="*@127.0.0.1,*@127.0.0.2", dicom_acse_timeout=30.0,
                        dicom_first_pdu_timeout=30.0, dicom_max_associations_per_address=4)
-    idle = [_connect(port, "127.0.0.2") for _ in range(12)]
+    idle = [receiver_abuse.connect(port, "127.0.0.2") for _ in range(12)]
     try:
         waited = _echo_until_success(port, 3.0)
         assert waited is not None and waited < 3.0
@@ -390,11 +370,11 @@ def test_idle_connections_from_another_host_do_not_block_a_real_caller(receiver)
 @needs_dcmtk
 def test_connection_that_sends_no_association_request_is_closed_after_the_first_pdu_timeout(receiver):
     _, port = receiver(dicom_acse_timeout=30.0, dicom_first_pdu_timeout=1.0, dicom_max_associations_per_address=4)
-    idle = [_connect(port) for _ in range(8)]  # the caller's own address: every slot it may hold is taken
+    idle = [receiver_abuse.connect(port) for _ in range(8)]  # the caller's own address: every slot it may hold is taken
     try:
         waited = _echo_until_success(port, 6.0)
         assert waited is not None and waited < 5.0
-        closed = [_closed_within(sock, 5.0) for sock in idle]
+        closed = [receiver_abuse.wait_closed(sock, 5.0) for sock in idle]
         assert all(c is not None for c in closed), closed
     finally:
         for sock in idle:
@@ -404,24 +384,24 @@ def test_connection_that_sends_no_association_request_is_closed_after_the_first_
 def test_association_request_dripped_slower_than_the_first_pdu_timeout_is_closed(receiver):
     _, port = receiver(dicom_first_pdu_timeout=1.0)
     t0 = time.monotonic()
-    with _connect(port) as sock:
+    with receiver_abuse.connect(port) as sock:
         with contextlib.suppress(OSError):
             for byte in _assoc_rq_bytes():  # a byte every 50 ms: 12 s for the whole request
                 sock.send(bytes([byte]))
                 time.sleep(0.05)
-        assert _closed_within(sock, 5.0) is not None
+        assert receiver_abuse.wait_closed(sock, 5.0) is not None
     assert time.monotonic() - t0 < 4.0
 
 
 def test_connections_beyond_the_per_address_limit_are_closed_at_once(receiver):
     _, port = receiver(dicom_allowed_callers="*@127.0.0.2", dicom_first_pdu_timeout=10.0,
                        dicom_max_associations_per_address=2)
-    held = [_connect(port, "127.0.0.2") for _ in range(2)]
+    held = [receiver_abuse.connect(port, "127.0.0.2") for _ in range(2)]
     try:
         time.sleep(0.3)
-        extra = _connect(port, "127.0.0.2")
-        assert _closed_within(extra, 2.0) is not None
-        assert all(_closed_within(sock, 0.3) is None for sock in held)  # the first two are still waited for
+        extra = receiver_abuse.connect(port, "127.0.0.2")
+        assert receiver_abuse.wait_closed(extra, 2.0) is not None
+        assert all(receiver_abuse.wait_closed(sock, 0.3) is None for sock in held)  # the first two are still waited for
     finally:
         for sock in held:
             sock.close()
@@ -429,15 +409,15 @@ def test_connections_beyond_the_per_address_limit_are_closed_at_once(receiver):
 
 def test_address_not_on_the_allow_list_is_closed_before_anything_is_read(receiver):
     _, port = receiver(dicom_allowed_callers="SCANNER@127.0.0.1", dicom_first_pdu_timeout=10.0)
-    with _connect(port, "127.0.0.3") as sock:
-        assert _closed_within(sock, 2.0) is not None
+    with receiver_abuse.connect(port, "127.0.0.3") as sock:
+        assert receiver_abuse.wait_closed(sock, 2.0) is not None
 
 
 def test_association_request_claiming_a_megabyte_is_refused_before_its_body(receiver):
     _, port = receiver(dicom_first_pdu_timeout=10.0)
-    with _connect(port) as sock:
+    with receiver_abuse.connect(port) as sock:
         sock.sendall(b"\x01\x00" + struct.pack(">I", 2**20) + b"\0" * 64)
-        assert _closed_within(sock, 2.0) is not None
+        assert receiver_abuse.wait_closed(sock, 2.0) is not None
 
 
 def _vm_kib(pid: int, key: str) -> int:
@@ -452,7 +432,7 @@ def _send_oversize_pdata(port: int, claimed: int) -> tuple[int, float]:
 
     Returns (body bytes the receiver let in before closing, seconds until it closed).
     """
-    with _connect(port) as sock:
+    with receiver_abuse.connect(port) as sock:
         sock.sendall(_assoc_rq_bytes())
         assert sock.recv(6)[:1] == b"\x02"  # A-ASSOCIATE-AC
         _recv_all(sock, 0.3)
@@ -465,7 +445,7 @@ def _send_oversize_pdata(port: int, claimed: int) -> tuple[int, float]:
                 sent += sock.send(chunk)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass
-        closed = _closed_within(sock, 5.0)
+        closed = receiver_abuse.wait_closed(sock, 5.0)
         return sent, (time.monotonic() - t0 if closed is not None else float("inf"))
 
 
@@ -553,7 +533,7 @@ def test_flood_of_refused_associations_writes_a_few_audit_rows_that_count_them_a
     settings, port = receiver(dicom_allowed_callers="SCANNER@127.0.0.1")
     request = _assoc_rq_bytes(calling="INTRUDER")
     for _ in range(200):
-        with _connect(port) as sock:
+        with receiver_abuse.connect(port) as sock:
             sock.sendall(request)
             assert _recv_all(sock, 5)[:1] == b"\x03"  # A-ASSOCIATE-RJ
     receiver.stop()  # the last window's count is written when the receiver stops

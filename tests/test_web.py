@@ -21,13 +21,6 @@ from tests.web_helpers import PASSWORDS, csrf, login, make_accounts, web_setting
 
 
 @pytest.fixture
-def app_settings(tmp_path):
-    settings = web_settings(tmp_path)
-    make_accounts(settings.home_path)
-    return settings
-
-
-@pytest.fixture
 def client(app_settings):
     return create_app(app_settings, environ={}).test_client()
 

@@ -13,17 +13,10 @@ import pytest
 from appliance.store import users
 from appliance.store.database import open_database
 from appliance.web import create_app
-from tests.web_helpers import PASSWORDS, csrf, login, make_accounts, web_settings
+from tests.web_helpers import PASSWORDS, csrf, login
 
 SESSION_COOKIE = "appliance_session"
 DEVICE_COOKIE = "appliance_device"
-
-
-@pytest.fixture
-def app_settings(tmp_path):
-    settings = web_settings(tmp_path)
-    make_accounts(settings.home_path)
-    return settings
 
 
 @pytest.fixture
