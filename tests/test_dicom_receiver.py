@@ -254,27 +254,6 @@ def test_sent_series_is_analysed_after_its_quiet_period_without_anyone_pressing_
         thread.join(timeout=30)
 
 
-def _assoc_rq_bytes(calling="RAWPEER"):
-    """An A-ASSOCIATE-RQ proposing Verification, encoded by pynetdicom's PDU classes."""
-    from pynetdicom.pdu import A_ASSOCIATE_RQ
-    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-    from pynetdicom.presentation import build_context
-
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = calling
-    primitive.called_ae_title = "APPLIANCE"
-    context = build_context("1.2.840.10008.1.1")
-    context.context_id = 1
-    primitive.presentation_context_definition_list = [context]
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    primitive.user_information = [max_length]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return pdu.encode()
-
-
 def _recv_all(sock, timeout):
     sock.settimeout(timeout)
     chunks = []
@@ -299,7 +278,7 @@ def test_malformed_pdu_is_dropped_and_the_service_stays_up(receiver):
 def test_oversize_pdu_ends_the_association_and_the_service_stays_up(receiver):
     _, port = receiver(dicom_max_pdu=16384, dicom_network_timeout=2.0)
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(_assoc_rq_bytes())
+        sock.sendall(receiver_abuse.association_request("RAWPEER"))
         accepted = sock.recv(6)
         assert accepted[:1] == b"\x02"  # A-ASSOCIATE-AC
         _recv_all(sock, 0.5)
@@ -316,7 +295,7 @@ def test_idle_association_is_closed_after_the_network_timeout(receiver):
 
     _, port = receiver(dicom_network_timeout=1.0)
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(_assoc_rq_bytes())
+        sock.sendall(receiver_abuse.association_request("RAWPEER"))
         t0 = time.monotonic()
         data = _recv_all(sock, 15)
         waited = time.monotonic() - t0
@@ -328,7 +307,7 @@ def test_idle_association_is_closed_after_the_network_timeout(receiver):
 def test_associations_beyond_the_maximum_are_refused_until_one_ends(receiver):
     _, port = receiver(dicom_max_associations=1, dicom_network_timeout=30.0)
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(_assoc_rq_bytes())
+        sock.sendall(receiver_abuse.association_request("RAWPEER"))
         assert sock.recv(6)[:1] == b"\x02"  # the one allowed association is open
         assert echo(port).returncode != 0  # a second caller is rejected (local limit exceeded)
     import time
@@ -386,7 +365,7 @@ def test_association_request_dripped_slower_than_the_first_pdu_timeout_is_closed
     t0 = time.monotonic()
     with receiver_abuse.connect(port) as sock:
         with contextlib.suppress(OSError):
-            for byte in _assoc_rq_bytes():  # a byte every 50 ms: 12 s for the whole request
+            for byte in receiver_abuse.association_request("RAWPEER"):  # a byte every 50 ms: 12 s for the whole request
                 sock.send(bytes([byte]))
                 time.sleep(0.05)
         assert receiver_abuse.wait_closed(sock, 5.0) is not None
@@ -433,7 +412,7 @@ def _send_oversize_pdata(port: int, claimed: int) -> tuple[int, float]:
     Returns (body bytes the receiver let in before closing, seconds until it closed).
     """
     with receiver_abuse.connect(port) as sock:
-        sock.sendall(_assoc_rq_bytes())
+        sock.sendall(receiver_abuse.association_request("RAWPEER"))
         assert sock.recv(6)[:1] == b"\x02"  # A-ASSOCIATE-AC
         _recv_all(sock, 0.3)
         t0 = time.monotonic()
@@ -531,7 +510,7 @@ def test_full_disk_answers_out_of_resources_and_leaves_no_scratch_file(small_dis
 def test_flood_of_refused_associations_writes_a_few_audit_rows_that_count_them_all(receiver):
     # regression: 202 refused associations wrote 202 audit rows in 4.4 s
     settings, port = receiver(dicom_allowed_callers="SCANNER@127.0.0.1")
-    request = _assoc_rq_bytes(calling="INTRUDER")
+    request = receiver_abuse.association_request(calling="INTRUDER")
     for _ in range(200):
         with receiver_abuse.connect(port) as sock:
             sock.sendall(request)
