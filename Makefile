@@ -21,7 +21,7 @@ engines: $(STAMP)
 	done
 
 run: $(STAMP) engines
-	APPLIANCE_HOME=$${APPLIANCE_HOME:-./var} $(BIN)/appliance serve
+	APPLIANCE_HOME=$${APPLIANCE_HOME:-./var} APPLIANCE_DEMONSTRATION=$${APPLIANCE_DEMONSTRATION:-1} $(BIN)/appliance serve
 
 # pytest exits 5 when it collects no test; that is not a failure of the product
 test: $(STAMP)

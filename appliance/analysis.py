@@ -21,6 +21,7 @@ import sqlite_utils
 from appliance.config import Settings
 from appliance.durable import write_bytes_durably
 from appliance.errors import ReasonCode, SeriesRejected
+from appliance.inference.policy import why_off
 from appliance.inference.registry import Registry
 from appliance.jobs import queue
 from appliance.pipelines import StepResult, abdomen_pancreas, chest_covid19, lungs, series_qa
@@ -73,6 +74,9 @@ def _chest_covid19(volume: CTVolume, ctx: StepContext) -> StepResult | None:
     if pack is None:
         ctx.skipped.append({"model": chest_covid19.MODEL_ID, "why": "model pack not installed or refused"})
         return None
+    if (why := why_off(pack, ctx.settings, ctx.db)) is not None:
+        ctx.skipped.append({"model": pack.id, "why": why})
+        return None
     session, _choice = ctx.registry.session(pack)
     try:
         return chest_covid19.run(volume, ctx.segmentation(volume), session, pack, ctx.artefacts,
@@ -90,6 +94,9 @@ def _abdomen_pancreas(volume: CTVolume, ctx: StepContext) -> StepResult | None:
     pack = ctx.registry.pack(abdomen_pancreas.MODEL_ID)
     if pack is None or localizer is None:
         ctx.skipped.append({"model": abdomen_pancreas.MODEL_ID, "why": "model packs not installed or refused"})
+        return None
+    if (why := why_off(pack, ctx.settings, ctx.db)) is not None:
+        ctx.skipped.append({"model": pack.id, "why": why})
         return None
     localizer_session, _ = ctx.registry.session(localizer)
     session, _ = ctx.registry.session(pack)

@@ -132,6 +132,10 @@ class Settings:
     inference_threads: int = _setting(0, "ONNX Runtime threads per operator (0 = one per CPU core).")
     min_cpu_int8_speedup: float = _setting(
         1.2, "INT8 runs on the CPU only when parity passed and it measured at least this much faster than FP32.")
+    demonstration: bool = _setting(
+        False, "Demonstration mode: every model pack runs, classifiers not evaluated at this site included, each "
+        "with its banner (`make run` sets it). Off on a real deployment: a classifier runs only once the admin "
+        "switched it on after the site's own evaluation.")
     first_start_sample: bool = _setting(
         True, "On the first start of `appliance serve`, analyse a bundled synthetic study so the screens show one.")
 

@@ -26,7 +26,9 @@ def need_data(*parts: str) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> config.Settings:
-    return config.load(environ={}, home=str(tmp_path / "home"))
+    """Settings of a fresh data directory in demonstration mode, as `make run` starts the appliance, so every
+    pack's output is exercised; tests/test_model_switches.py covers a real deployment's defaults."""
+    return config.load(environ={}, home=str(tmp_path / "home"), demonstration=True)
 
 
 @pytest.fixture

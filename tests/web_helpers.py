@@ -22,7 +22,8 @@ def make_accounts(home: Path) -> None:
 
 
 def web_settings(tmp_path: Path, **overrides) -> config.Settings:
-    return config.load(environ={}, home=str(tmp_path / "home"), **overrides)
+    """Settings of a fresh data directory in demonstration mode (every pack runs, with its banner)."""
+    return config.load(environ={}, home=str(tmp_path / "home"), **{"demonstration": True, **overrides})
 
 
 def csrf(client, path: str = "/login") -> str:

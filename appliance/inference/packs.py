@@ -31,6 +31,7 @@ MODEL = "model.onnx"
 INT8_MODEL = "model.int8.onnx"  # symmetric QDQ: TensorRT and CPU
 INT8_CPU_MODEL = "model.int8-u8s8.onnx"  # UINT8 activations: faster on many CPUs
 PRECISIONS = ("fp32", "fp16", "int8")
+KINDS = ("measurement", "classifier")
 REQUIRED_KEYS = ("id", "version", "task", "body_region", "validated", "validation_note", "series", "input",
                  "outputs", "decision", "training", "precisions", "files")
 
@@ -70,6 +71,13 @@ class ModelPack:
     @property
     def validated(self) -> bool:
         return bool(self.manifest["validated"])
+
+    @property
+    def kind(self) -> str:
+        """``measurement`` (segmentation, a quantity) or ``classifier`` (a yes/no call whose evaluation may
+        not hold across sources); manifests without ``kind`` take it from their task."""
+        return str(self.manifest.get("kind") or ("classifier" if self.manifest["task"] == "classification"
+                                                   else "measurement"))
 
     @property
     def notice(self) -> str:
@@ -135,6 +143,8 @@ def _check_consistent(manifest: dict[str, Any], folder: Path) -> None:
         raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: an unvalidated model must say why in validation_note.")
     if MODEL not in manifest["files"]:
         raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the manifest lists no checksum for {MODEL}.")
+    if manifest.get("kind", "measurement") not in KINDS:
+        raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: kind must be one of {', '.join(KINDS)}.")
     threshold = manifest["decision"].get("threshold")
     if not isinstance(threshold, (int, float)) or not manifest["decision"].get("operating_point"):
         raise PackRefused("PACK_INCONSISTENT",

@@ -160,7 +160,8 @@ def inventory(settings: Settings) -> tuple[list[dict[str, Any]], list[packs.Pack
         cache = DataDirectory(settings.home_path).engines_cache
         lookup = _engine_lookup(pack, record, cache) if availability else _no_engine
         choice = choose(pack, record, availability, lookup, settings.min_cpu_int8_speedup, settings.inference_backend)
-        rows.append({"id": pack.id, "version": pack.version, "validated": pack.validated, "threshold": pack.threshold,
+        rows.append({"id": pack.id, "version": pack.version, "kind": pack.kind, "validated": pack.validated,
+                     "threshold": pack.threshold,
                      "model_sha256": pack.model_sha256, "precisions": ", ".join(pack.allowed_precisions),
                      "choice": choice, "parity": record.get("parity", {}).get("results", []),
                      "built_at": record.get("built_at")})

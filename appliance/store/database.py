@@ -279,3 +279,15 @@ def m008_web_sessions(db: sqlite_utils.Database) -> None:
     db.table("login_failures").add_column("known_device", str)
     db.table("login_failures").create_index(["username", "at"])
     db.table("login_failures").create_index(["address", "at"])
+
+
+@migrations()
+def m009_model_switches(db: sqlite_utils.Database) -> None:
+    """Classifiers a site switched on or off, by version, after its own evaluation (latest row wins)."""
+    db.table("model_switches").create({
+        "id": int, "model": str, "model_version": str, "enabled": int, "operating_point_id": int,
+        "switched_by": str, "switched_at": str,
+    }, pk="id")
+    db.table("model_switches").create_index(["model", "model_version"])
+
+

@@ -88,6 +88,7 @@ def _register(app: Flask) -> None:
     app.register_error_handler(HTTPException, _http_error)
     app.context_processor(lambda: {"languages": LANGUAGES, "get_locale": get_locale,
                                    "site_name": settings_of(app).site_name, "user": g.get("user"),
+                                   "demonstration": settings_of(app).demonstration,
                                    "research_notice": _research_notice})
 
 

@@ -15,7 +15,7 @@ from appliance.export import keys
 from appliance.export import run as export_run
 from appliance.inference.registry import inventory
 from appliance.outputs.outbox import parse_destinations
-from appliance.store import users
+from appliance.store import model_switches, users
 from appliance.store.database import audit, write_transaction
 from appliance.store.datadir import DataDirectory
 from appliance.web.auth import keep_session, role_required
@@ -52,7 +52,11 @@ def index():
     db = get_db()
     stored = db.execute("SELECT coalesce(sum(size_bytes), 0), count(*) FROM instances").fetchone()
     rows, refused, availability = inventory(settings)
+    for row in rows:
+        row["switch"] = model_switches.switch(db, row["id"], row["version"])
+        row["evaluated_here"] = model_switches.operating_point_id(db, row["id"], row["version"]) is not None
     return render_template("admin/index.html", packs=rows, refused=refused, tensorrt=availability,
+                           demonstration=settings.demonstration,
                            exports=export_run.recent(db), site_key=_fingerprint(keys.site_public_key(home)),
                            hub_key=_hub_fingerprint(settings.hub_public_key), last_month=export_run.previous_month(),
                            disk={"total": disk.total, "free": disk.free, "used": disk.used,
@@ -70,6 +74,25 @@ def _hub_fingerprint(text: str) -> str | None:
         return keys.fingerprint(keys.parse_x25519_public(text)) if text else None
     except keys.KeyProblem:
         return None
+
+
+@bp.route("/models/switch", methods=["POST"])
+def switch_model():
+    """Switch a classifier version on (only after the site's recorded evaluation) or off; audited."""
+    model, version = request.form.get("model", ""), request.form.get("version", "")
+    enabled = request.form.get("enabled") == "1"
+    known = {(row["id"], row["version"]): row for row in inventory(settings_of())[0]}
+    row = known.get((model, version))
+    if row is None or row["kind"] != "classifier":
+        abort(404)
+    try:
+        model_switches.set_switch(get_db(), model, version, enabled, g.user["username"])
+    except model_switches.NotEvaluatedHere as exc:
+        flash(_("Not switched on: %(why)s", why=str(exc)))
+    else:
+        flash(_("%(model)s %(version)s switched on.", model=model, version=version) if enabled
+              else _("%(model)s %(version)s switched off.", model=model, version=version))
+    return redirect(url_for("admin.index"))
 
 
 @bp.route("/export", methods=["POST"])
