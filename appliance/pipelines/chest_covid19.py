@@ -1,8 +1,9 @@
-"""Chest COVID-19 screening on a CT volume with the ``chest-covid19`` model pack.
+"""Chest COVID-19 screening on a CT volume with the ``chest-covid19`` model pack (research use only).
 
-Lung-window axial slices covering the lungs (from the lung segmentation) ->
-the same preparation as in training (crop to the lung fields, resize,
-standardise) -> per-slice probability and class activation map -> study
+A classifier: off on a real deployment until the site evaluated it (:mod:`appliance.inference.policy`).
+Lung-window axial slices covering the lungs (from the lung mask) ->
+cropped to the lungs on each slice -> the same preparation as in training
+(crop to the body, resize, standardise) -> per-slice probability and class activation map -> study
 score -> flag against the manifest threshold -> key slices with heatmaps.
 
 Study score (documented aggregation): the mean of the highest quarter of
@@ -18,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from appliance.pipelines import StepResult, overlays
-from appliance.pipelines.chest_preprocess import INPUT_SIZE, prepare_gray, window_to_gray
+from appliance.pipelines.chest_preprocess import INPUT_SIZE, body_box, standardise, window_to_gray
 from appliance.pipelines.key_images import save_key_image
 from appliance.pipelines.lungs import Segmentation
 from appliance.series.volume import CTVolume
@@ -32,6 +34,7 @@ MIN_TOP_SLICES = 3
 KEY_SLICES = 3
 OVERLAY_DILATION = 3  # pixels of the half-resolution lung mask
 BATCH = 16
+LUNG_CROP_MARGIN = 0.3  # of the lungs' box on each side: about the field of the training images
 
 
 def lung_slices(seg: Segmentation, max_slices: int = MAX_SLICES) -> np.ndarray:
@@ -45,10 +48,48 @@ def lung_slices(seg: Segmentation, max_slices: int = MAX_SLICES) -> np.ndarray:
     return candidates
 
 
-def model_inputs(volume: CTVolume, indices: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(N, 1, size, size) prepared inputs and the lung-window grey slices they came from."""
+def lung_box(seg: Segmentation, k: int, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) of both lungs on slice ``k`` in full-resolution pixels, with a margin of
+    ``LUNG_CROP_MARGIN`` of the box's size: the field the training images show (cropped chest slices)."""
+    rows, cols = np.nonzero(seg.lungs[k])
+    if len(rows) == 0:
+        return None
+    s = seg.stride
+    top, bottom, left, right = rows.min() * s, (rows.max() + 1) * s, cols.min() * s, (cols.max() + 1) * s
+    mr, mc = int(LUNG_CROP_MARGIN * (bottom - top)), int(LUNG_CROP_MARGIN * (right - left))
+    return max(0, top - mr), min(shape[0], bottom + mr), max(0, left - mc), min(shape[1], right + mc)
+
+
+def input_region(gray: np.ndarray, box: tuple[int, int, int, int] | None) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the slice that the model input shows: the lung crop ``box`` (or the whole
+    slice) narrowed to the body as :func:`~appliance.pipelines.chest_preprocess.prepare_gray` narrows it."""
+    top, bottom, left, right = box or (0, gray.shape[0], 0, gray.shape[1])
+    inner = body_box(gray[top:bottom, left:right])
+    if inner is None:
+        return top, bottom, left, right
+    return top + inner[0], top + inner[1], left + inner[2], left + inner[3]
+
+
+def model_inputs(volume: CTVolume, indices: np.ndarray, seg: Segmentation | None = None
+                 ) -> tuple[np.ndarray, list[np.ndarray], list[tuple[int, int, int, int]]]:
+    """(N, 1, size, size) prepared inputs, the lung-window grey slices they came from, and the region of
+    each slice the input shows.
+
+    With ``seg``, each slice is first cropped to its lungs (:func:`lung_box`), so the model reads the lung
+    fields as its training images (cropped chest slices) show them; the crop is then prepared as a training
+    image is.
+    """
     grays = [window_to_gray(volume.hu[k]) for k in indices]
-    return np.stack([prepare_gray(g)[None] for g in grays]).astype(np.float32), grays
+    regions = [input_region(g, lung_box(seg, int(k), g.shape) if seg is not None else None)
+               for k, g in zip(indices, grays)]
+    x = [prepare_region(g, r)[None] for g, r in zip(grays, regions)]
+    return np.stack(x).astype(np.float32), grays, regions
+
+
+def prepare_region(gray: np.ndarray, region: tuple[int, int, int, int]) -> np.ndarray:
+    top, bottom, left, right = region
+    crop = Image.fromarray(gray[top:bottom, left:right])
+    return standardise(np.asarray(crop.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR), dtype=np.float32))
 
 
 def aggregate(probabilities: np.ndarray) -> float:
@@ -68,14 +109,11 @@ def _lung_overlay_mask(seg: Segmentation, k: int, shape: tuple[int, int]) -> np.
     return out
 
 
-def _heat(gray: np.ndarray, cam: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
-    """The activation map (logits) as 0..1 over the slice's body box, zero outside ``where`` (the lungs)."""
-    from PIL import Image
-
-    from appliance.pipelines.chest_preprocess import body_box
-
+def _heat(gray: np.ndarray, cam: np.ndarray, region: tuple[int, int, int, int],
+          where: np.ndarray | None = None) -> np.ndarray:
+    """The activation map (logits) as 0..1 over the region the input showed, zero outside ``where`` (the lungs)."""
     heat = np.zeros(gray.shape, dtype=np.float32)
-    top, bottom, left, right = body_box(gray) or (0, gray.shape[0], 0, gray.shape[1])
+    top, bottom, left, right = region
     region = 1 / (1 + np.exp(-cam))  # logits -> 0..1
     heat[top:bottom, left:right] = np.asarray(
         Image.fromarray(region.astype(np.float32)).resize((right - left, bottom - top), Image.Resampling.BILINEAR))
@@ -102,7 +140,7 @@ def run(volume: CTVolume, seg: Segmentation, session, pack, artefacts: Path | No
     indices = lung_slices(seg)
     if len(indices) == 0:
         raise NotApplicable("no lungs found in this series")
-    x, grays = model_inputs(volume, indices)
+    x, grays, regions = model_inputs(volume, indices, seg)
     probs, cams = [], []
     for i in range(0, len(x), BATCH):
         out = session.run({pack.input_name: x[i:i + BATCH]})
@@ -111,7 +149,8 @@ def run(volume: CTVolume, seg: Segmentation, session, pack, artefacts: Path | No
     probabilities, maps = np.concatenate(probs), np.concatenate(cams)
     score = aggregate(probabilities)
     findings: list[dict[str, Any]] = []
-    heats = [_heat(grays[j], maps[j], _lung_overlay_mask(seg, int(k), grays[j].shape)) for j, k in enumerate(indices)]
+    heats = [_heat(grays[j], maps[j], regions[j], _lung_overlay_mask(seg, int(k), grays[j].shape))
+             for j, k in enumerate(indices)]
     if artefacts is not None:
         overlays.save(artefacts / f"overlay-{MODEL_ID}.npz", [int(k) for k in indices],
                       [overlays.shrink(np.clip((h - 0.5) * 2, 0, 1)) for h in heats])
