@@ -97,7 +97,8 @@ def test_the_admin_page_switches_a_classifier_only_after_evaluation(deployed):
                                                      "csrf_token": token}, follow_redirects=True)
     assert "switched on" in done.get_data(as_text=True)
     assert model_switches.is_switched_on(db, COVID, version)
-    detail = json.loads(db.execute("SELECT detail FROM audit_log WHERE action = 'classifier_switched_on'").fetchone()[0])
+    row = db.execute("SELECT detail FROM audit_log WHERE action = 'classifier_switched_on'").fetchone()
+    detail = json.loads(row[0])
     assert detail["version"] == version and detail["operating_point_id"]
 
 

@@ -56,7 +56,7 @@ def orthanc_get(http_port: int, path: str):
 
 
 def _analysed_worker(tmp_path, synthetic_chest, destinations: str) -> Worker:
-    settings = config.load(environ={}, home=str(tmp_path / "home"), quiet_period_seconds=0.0,
+    settings = config.load(environ={}, home=str(tmp_path / "home"), quiet_period_seconds=0.0, demonstration=True,
                            pacs_destinations=destinations, outbox_backoff_seconds=3600.0)
     worker = Worker(settings)
     import_paths(worker.store, [synthetic_chest], settings)

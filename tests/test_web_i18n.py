@@ -13,11 +13,13 @@ REPO = Path(__file__).resolve().parents[1]
 CATALOGUES = REPO / "appliance" / "web" / "translations"
 PLACEHOLDER = re.compile(r"%\(\w+\)[-#0 +]*\d*(?:\.\d+)?[sdf]|\{\w+\}")
 # messages shown through a variable (roles, states, decisions), so extraction cannot see them
-DYNAMIC = {"technician", "radiologist", "admin", "queued", "running", "done", "failed", "rejected", "confirmed"}
+DYNAMIC = {"technician", "radiologist", "admin", "queued", "running", "done", "failed", "rejected", "confirmed",
+           "upper", "middle", "lower"}
 
 
 def _extracted() -> set[str]:
     method_map = [("appliance/web/**.py", "python"), ("appliance/outputs/report.py", "python"),
+                  ("appliance/outputs/opacity_figures.py", "python"),
                   ("appliance/web/templates/**.html", "jinja2")]
     ids = set()
     for _file, _line, message, _comments, _context in extract_from_dir(

@@ -14,6 +14,7 @@ from typing import Any
 
 from fpdf import FPDF
 
+from appliance.outputs import opacity_figures
 from appliance.store.datadir import DataDirectory
 
 Gettext = Callable[..., str]
@@ -110,6 +111,31 @@ def review_line(review: dict[str, Any] | None, _: Gettext) -> str:
     return f"{line}. {review['comment']}" if review.get("comment") else line
 
 
+def _opacity_block(pdf: FPDF, font: str, t, result: dict[str, Any], _: Gettext) -> None:
+    """Lung opacity: the burden per zone as a small table and the profile along the body axis as a chart."""
+    rows = opacity_figures.zone_table(result)
+    if not rows:
+        return
+    if pdf.get_y() + 45 > pdf.h - 20:
+        pdf.add_page()
+    pdf.set_font(font, "B", 8)
+    widths = (22, 26, 26)
+    for text, w in zip((_("Zone"), _("Right lung"), _("Left lung")), widths):
+        pdf.cell(w, 4.5, t(text), border=1)
+    pdf.ln()
+    pdf.set_font(font, size=8)
+    for row in rows:
+        cells = [_(row["zone"])] + [f"{row[lung]:.1f} %" if row[lung] is not None else "-"
+                                    for lung in opacity_figures.LUNGS]
+        for text, w in zip(cells, widths):
+            pdf.cell(w, 4.5, t(text), border=1)
+        pdf.ln()
+    top = pdf.get_y() - 4.5 * (len(rows) + 1)
+    if opacity_figures.draw_profile(pdf, result, pdf.l_margin + sum(widths) + 14, top + 1, 80, 18, t, _):
+        pdf.set_font(font, size=8)
+    pdf.ln(2)
+
+
 class _Report(FPDF):
     def __init__(self, footer_text: str, font: str):
         super().__init__(format="A4")
@@ -199,6 +225,7 @@ def _result_block(pdf: FPDF, font: str, t, result: dict[str, Any], review, _: Ge
         pdf.set_text_color(0, 0, 0)
         pdf.set_font(font, size=8)
     pdf.multi_cell(0, 4.5, t(review_line(review, _)), new_x="LMARGIN", new_y="NEXT")
+    _opacity_block(pdf, font, t, result, _)
     images = [p for p in (key_image(result, n) for n in result["key_images"][:3]) if p is not None]
     if images:
         size = 55.0

@@ -20,6 +20,7 @@ from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
 
 from appliance.config import Settings
+from appliance.outputs import opacity_figures
 from appliance.store.database import open_database
 from appliance.store.datadir import DataDirectory
 from appliance.store.users import admin_count
@@ -89,7 +90,9 @@ def _register(app: Flask) -> None:
     app.context_processor(lambda: {"languages": LANGUAGES, "get_locale": get_locale,
                                    "site_name": settings_of(app).site_name, "user": g.get("user"),
                                    "demonstration": settings_of(app).demonstration,
-                                   "research_notice": _research_notice})
+                                   "research_notice": _research_notice,
+                                   "opacity_zone_table": opacity_figures.zone_table,
+                                   "opacity_profile_svg": lambda result: opacity_figures.profile_svg(result, _)})
 
 
 def _open_request() -> Any:
