@@ -114,9 +114,9 @@ def _heat(gray: np.ndarray, cam: np.ndarray, region: tuple[int, int, int, int],
     """The activation map (logits) as 0..1 over the region the input showed, zero outside ``where`` (the lungs)."""
     heat = np.zeros(gray.shape, dtype=np.float32)
     top, bottom, left, right = region
-    region = 1 / (1 + np.exp(-cam))  # logits -> 0..1
+    level = 1 / (1 + np.exp(-cam))  # logits -> 0..1
     heat[top:bottom, left:right] = np.asarray(
-        Image.fromarray(region.astype(np.float32)).resize((right - left, bottom - top), Image.Resampling.BILINEAR))
+        Image.fromarray(level.astype(np.float32)).resize((right - left, bottom - top), Image.Resampling.BILINEAR))
     if where is not None:
         heat[~where] = 0
     return heat
