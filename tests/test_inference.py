@@ -200,8 +200,12 @@ def test_every_shipped_pack_names_a_calibration_set_the_appliance_has():
 
 
 def test_unknown_calibration_set_builds_no_int8_model_and_says_why(pack_copy, tmp_path):
+    from appliance import tomlfile
     from appliance.inference.build import build_pack, calibration_set
 
+    manifest = tomlfile.loads((pack_copy / "manifest.toml").read_text())
+    del manifest["calibration"]["file"]  # a pack shipping no calibration inputs: only the named set can serve
+    (pack_copy / "manifest.toml").write_text(tomlfile.dumps(manifest))
     pack = packs.load_pack(pack_copy)
     with pytest.raises(packs.PackRefused, match="calibration set 'chest-covid19'"):
         calibration_set(pack, {"other": lambda settings: np.zeros((1, 1, 128, 128), np.float32)})
