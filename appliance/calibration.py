@@ -110,7 +110,8 @@ def write_calibration_file(folder: Path, inputs: np.ndarray) -> Path:
     """Write a pack's ``calibration.npz``: ``inputs`` (N, ...) as float16 (half the size; the
     builder casts them back to float32), compressed. The same inputs give the same bytes."""
     path = folder / CALIBRATION_FILE
-    np.savez_compressed(path, **{build.CALIBRATION_ARRAY: np.asarray(inputs).astype(CALIBRATION_DTYPE)})
+    arrays: dict[str, Any] = {build.CALIBRATION_ARRAY: np.asarray(inputs).astype(CALIBRATION_DTYPE)}
+    np.savez_compressed(path, **arrays)
     return path
 
 

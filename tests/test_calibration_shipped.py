@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from appliance import calibration, config, tomlfile
-from appliance.inference import build, packs
+from appliance.inference import build, packs, parity
+from appliance.inference.backends import onnxruntime as ort_backend
+from appliance.inference.backends import tensorrt as trt_backend
 
 from .conftest import need_data
 
@@ -34,8 +36,10 @@ def _rewrite_manifest(folder: Path, change) -> None:
     (folder / packs.MANIFEST).write_text(tomlfile.dumps(manifest))
 
 
-def _without_timings(results: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in results]
+def _cpu_results(record: dict) -> list[dict]:
+    """The build's ONNX Runtime parity results without their timings (deterministic for the same models)."""
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in record["parity"]["results"]
+            if r["backend"] == "onnxruntime"]
 
 
 def _hide_developer_data(monkeypatch, missing: Path) -> dict[str, build.CalibrationSet]:
@@ -55,9 +59,28 @@ def _build(folder: Path, home: Path, calibration_sets) -> dict:
     return build.build_pack(packs.load_pack(folder), settings, calibration=calibration_sets, say=lambda m: None)
 
 
+def _check_build_artefacts(folder: Path, record: dict) -> None:
+    """The INT8 models and reports exist, the build record reloads, skipped engines say why."""
+    assert (folder / packs.INT8_MODEL).exists() and (folder / "parity.md").exists()
+    int8 = record["parity"]["results"][0]
+    assert (int8["backend"], int8["precision"]) == ("onnxruntime", "int8")
+    assert int8["decision_agreement"] is not None and int8["speedup"] > 0
+    skipped = {s["precision"]: s["why"] for s in record["parity"]["skipped"]}
+    if not trt_backend.is_available():
+        assert set(skipped) == {"fp16", "int8"} and all(skipped.values())
+    rebuilt = packs.load_pack(folder).build_record()
+    assert rebuilt["files"][packs.INT8_MODEL] == packs.sha256_file(folder / packs.INT8_MODEL)
+    pack = packs.load_pack(folder)
+    x, _ = parity.load_evaluation_set(pack)
+    session = ort_backend.OnnxRuntimeSession(folder / packs.INT8_MODEL, "int8", threads=1)
+    assert session.run({pack.input_name: x[:4]})[pack.manifest["decision"]["output"]].shape == (4, 1)
+
+
 def test_build_without_developer_data_equals_the_build_with_it_and_passes_the_gate(tmp_path, monkeypatch):
     # as in the repository, with the developer data where it is on a development machine (if it is there at all)
-    lab = _build(_copy_pack(SMALLEST, tmp_path / "lab"), tmp_path / "home-lab", calibration.CALIBRATION_SETS)
+    lab_folder = _copy_pack(SMALLEST, tmp_path / "lab")
+    lab = _build(lab_folder, tmp_path / "home-lab", calibration.CALIBRATION_SETS)
+    _check_build_artefacts(lab_folder, lab)
     # as on a deployed box: a copy of the engines folder, no developer data
     field_sets = _hide_developer_data(monkeypatch, tmp_path / "no-developer-data")
     field = _build(_copy_pack(SMALLEST, tmp_path / "field"), tmp_path / "home-field", field_sets)
@@ -68,7 +91,7 @@ def test_build_without_developer_data_equals_the_build_with_it_and_passes_the_ga
     assert len(int8) == 2 and all(r["enabled"] for r in int8), [r["why"] for r in int8]
     assert {k: field["files"][k] for k in (packs.INT8_MODEL, packs.INT8_CPU_MODEL)} == \
            {k: lab["files"][k] for k in (packs.INT8_MODEL, packs.INT8_CPU_MODEL)}
-    assert _without_timings(field["parity"]["results"]) == _without_timings(lab["parity"]["results"])
+    assert _cpu_results(field) == _cpu_results(lab)
     report = (tmp_path / "field" / SMALLEST / "parity.md").read_text()
     assert f"shipped {calibration.CALIBRATION_FILE}" in report and "CC BY-NC-SA 4.0" in report
 

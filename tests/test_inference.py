@@ -217,26 +217,6 @@ def test_unknown_calibration_set_builds_no_int8_model_and_says_why(pack_copy, tm
     assert "does not have" in (pack_copy / "parity.md").read_text()
 
 
-def test_build_writes_int8_model_parity_report_and_names_skipped_engines(pack_copy, tmp_path):
-    from appliance.calibration import CALIBRATION_SETS
-    from appliance.inference.build import build_pack
-
-    settings = config.load(environ={}, home=str(tmp_path / "home"), engines_dir=str(pack_copy.parent))
-    record = build_pack(packs.load_pack(pack_copy), settings, calibration=CALIBRATION_SETS, say=lambda m: None)
-    assert (pack_copy / "model.int8.onnx").exists() and (pack_copy / "parity.md").exists()
-    int8 = record["parity"]["results"][0]
-    assert (int8["backend"], int8["precision"]) == ("onnxruntime", "int8")
-    assert int8["decision_agreement"] is not None and int8["speedup"] > 0
-    skipped = {s["precision"]: s["why"] for s in record["parity"]["skipped"]}
-    if not trt_backend.is_available():
-        assert set(skipped) == {"fp16", "int8"} and all(skipped.values())
-    rebuilt = packs.load_pack(pack_copy).build_record()
-    assert rebuilt["files"]["model.int8.onnx"] == packs.sha256_file(pack_copy / "model.int8.onnx")
-    int8_session = ort_backend.OnnxRuntimeSession(pack_copy / "model.int8.onnx", "int8", threads=1)
-    x, _ = parity.load_evaluation_set(packs.load_pack(pack_copy))
-    assert int8_session.run({"image": x[:4]})["probability"].shape == (4, 1)
-
-
 @pytest.mark.skipif(not trt_backend.is_available(), reason="needs TensorRT and an NVIDIA GPU")
 def test_tensorrt_fp16_engine_builds_and_matches_fp32(pack_copy, tmp_path):
     from appliance.calibration import CALIBRATION_SETS
