@@ -189,14 +189,17 @@ def test_parity_gate_refuses_a_precision_that_changes_decisions():
     assert not verdict["enabled"] and "decision agreement" in verdict["why"]
 
 
-def test_every_shipped_pack_names_a_calibration_set_the_appliance_has():
+def test_every_shipped_pack_ships_its_calibration_inputs_or_names_a_set_the_appliance_has():
     from appliance.calibration import CALIBRATION_SETS
-    from appliance.inference.build import calibration_set
+    from appliance.inference.build import calibration_set, shipped_calibration_file
 
     found, refused = packs.load_packs(REPO / "engines")
     assert found and not refused
     for pack in found:
-        assert calibration_set(pack, CALIBRATION_SETS) is CALIBRATION_SETS[pack.manifest["calibration"]["inputs"]]
+        if shipped_calibration_file(pack) is None:
+            assert calibration_set(pack, CALIBRATION_SETS) is CALIBRATION_SETS[pack.manifest["calibration"]["inputs"]]
+        else:
+            assert shipped_calibration_file(pack) in pack.manifest["files"] and pack.manifest["calibration"]["licence"]
 
 
 def test_unknown_calibration_set_builds_no_int8_model_and_says_why(pack_copy, tmp_path):
