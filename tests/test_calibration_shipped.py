@@ -14,8 +14,6 @@ from appliance.inference import build, packs, parity
 from appliance.inference.backends import onnxruntime as ort_backend
 from appliance.inference.backends import tensorrt as trt_backend
 
-from .conftest import need_data
-
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = REPO / "engines"
 SHIPPED = ("chest-covid19", "pancreas-localizer", "abdomen-pancreas")
@@ -122,8 +120,9 @@ def test_every_shipped_calibration_file_loads_with_its_checksum_shape_and_licenc
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_inputs_are_what_the_calibration_functions_make(name):
     if name == "chest-covid19":  # made from the developer data
-        need_data("ct", "tcia-pancreas-ct-chest-abdomen")
-        need_data("covid-ct", "sars-cov-2-ct-scan")
+        for path in (calibration.CHEST_CT, calibration.COVID_CT_IMAGES):
+            if not path.exists():
+                pytest.skip(f"developer data not found at {path} (../shared/data beside the repository)")
     pack = packs.load_pack(ENGINES / name)
     made = calibration.CALIBRATION_SETS[pack.manifest["calibration"]["inputs"]](config.load(environ={}))
     np.testing.assert_array_equal(build.load_shipped_calibration(pack),
