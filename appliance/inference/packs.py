@@ -136,7 +136,6 @@ def _check_consistent(manifest: dict[str, Any], folder: Path) -> None:
         raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: an unvalidated model must say why in validation_note.")
     if MODEL not in manifest["files"]:
         raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the manifest lists no checksum for {MODEL}.")
-    _check_calibration_file(manifest, folder)
     threshold = manifest["decision"].get("threshold")
     if not isinstance(threshold, (int, float)) or not manifest["decision"].get("operating_point"):
         raise PackRefused("PACK_INCONSISTENT",
@@ -165,6 +164,7 @@ def load_pack(folder: Path) -> ModelPack:
     except tomlfile.TOMLDecodeError as exc:
         raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the manifest is not valid TOML ({exc}).") from exc
     _check_consistent(manifest, folder)
+    _check_calibration_file(manifest, folder)
     for name, expected in manifest["files"].items():
         path = folder / name
         if not path.exists():
