@@ -1,11 +1,14 @@
 """INT8 calibration sets: representative inputs for each model, by the name its manifest gives.
 
-A model pack's manifest names its set (``[calibration] inputs = "chest-covid19"``);
-:data:`CALIBRATION_SETS` maps that name to the plain function that makes the
-inputs, prepared exactly as the pipeline prepares them for the model. The
-inference layer never imports this module: ``build_engines.py`` and
-``appliance build-engines`` hand the mapping to
-:func:`appliance.inference.build.build_all`.
+A model pack ships its calibration inputs (``calibration.npz``, written by
+the pack generators in ``training/`` with :func:`write_calibration_file`), so
+a box without the developer data calibrates on the same inputs. The functions
+here make those inputs: :data:`CALIBRATION_SETS` maps the name a manifest gives
+(``[calibration] inputs = "chest-covid19"``) to the plain function that makes
+them, prepared exactly as the pipeline prepares them for the model; the
+builder calls one only for a pack that ships no file. The inference layer
+never imports this module: ``build_engines.py`` and ``appliance build-engines``
+hand the mapping to :func:`appliance.inference.build.build_all`.
 
 Synthetic phantoms (:mod:`appliance.synth`) are used here, never in the
 pipelines that run on patients.
@@ -13,6 +16,7 @@ pipelines that run on patients.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,8 +34,10 @@ from appliance.series.volume import CTVolume, load_series
 from appliance.synth.phantom import make_phantom
 from appliance.synth.writer import SynthOptions, write_series
 
-# real CT and training images, used when the shared data folder sits next to the repository
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# real CT and training images (developer data), used when the shared data folder sits next to the repository
+# or APPLIANCE_SHARED_DATA names it
+SHARED_DATA = Path(os.environ.get("APPLIANCE_SHARED_DATA", "")
+                   or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 CHEST_CT = SHARED_DATA / "ct" / "tcia-pancreas-ct-chest-abdomen"
 COVID_CT_IMAGES = SHARED_DATA / "covid-ct" / "sars-cov-2-ct-scan"
 COVID_CT_IMAGE_STRIDE = 20  # every 20th training image: a spread of both classes, quick to prepare
@@ -40,6 +46,8 @@ LOCALIZER_PHANTOMS = 12
 LOCALIZER_CRANIOCAUDAL_MM = (0.0, 384.0)
 CLASSIFIER_PHANTOMS = 32
 CLASSIFIER_CENTRE_JITTER_MM = 5.0  # the localiser's centroid is never exact
+CALIBRATION_FILE = "calibration.npz"  # shipped in a pack, listed in its manifest's [files]
+CALIBRATION_DTYPE = np.float16
 
 
 def _chest_series_inputs(volume: CTVolume) -> np.ndarray:
@@ -98,7 +106,17 @@ CALIBRATION_SETS: Mapping[str, build.CalibrationSet] = {
 }
 
 
+def write_calibration_file(folder: Path, inputs: np.ndarray) -> Path:
+    """Write a pack's ``calibration.npz``: ``inputs`` (N, ...) as float16 (half the size; the
+    builder casts them back to float32), compressed. The same inputs give the same bytes."""
+    path = folder / CALIBRATION_FILE
+    arrays: dict[str, Any] = {build.CALIBRATION_ARRAY: np.asarray(inputs).astype(CALIBRATION_DTYPE)}
+    np.savez_compressed(path, **arrays)
+    return path
+
+
 def build_all(settings: Settings, say: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Build every model pack (INT8 models, TensorRT engines, parity reports), calibrating each
-    on its set from :data:`CALIBRATION_SETS`; what ``appliance build-engines`` runs."""
+    """Build every model pack (INT8 models, TensorRT engines, parity reports), calibrating each on
+    the inputs it ships, or on its set from :data:`CALIBRATION_SETS` when it ships none; what
+    ``appliance build-engines`` runs."""
     return build.build_all(settings, calibration=CALIBRATION_SETS, say=say)

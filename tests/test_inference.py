@@ -189,19 +189,26 @@ def test_parity_gate_refuses_a_precision_that_changes_decisions():
     assert not verdict["enabled"] and "decision agreement" in verdict["why"]
 
 
-def test_every_shipped_pack_names_a_calibration_set_the_appliance_has():
+def test_every_shipped_pack_ships_its_calibration_inputs_or_names_a_set_the_appliance_has():
     from appliance.calibration import CALIBRATION_SETS
-    from appliance.inference.build import calibration_set
+    from appliance.inference.build import calibration_set, shipped_calibration_file
 
     found, refused = packs.load_packs(REPO / "engines")
     assert found and not refused
     for pack in found:
-        assert calibration_set(pack, CALIBRATION_SETS) is CALIBRATION_SETS[pack.manifest["calibration"]["inputs"]]
+        if shipped_calibration_file(pack) is None:
+            assert calibration_set(pack, CALIBRATION_SETS) is CALIBRATION_SETS[pack.manifest["calibration"]["inputs"]]
+        else:
+            assert shipped_calibration_file(pack) in pack.manifest["files"] and pack.manifest["calibration"]["licence"]
 
 
 def test_unknown_calibration_set_builds_no_int8_model_and_says_why(pack_copy, tmp_path):
+    from appliance import tomlfile
     from appliance.inference.build import build_pack, calibration_set
 
+    manifest = tomlfile.loads((pack_copy / "manifest.toml").read_text())
+    del manifest["calibration"]["file"]  # a pack shipping no calibration inputs: only the named set can serve
+    (pack_copy / "manifest.toml").write_text(tomlfile.dumps(manifest))
     pack = packs.load_pack(pack_copy)
     with pytest.raises(packs.PackRefused, match="calibration set 'chest-covid19'"):
         calibration_set(pack, {"other": lambda settings: np.zeros((1, 1, 128, 128), np.float32)})
@@ -211,26 +218,6 @@ def test_unknown_calibration_set_builds_no_int8_model_and_says_why(pack_copy, tm
     skipped = [s for s in record["parity"]["skipped"] if s["backend"] == "onnxruntime"]
     assert skipped[0]["precision"] == "int8" and "does not have" in skipped[0]["why"]
     assert "does not have" in (pack_copy / "parity.md").read_text()
-
-
-def test_build_writes_int8_model_parity_report_and_names_skipped_engines(pack_copy, tmp_path):
-    from appliance.calibration import CALIBRATION_SETS
-    from appliance.inference.build import build_pack
-
-    settings = config.load(environ={}, home=str(tmp_path / "home"), engines_dir=str(pack_copy.parent))
-    record = build_pack(packs.load_pack(pack_copy), settings, calibration=CALIBRATION_SETS, say=lambda m: None)
-    assert (pack_copy / "model.int8.onnx").exists() and (pack_copy / "parity.md").exists()
-    int8 = record["parity"]["results"][0]
-    assert (int8["backend"], int8["precision"]) == ("onnxruntime", "int8")
-    assert int8["decision_agreement"] is not None and int8["speedup"] > 0
-    skipped = {s["precision"]: s["why"] for s in record["parity"]["skipped"]}
-    if not trt_backend.is_available():
-        assert set(skipped) == {"fp16", "int8"} and all(skipped.values())
-    rebuilt = packs.load_pack(pack_copy).build_record()
-    assert rebuilt["files"]["model.int8.onnx"] == packs.sha256_file(pack_copy / "model.int8.onnx")
-    int8_session = ort_backend.OnnxRuntimeSession(pack_copy / "model.int8.onnx", "int8", threads=1)
-    x, _ = parity.load_evaluation_set(packs.load_pack(pack_copy))
-    assert int8_session.run({"image": x[:4]})["probability"].shape == (4, 1)
 
 
 @pytest.mark.skipif(not trt_backend.is_available(), reason="needs TensorRT and an NVIDIA GPU")

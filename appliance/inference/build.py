@@ -9,13 +9,20 @@ TensorRT the CPU artefacts are still built and the skipped engines are named
 with the reason.
 
 INT8 calibration needs representative inputs made the way a pipeline makes
-them; this layer does not know the pipelines. The manifest names a calibration
+them. A pack ships them (``[calibration] file``, an ``.npz`` whose ``inputs``
+array holds the prepared model inputs in any numeric dtype, checksummed in
+``[files]``), so a box without the developer data calibrates on exactly the
+same inputs and gets the same INT8 model and parity results. Only a pack
+without that file falls back to a function: the manifest names a calibration
 set (``[calibration] inputs``) and the caller passes ``calibration``, a mapping
-from those names to functions (``appliance.calibration.CALIBRATION_SETS``).
+from those names to functions (``appliance.calibration.CALIBRATION_SETS``);
+this layer does not know the pipelines. The build record and the parity
+report say which was used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -37,6 +44,20 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 # representative model inputs (N, ...) float32, prepared as the pipeline prepares them
 CalibrationSet = Callable[[Settings], np.ndarray]
+CALIBRATION_ARRAY = "inputs"  # the array a pack's calibration file holds
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """INT8 calibration inputs (N, ...) float32 and where they came from (for the build record)."""
+
+    inputs: np.ndarray
+    source: dict[str, Any]
+
+    def describe(self) -> str:
+        if self.source["source"] == "file":
+            return f"the pack's {self.source['file']} ({len(self.inputs)} inputs)"
+        return f"calibration set {self.source['inputs']!r} made on this box ({len(self.inputs)} inputs)"
 
 
 def calibration_set(pack: packs.ModelPack, calibration: Mapping[str, CalibrationSet]) -> CalibrationSet:
@@ -56,14 +77,67 @@ def calibration_set(pack: packs.ModelPack, calibration: Mapping[str, Calibration
     return calibration[name]
 
 
-def _build_int8(pack: packs.ModelPack, settings: Settings, make_inputs: CalibrationSet, record: dict[str, Any],
+def shipped_calibration_file(pack: packs.ModelPack) -> str | None:
+    """The name of the calibration file the pack ships (``[calibration] file``), or None."""
+    name = pack.manifest.get("calibration", {}).get("file")
+    return name if isinstance(name, str) else None
+
+
+def _check_item_shape(pack: packs.ModelPack, shape: tuple[int, ...]) -> None:
+    spec = pack.manifest["input"]
+    low, high = spec.get("min_shape", spec["shape"]), spec.get("max_shape", spec["shape"])
+    fits = len(shape) == len(low) == len(high) and all(lo <= s <= hi for s, lo, hi in zip(shape, low, high))
+    if not fits:
+        raise packs.PackRefused("PACK_INCONSISTENT", f"{pack.id}: calibration inputs of shape {list(shape)} do not "
+                                                     f"fit the model input {spec['shape']} (without the batch axis).")
+
+
+def load_shipped_calibration(pack: packs.ModelPack) -> np.ndarray:
+    """The pack's shipped calibration inputs (N, ...) cast to float32.
+
+    Raises :class:`packs.PackRefused` (``PACK_INCONSISTENT``) when the pack ships none, or a file without a
+    numeric ``inputs`` array of the model's input shape. Its checksum was verified when the pack loaded.
+    """
+    name = shipped_calibration_file(pack)
+    if name is None:
+        raise packs.PackRefused("PACK_INCONSISTENT", f"{pack.id}: the pack ships no calibration file.")
+    with np.load(pack.file(name), allow_pickle=False) as data:
+        if CALIBRATION_ARRAY not in data.files:
+            raise packs.PackRefused("PACK_INCONSISTENT", f"{pack.id}: {name} has no {CALIBRATION_ARRAY!r} array.")
+        x = data[CALIBRATION_ARRAY]
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)) or len(x) == 0:
+        raise packs.PackRefused("PACK_INCONSISTENT", f"{pack.id}: {name} holds no numeric calibration inputs.")
+    _check_item_shape(pack, x.shape[1:])
+    return x.astype(np.float32)
+
+
+def calibration_inputs(pack: packs.ModelPack, settings: Settings,
+                       calibration: Mapping[str, CalibrationSet]) -> Calibration:
+    """The pack's INT8 calibration inputs: its shipped file when it has one, else the function that
+    ``[calibration] inputs`` names in ``calibration``.
+
+    Raises :class:`packs.PackRefused` (``PACK_INCONSISTENT``) when there are none to be had.
+    """
+    section = pack.manifest.get("calibration", {})
+    name = shipped_calibration_file(pack)
+    if name is not None:
+        source = {"source": "file", "file": name, "sha256": pack.manifest["files"][name],
+                  "licence": section.get("licence", "")}
+        return Calibration(load_shipped_calibration(pack), source)
+    make_inputs = calibration_set(pack, calibration)
+    x = np.asarray(make_inputs(settings), dtype=np.float32)
+    return Calibration(x, {"source": "function", "inputs": section["inputs"]})
+
+
+def _build_int8(pack: packs.ModelPack, settings: Settings, inputs: Calibration, record: dict[str, Any],
                 say: Progress) -> None:
-    say("calibrating INT8 on representative CT")
-    x = make_inputs(settings)
+    say(f"calibrating INT8 on {inputs.describe()}")
     for name, symmetric in ((packs.INT8_MODEL, True), (packs.INT8_CPU_MODEL, False)):
-        quantize_qdq(pack.file(packs.MODEL), pack.file(name), pack.input_name, x, symmetric_activations=symmetric)
+        quantize_qdq(pack.file(packs.MODEL), pack.file(name), pack.input_name, inputs.inputs,
+                     symmetric_activations=symmetric)
         record["files"][name] = packs.sha256_file(pack.file(name))
-    record["calibration"] = {"items": int(len(x)), "description": pack.manifest["calibration"]["description"]}
+    record["calibration"] = {"items": int(len(inputs.inputs)),
+                             "description": pack.manifest["calibration"].get("description", ""), **inputs.source}
 
 
 def _build_tensorrt(pack: packs.ModelPack, settings: Settings, record: dict[str, Any], reference, x, labels,
@@ -104,8 +178,9 @@ def build_pack(pack: packs.ModelPack, settings: Settings, *, calibration: Mappin
                say: Progress = log.info) -> dict[str, Any]:
     """Build and gate every precision of one pack; returns its build record.
 
-    ``calibration`` maps the calibration-set names manifests use to the functions making them.
-    A pack whose set is unknown gets no INT8 model; the parity report says why.
+    The pack's shipped calibration file is used when it has one; otherwise ``calibration`` maps the
+    calibration-set names manifests use to the functions making them. A pack with neither gets no INT8
+    model; the parity report says why.
     """
     record: dict[str, Any] = {"model": pack.id, "model_sha256": pack.model_sha256, "files": {}}
     reference = ort_backend.OnnxRuntimeSession(pack.file(packs.MODEL), "fp32", settings.inference_threads)
@@ -114,12 +189,12 @@ def build_pack(pack: packs.ModelPack, settings: Settings, *, calibration: Mappin
     skipped: list[dict[str, str]] = []
     if "int8" in pack.allowed_precisions:
         try:
-            make_inputs = calibration_set(pack, calibration)
+            inputs = calibration_inputs(pack, settings, calibration)
         except packs.PackRefused as exc:
             say(f"no INT8 model: {exc.reason}")
             skipped.append({"backend": "onnxruntime", "precision": "int8", "why": exc.reason})
         else:
-            _build_int8(pack, settings, make_inputs, record, say)
+            _build_int8(pack, settings, inputs, record, say)
             say("checking INT8 parity on ONNX Runtime")
             for name in (packs.INT8_MODEL, packs.INT8_CPU_MODEL):
                 int8 = ort_backend.OnnxRuntimeSession(pack.file(name), "int8", settings.inference_threads)
@@ -128,7 +203,7 @@ def build_pack(pack: packs.ModelPack, settings: Settings, *, calibration: Mappin
     results += trt_results
     skipped += trt_skipped
     record["parity"] = {"results": [r.as_dict() for r in results], "skipped": skipped}
-    parity.write_reports(pack.path, pack, results, skipped)
+    parity.write_reports(pack.path, pack, results, skipped, record.get("calibration"))
     write_bytes_durably(json.dumps(record, indent=2).encode(), pack.file(packs.BUILD_RECORD))
     return record
 
@@ -138,7 +213,7 @@ def build_all(settings: Settings, *, calibration: Mapping[str, CalibrationSet],
     """Build every pack under the engines folder; refused packs are reported, never built.
 
     ``calibration`` maps the calibration-set names manifests use to the functions making them
-    (``appliance.calibration.CALIBRATION_SETS``).
+    (``appliance.calibration.CALIBRATION_SETS``), for packs that ship no calibration file.
     """
     found, refused = packs.load_packs(settings.engines_path)
     for refusal in refused:

@@ -4,8 +4,9 @@ The manifest names the model, its task, the series it needs, its input and
 outputs, its decision threshold and where that came from, whether it is
 validated, where its training data came from and under which licence, the
 precisions it may run in with their parity tolerances, the calibration set
-of its INT8 model (``[calibration] inputs``, a name in
-``appliance.calibration.CALIBRATION_SETS``), and the SHA-256 of every file.
+of its INT8 model (``[calibration] file``, the shipped inputs, with their
+``licence``; else ``inputs``, a name in ``appliance.calibration.CALIBRATION_SETS``),
+and the SHA-256 of every file (a shipped calibration file included).
 Loading verifies all of it: a tampered or inconsistent pack is refused with a
 reason.
 
@@ -151,6 +152,18 @@ def _check_consistent(manifest: dict[str, Any], folder: Path) -> None:
                           f"{folder.name}: the decision threshold or its operating point is missing.")
 
 
+def _check_calibration_file(manifest: dict[str, Any], folder: Path) -> None:
+    calibration = manifest.get("calibration", {})
+    name = calibration.get("file")
+    if name is None:
+        return
+    if not isinstance(name, str) or name not in manifest["files"]:
+        raise PackRefused("PACK_INCONSISTENT",
+                          f"{folder.name}: the calibration file {name!r} has no checksum in the manifest's [files].")
+    if not str(calibration.get("licence", "")).strip():
+        raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the calibration file {name} states no licence.")
+
+
 def load_pack(folder: Path) -> ModelPack:
     """Read and verify the pack in ``folder``; raise :class:`PackRefused` with a reason otherwise."""
     manifest_path = folder / MANIFEST
@@ -161,6 +174,7 @@ def load_pack(folder: Path) -> ModelPack:
     except tomlfile.TOMLDecodeError as exc:
         raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the manifest is not valid TOML ({exc}).") from exc
     _check_consistent(manifest, folder)
+    _check_calibration_file(manifest, folder)
     for name, expected in manifest["files"].items():
         path = folder / name
         if not path.exists():

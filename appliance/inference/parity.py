@@ -131,9 +131,23 @@ def load_evaluation_set(pack: ModelPack) -> tuple[np.ndarray, np.ndarray | None]
     return x, labels
 
 
-def markdown_report(pack: ModelPack, results: list[ParityResult], skipped: list[dict[str, str]]) -> str:
+def calibration_line(calibration: dict[str, Any] | None) -> str:
+    """One sentence on what the INT8 models were calibrated on (a build record's ``calibration``)."""
+    if not calibration:
+        return "INT8 calibration: none (no INT8 model was built)."
+    if calibration.get("source") == "file":
+        return (f"INT8 calibration: the pack's shipped {calibration['file']} ({calibration['items']} inputs, "
+                f"SHA-256 {calibration['sha256'][:16]}; {calibration.get('description', '')}; "
+                f"licence: {calibration.get('licence') or 'not stated'}).")
+    return (f"INT8 calibration: calibration set {calibration.get('inputs')!r} made on this box "
+            f"({calibration['items']} inputs; {calibration.get('description', '')}).")
+
+
+def markdown_report(pack: ModelPack, results: list[ParityResult], skipped: list[dict[str, str]],
+                    calibration: dict[str, Any] | None = None) -> str:
     lines = [f"# Parity report: {pack.id} {pack.version}", "",
              f"Reference: FP32 on ONNX Runtime (CPU). Evaluation set: {pack.manifest['evaluation']['description']}.",
+             calibration_line(calibration),
              f"Tolerance: {json.dumps(dataclasses.asdict(pack.tolerance()))}.", "",
              ("| backend | precision | model | enabled | max abs diff | mean abs diff | decision agreement | metric | "
               "FP32 | candidate | drop | speed vs FP32 | why |"),
@@ -154,10 +168,13 @@ def markdown_report(pack: ModelPack, results: list[ParityResult], skipped: list[
     return "\n".join(lines) + "\n"
 
 
-def write_reports(folder: Path, pack: ModelPack, results: list[ParityResult], skipped: list[dict[str, str]]) -> None:
+def write_reports(folder: Path, pack: ModelPack, results: list[ParityResult], skipped: list[dict[str, str]],
+                  calibration: dict[str, Any] | None = None) -> None:
+    """``parity.json`` and ``parity.md``; ``calibration`` is the build record's account of the INT8
+    calibration inputs (the shipped file or the function used)."""
     from appliance.durable import write_bytes_durably
 
-    doc = {"model": pack.id, "version": pack.version, "model_sha256": pack.model_sha256,
+    doc = {"model": pack.id, "version": pack.version, "model_sha256": pack.model_sha256, "calibration": calibration,
            "results": [r.as_dict() for r in results], "skipped": skipped}
     write_bytes_durably(json.dumps(doc, indent=2).encode(), folder / "parity.json")
-    write_bytes_durably(markdown_report(pack, results, skipped).encode(), folder / "parity.md")
+    write_bytes_durably(markdown_report(pack, results, skipped, calibration).encode(), folder / "parity.md")
