@@ -10,6 +10,14 @@ from appliance.inference.packs import load_packs
 REPO = Path(__file__).resolve().parents[1]
 
 
+KIND_LINES = {
+    "classifier": "- Kind: **classifier**: off on a real deployment until the site's own evaluation "
+                  "(`appliance evaluate --record`) and the admin's switch on the admin page; `make run` "
+                  "(demonstration mode) runs it with its banner.",
+    "measurement": "- Kind: measurement: runs wherever it applies.",
+}
+
+
 def _ci(metric: dict) -> str:
     lo, hi = metric["ci95"]
     return f"{metric['value']:.3f} ({lo:.3f}-{hi:.3f})"
@@ -27,6 +35,7 @@ def main() -> None:
         lines += [f"## {pack.id} {pack.version}", "",
                   f"**{'Validated' if pack.validated else 'NOT VALIDATED'}:** {pack.notice}", "",
                   f"- Task: {m['task']}, body region: {m['body_region']}. Intended use: {m['intended_use']}",
+                  KIND_LINES[m.get("kind") or ("classifier" if m["task"] == "classification" else "measurement")],
                   f"- Architecture: {m['architecture']}",
                   (f"- Training data: {m['training']['data']} (licence: {m['training']['licence']}); "
                    f"script: `{m['training']['provenance']}`"),

@@ -36,6 +36,7 @@ def manifest(report: dict) -> dict:
         "id": "chest-covid19",
         "version": "1.0.0",
         "task": "classification",
+        "kind": "classifier",  # its evaluation does not hold across sources: off until a site evaluates it
         "body_region": "chest",
         "validated": False,
         "validation_note": NOTICE,

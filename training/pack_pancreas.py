@@ -34,7 +34,8 @@ SERIES = {"modality": "CT", "min_slices": 10, "max_slice_thickness_mm": 6.0,
 
 def localizer_manifest(report: dict, eval_shape: list[int]) -> dict:
     return {
-        "id": "pancreas-localizer", "version": "0.1.0", "task": "segmentation", "body_region": "abdomen",
+        "id": "pancreas-localizer", "version": "0.1.0", "task": "segmentation", "kind": "measurement",
+        "body_region": "abdomen",
         "validated": False, "validation_note": NOTICE,
         "architecture": "two-level 3-D U-Net (8-16-32 channels, instance norm), whole scan at 6 mm",
         "intended_use": "Stage 1 of abdomen-pancreas: find the pancreas to crop for stage 2.",
@@ -59,7 +60,8 @@ def localizer_manifest(report: dict, eval_shape: list[int]) -> dict:
 def classifier_manifest(report: dict) -> dict:
     test = report["test"]
     return {
-        "id": "abdomen-pancreas", "version": "0.1.0", "task": "classification", "body_region": "abdomen",
+        "id": "abdomen-pancreas", "version": "0.1.0", "task": "classification", "kind": "classifier",
+        "body_region": "abdomen",
         "validated": False, "validation_note": NOTICE,
         "architecture": "two-level 3-D fully convolutional network on a 48x64x160 mm crop at 2 mm; lesion map",
         "intended_use": "Demonstrate PANDA-style two-stage pancreatic lesion screening on synthetic data.",
