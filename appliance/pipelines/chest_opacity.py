@@ -1,0 +1,283 @@
+"""Ground-glass opacity and consolidation as a percent of lung volume, from Hounsfield units.
+
+A plain attenuation band inside the lung mask counts vessels, airway walls, partial volume at the pleura and the
+normal dependent density of a supine patient as disease. This measurement removes each before applying the bands,
+on the segmentation's stride grid, slice by slice in-plane (independent of the slice thickness):
+
+1. Vessels and airway walls: a grey-scale opening restricted to the lung (minimum then maximum over a
+   ``VESSEL_MM`` square, lung voxels only) removes bright structures narrower than the square -- vessels in
+   and across the plane, fissures, bronchial walls -- and keeps hazier regions wider than it (opacities, with
+   the vessels running through them read at the density of the opacity around them). Voxels within
+   ``AIRWAY_WALL_MM`` of an air tube (lumen below ``AIR_HU``) are not counted.
+2. Dependent density: normal lung grows denser toward the dependent side (posterior in a supine patient,
+   anterior when prone). Per lung, the ``BASELINE_PERCENTILE`` of the opened density is taken in
+   ``BAND_MM`` bands of height above the lung's most dependent point; its excess over the non-dependent half
+   (at most ``MAX_CORRECTION_HU``) is subtracted before the bands are applied. A low percentile follows the
+   normal parenchyma even where part of a band is diseased.
+3. Pleural partial volume: voxels within ``RIM_MM`` of the lung surface count only as part of an opacity that
+   lies mostly inside the rim-free lung, so a subpleural opacity is kept and a rim of blurred chest wall is not.
+4. Bands (HU, after 1-3): ground glass -600 to -200, consolidation -200 to +100 (see ``BANDS_HU``); opacity
+   regions below ``MIN_REGION_ML`` are dropped as noise.
+
+The lung mask's holes within a slice (vessels, consolidation enclosed by aerated lung) are part of the lung.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from appliance.pipelines import StepResult, overlays
+from appliance.pipelines.chest_preprocess import window_to_gray
+from appliance.pipelines.key_images import save_key_image
+from appliance.pipelines.lung_regions import (
+    SIDES,
+    LungCrop,
+    NotApplicable,
+    crop_lungs,
+    posterior_mm,
+    read_acquisition,
+    region_rows,
+    slice_positions_mm,
+)
+from appliance.pipelines.lungs import Segmentation
+from appliance.series.volume import CTVolume
+
+MODEL_ID = "chest-opacity"
+VERSION = "1.0.0"
+NOTICE = ("Not validated: a Hounsfield-unit measurement of lung opacity, not validated on this site's patients; "
+          "research use only.")
+KEY_NOTICE = "Not validated: HU opacity measurement, research use only"
+BANDS_HU = {"ground_glass": (-600.0, -200.0), "consolidation": (-200.0, 100.0)}
+DEFAULT_THRESHOLD_PERCENT = 5.0  # lower bound of more than minimal lobar involvement in the CT severity score
+VESSEL_MM = 10.0  # bright structures narrower than this are vessels, fissures or airway walls
+AIR_HU = -950.0
+AIRWAY_WALL_MM = 3.0
+BAND_MM = 10.0
+BASELINE_PERCENTILE = 30.0
+MAX_CORRECTION_HU = 150.0
+MIN_BAND_VOXELS = 200
+MIN_REGION_ML = 0.1
+KEY_SLICES = 3
+GROUND_GLASS_RGB = (255.0, 210.0, 0.0)
+CONSOLIDATION_RGB = (255.0, 40.0, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Suppression:
+    """Which confounders are removed (all by default; switching one off shows what it buys)."""
+
+    vessels: bool = True
+    airway_walls: bool = True
+    dependent: bool = True
+    rim: bool = True
+
+
+@dataclasses.dataclass
+class OpacityMaps:
+    """Ground-glass and consolidation voxels on the crop of the stride grid."""
+
+    crop: LungCrop
+    ground_glass: np.ndarray
+    consolidation: np.ndarray
+
+    def opacity(self) -> np.ndarray:
+        return self.ground_glass | self.consolidation
+
+
+def _odd(mm: float, pixel_mm: float) -> int:
+    return max(3, int(round(mm / pixel_mm)) // 2 * 2 + 1)
+
+
+def _in_plane_mean(hu: np.ndarray, lung: np.ndarray) -> np.ndarray:
+    """3x3 in-plane mean over lung voxels only (noise down, no chest wall mixed in)."""
+    weight = ndimage.uniform_filter(lung.astype(np.float32), size=(1, 3, 3))
+    total = ndimage.uniform_filter(np.where(lung, hu, 0).astype(np.float32), size=(1, 3, 3))
+    return np.where(lung, total / np.maximum(weight, 1e-6), hu).astype(np.float32)
+
+
+def lung_opening(hu: np.ndarray, lung: np.ndarray, width: int) -> np.ndarray:
+    """Grey opening over lung voxels only: removes bright structures narrower than ``width`` pixels."""
+    eroded = ndimage.minimum_filter(np.where(lung, hu, np.float32(3000)), size=(1, width, width))
+    return ndimage.maximum_filter(np.where(lung, eroded, np.float32(-3000)), size=(1, width, width))
+
+
+def _airway_walls(smooth: np.ndarray, lung: np.ndarray, pixel_mm: float) -> np.ndarray:
+    air = lung & (smooth < AIR_HU)
+    steps = max(1, int(round(AIRWAY_WALL_MM / pixel_mm)))
+    return ndimage.binary_dilation(air, structure=np.ones((1, 3, 3), bool), iterations=steps) & ~air
+
+
+def dependent_correction(density: np.ndarray, crop: LungCrop, height_mm: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """Per-voxel HU to subtract: each lung's dependent excess of normal density over its non-dependent half."""
+    correction = np.zeros(density.shape, dtype=np.float32)
+    for side, _ in SIDES:
+        in_lung = crop.sides == side
+        if not in_lung.any():
+            continue
+        heights = np.where(in_lung, height_mm, np.nan)
+        bottom = np.nanmin(heights)
+        band = np.where(in_lung, ((height_mm - bottom) // BAND_MM), -1).astype(np.int32)
+        top_band = int(band.max())
+        baselines = np.full(top_band + 1, np.nan)
+        for b in range(top_band + 1):
+            values = density[(band == b) & usable & in_lung]
+            if len(values) >= MIN_BAND_VOXELS:
+                baselines[b] = np.percentile(values[:: max(1, len(values) // 5000)], BASELINE_PERCENTILE)
+        if np.all(np.isnan(baselines)):
+            continue
+        upper = baselines[(top_band + 1) // 2:]
+        reference = np.nanmedian(upper) if np.any(~np.isnan(upper)) else np.nanmin(baselines)
+        excess = np.clip(np.nan_to_num(baselines - reference, nan=0.0), 0.0, MAX_CORRECTION_HU)
+        correction[in_lung] = excess[band[in_lung]]
+    return correction
+
+
+def _height_above_dependent(volume: CTVolume, crop: LungCrop, stride: int) -> np.ndarray:
+    """(rows, cols) height in mm above the dependent side: posterior when supine, anterior when prone."""
+    posterior = posterior_mm(volume, crop, stride)
+    position = read_acquisition(volume).patient_position or "HFS"
+    prone = position.upper().endswith("P") and position.upper() in ("HFP", "FFP")
+    return (posterior - posterior.min()) if prone else (posterior.max() - posterior)
+
+
+def _keep_mostly_inside(opacity: np.ndarray, rim: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Opacity regions with at least ``min_voxels`` and no more voxels in the pleural rim than inside it."""
+    labels, count = ndimage.label(opacity)
+    if count == 0:
+        return opacity
+    flat = labels.ravel()
+    total = np.bincount(flat, minlength=count + 1)
+    in_rim = np.bincount(flat, weights=rim.ravel(), minlength=count + 1)
+    keep = (total - in_rim >= in_rim) & (total >= min_voxels)
+    keep[0] = False
+    return keep[labels]
+
+
+def _drop_small(opacity: np.ndarray, min_voxels: int) -> np.ndarray:
+    labels, count = ndimage.label(opacity)
+    if count == 0:
+        return opacity
+    keep = np.bincount(labels.ravel(), minlength=count + 1) >= min_voxels
+    keep[0] = False
+    return keep[labels]
+
+
+def opacity_maps(volume: CTVolume, seg: Segmentation, suppression: Suppression = Suppression()) -> OpacityMaps:
+    """Ground-glass and consolidation voxels in the lungs of ``volume`` (stride grid, lung box)."""
+    crop = crop_lungs(volume, seg)
+    lung = crop.lung()
+    smooth = _in_plane_mean(crop.hu, lung)
+    density = lung_opening(smooth, lung, _odd(VESSEL_MM, crop.pixel_mm)) if suppression.vessels else smooth
+    excluded = _airway_walls(smooth, lung, crop.pixel_mm) if suppression.airway_walls else np.zeros_like(lung)
+    if suppression.dependent:
+        height = np.broadcast_to(_height_above_dependent(volume, crop, seg.stride)[None], lung.shape)
+        density = density - dependent_correction(density, crop, height, lung & ~crop.rim & ~excluded)
+    counted = lung & ~excluded
+    opacity = counted & (density >= BANDS_HU["ground_glass"][0]) & (density <= BANDS_HU["consolidation"][1])
+    min_voxels = max(1, int(np.ceil(MIN_REGION_ML / crop.voxel_ml)))
+    if suppression.rim:
+        opacity = _keep_mostly_inside(opacity, crop.rim, min_voxels)
+    else:
+        opacity = _drop_small(opacity, min_voxels)
+    consolidation = opacity & (density >= BANDS_HU["consolidation"][0])
+    return OpacityMaps(crop, opacity & ~consolidation, consolidation)
+
+
+def slice_fractions(maps: OpacityMaps, n_slices: int) -> np.ndarray:
+    """Opacity fraction of the lung on every slice of the volume (0 where a slice has no lung)."""
+    lung_area = maps.crop.lung().sum(axis=(1, 2))
+    opaque = maps.opacity().sum(axis=(1, 2))
+    fractions = np.zeros(n_slices)
+    z0 = maps.crop.z0
+    fractions[z0:z0 + len(lung_area)] = np.where(lung_area > 0, opaque / np.maximum(lung_area, 1), 0)
+    return np.clip(fractions, 0.0, 1.0)
+
+
+def _full_slice_label(maps: OpacityMaps, k: int, grid_shape: tuple[int, int]) -> np.ndarray:
+    """Slice ``k`` on the whole stride grid: 0 none, 1 ground glass, 2 consolidation."""
+    out = np.zeros(grid_shape, dtype=np.uint8)
+    j = k - maps.crop.z0
+    rows, cols = maps.ground_glass.shape[1:]
+    box = out[maps.crop.y0:maps.crop.y0 + rows, maps.crop.x0:maps.crop.x0 + cols]
+    box[maps.ground_glass[j]] = 1
+    box[maps.consolidation[j]] = 2
+    return out
+
+
+def _key_png(volume: CTVolume, label: np.ndarray, stride: int, k: int, path: Path) -> None:
+    """Lung-window slice with ground glass in yellow and consolidation in red."""
+    gray = window_to_gray(volume.hu[k]).astype(np.float32)
+    full = np.repeat(np.repeat(label, stride, axis=0), stride, axis=1)[: gray.shape[0], : gray.shape[1]]
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    for value, colour in ((1, GROUND_GLASS_RGB), (2, CONSOLIDATION_RGB)):
+        where = full == value
+        rgb[where] = rgb[where] * 0.45 + np.array(colour) * 0.55
+    save_key_image(rgb, path, KEY_NOTICE)
+
+
+def _slice_findings(volume: CTVolume, maps: OpacityMaps, seg: Segmentation,
+                    artefacts: Path | None) -> list[dict[str, Any]]:
+    n = volume.hu.shape[0]
+    fractions = slice_fractions(maps, n)
+    normal_mm, _ = slice_positions_mm(volume)
+    findings: list[dict[str, Any]] = [{"name": "opacity by slice", "slices": [
+        {"index": k, "z_mm": round(float(normal_mm[k]), 1), "opacity_fraction": round(float(fractions[k]), 4)}
+        for k in range(n)]}]
+    grid = seg.lungs.shape[1:]
+    with_opacity = [int(k) for k in np.flatnonzero(fractions > 0)]
+    if artefacts is not None and with_opacity:
+        labels = [_full_slice_label(maps, k, grid) for k in with_opacity]
+        overlays.save(artefacts / f"overlay-{MODEL_ID}.npz", with_opacity,
+                      [overlays.shrink(label.astype(np.float32) / 2.0) for label in labels])
+    for rank, k in enumerate(sorted(with_opacity, key=lambda k: -fractions[k])[:KEY_SLICES]):
+        finding = {"name": "key slice", "rank": rank + 1, "slice_index": k, "z_mm": round(float(normal_mm[k]), 1),
+                   "opacity_fraction": round(float(fractions[k]), 4)}
+        if artefacts is not None:
+            path = artefacts / f"{MODEL_ID}-key{rank + 1}-slice{k:04d}.png"
+            _key_png(volume, _full_slice_label(maps, k, grid), seg.stride, k, path)
+            finding["key_image"] = str(path)
+        findings.append(finding)
+    return findings
+
+
+def _method() -> dict[str, Any]:
+    return {"name": "method", "bands_hu": {k: list(v) for k, v in BANDS_HU.items()},
+            "excluded": (f"vessels, fissures and airway walls (opening over {VESSEL_MM:g} mm), voxels within "
+                         f"{AIRWAY_WALL_MM:g} mm of air tubes (< {AIR_HU:g} HU), pleural rim partial volume "
+                         "(rim voxels count only within an opacity lying mostly inside the rim)"),
+            "dependent_correction": (f"per lung, {BASELINE_PERCENTILE:g}th percentile per {BAND_MM:g} mm height band "
+                                     f"above the dependent side, at most {MAX_CORRECTION_HU:g} HU"),
+            "min_region_ml": MIN_REGION_ML,
+            "z_mm": "slice centre's position along the slice normal in patient coordinates (LPS z for axial series)"}
+
+
+def run(volume: CTVolume, seg: Segmentation, artefacts: Path | None, threshold: float | None = None) -> StepResult:
+    """Percent of lung volume with ground-glass opacity or consolidation; flagged at ``threshold`` percent.
+
+    ``threshold`` is the site's operating point when it has one, else DEFAULT_THRESHOLD_PERCENT.
+    Raises NotApplicable when the series has no lung.
+    """
+    t0 = time.perf_counter()
+    threshold = DEFAULT_THRESHOLD_PERCENT if threshold is None else float(threshold)
+    maps = opacity_maps(volume, seg)
+    crop = maps.crop
+    counts = {"opacity_percent": maps.opacity(), "ground_glass_percent": maps.ground_glass,
+              "consolidation_percent": maps.consolidation}
+    by_zone, by_lung = region_rows(crop, counts)
+    lung_voxels = int(crop.lung().sum())
+    score = round(100.0 * int(maps.opacity().sum()) / max(lung_voxels, 1), 2)
+    findings: list[dict[str, Any]] = [{"name": "opacity by zone", "rows": by_zone},
+                                      {"name": "opacity by lung", "rows": by_lung}]
+    findings += _slice_findings(volume, maps, seg, artefacts)
+    findings.append(_method())
+    return StepResult(MODEL_ID, VERSION, False, "numpy", "fp32", score, threshold, bool(score >= threshold), findings,
+                      seconds=round(time.perf_counter() - t0, 3), notice=NOTICE)
+
+
+__all__ = ["NotApplicable", "OpacityMaps", "Suppression", "opacity_maps", "run", "slice_fractions"]
