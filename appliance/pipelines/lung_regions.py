@@ -10,6 +10,7 @@ thirds, upper / middle / lower.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ class LungCrop:
     zones: np.ndarray  # int8 per voxel: -1 outside, 0 upper, 1 middle, 2 lower
     pixel_mm: float  # in-plane spacing of the stride grid
     voxel_ml: float  # volume of one stride-grid voxel
+    margin: int = 0  # pixels of non-lung around the lungs in the box
 
     def lung(self) -> np.ndarray:
         return self.sides > 0
@@ -62,17 +64,18 @@ def slice_positions_mm(volume: CTVolume) -> tuple[np.ndarray, np.ndarray]:
     return world @ normal, world[:, 2]
 
 
-def _fill_side_holes(labels: np.ndarray, side: int) -> np.ndarray:
-    """Slice-by-slice holes of one lung (vessels, airway walls, consolidation enclosed by aerated lung)."""
-    outside, _ = ndimage.label(labels != side, structure=IN_PLANE)
-    border = np.unique(np.concatenate([outside[:, 0].ravel(), outside[:, -1].ravel(),
-                                       outside[:, :, 0].ravel(), outside[:, :, -1].ravel()]))
-    holes = (labels != side) & ~np.isin(outside, border)
-    return holes & (labels == 0)
+def _slice_holes(lung: np.ndarray) -> np.ndarray:
+    """Non-lung voxels enclosed by lung within their slice (vessels, airway walls, enclosed opacities)."""
+    padded = np.pad(~lung, ((0, 0), (1, 1), (1, 1)), constant_values=True)
+    outside, count = ndimage.label(padded, structure=IN_PLANE)
+    border = np.zeros(count + 1, dtype=bool)
+    border[np.unique(np.concatenate([outside[:, 0].ravel(), outside[:, -1].ravel()]))] = True
+    return (~border[outside] & padded)[:, 1:-1, 1:-1]
 
 
-def _enclosed_holes(holes: np.ndarray, outside: np.ndarray, pixel_mm: float) -> np.ndarray:
-    """Hole stacks (3-D connected) that open onto the next slice's outside over less than MAX_HOLE_CONTACT_MM2.
+def _enclosed_holes(holes: np.ndarray, outside: np.ndarray, pixel_mm: float) -> tuple[np.ndarray, int]:
+    """Labels of the hole stacks (3-D connected) that open onto the next slice's outside over less than
+    MAX_HOLE_CONTACT_MM2 (0 elsewhere), and the number of labels.
 
     A vessel or an opacity enclosed by aerated lung opens onto the slices above and below at most through a
     vessel's cross-section; the dome of the diaphragm, a hole in the slices just above it, opens with its whole
@@ -80,31 +83,38 @@ def _enclosed_holes(holes: np.ndarray, outside: np.ndarray, pixel_mm: float) -> 
     """
     labels, count = ndimage.label(holes)
     if count == 0:
-        return holes
+        return labels, 0
     contact = np.zeros_like(holes)
     contact[1:] |= holes[1:] & outside[:-1]
     contact[:-1] |= holes[:-1] & outside[1:]
     area = np.bincount(labels.ravel(), weights=contact.ravel(), minlength=count + 1) * pixel_mm ** 2
     keep = area < MAX_HOLE_CONTACT_MM2
     keep[0] = False
-    return keep[labels]
+    return np.where(keep[labels], labels, 0), count
 
 
 def _fill(box: np.ndarray, pixel_mm: float) -> np.ndarray:
-    """Side labels with each lung's enclosed holes filled (see _enclosed_holes)."""
-    padded = np.pad(box, ((0, 0), (1, 1), (1, 1)))
-    holes = {side: _fill_side_holes(padded, side)[:, 1:-1, 1:-1] for side, _ in SIDES}
-    outside = (box == 0) & ~holes[1] & ~holes[2]
+    """Side labels with the lungs' enclosed holes filled (see _enclosed_holes), each hole taking the side of
+    most of the lung around it."""
+    holes = _slice_holes(box > 0)
+    labels, count = _enclosed_holes(holes, (box == 0) & ~holes, pixel_mm)
     sides = box.copy()
-    for side, _ in SIDES:
-        sides[_enclosed_holes(holes[side], outside, pixel_mm)] = side
+    if count == 0 or not labels.any():
+        return sides
+    around = ndimage.grey_dilation(labels, footprint=IN_PLANE) * (box > 0)
+    ring = around > 0
+    votes = np.zeros((count + 1, 3), dtype=np.int64)
+    np.add.at(votes, (around[ring], box[ring]), 1)
+    side_of = np.argmax(votes[:, 1:], axis=1).astype(np.uint8) + 1
+    filled = labels > 0
+    sides[filled] = side_of[labels[filled]]
     return sides
 
 
 def _rim(lung: np.ndarray, pixel_mm: float, slice_mm: float) -> np.ndarray:
     """Lung voxels within RIM_MM of a non-lung voxel, in-plane and through-plane."""
-    steps = max(1, int(round(RIM_MM / pixel_mm)))
-    inner = ndimage.binary_erosion(lung, structure=IN_PLANE, iterations=steps, border_value=0)
+    width = 2 * max(1, int(round(RIM_MM / pixel_mm))) + 1
+    inner = ndimage.minimum_filter(lung.view(np.uint8), size=(1, width, width), mode="constant", cval=0) > 0
     if slice_mm <= RIM_MM * 1.5:  # through-plane partial volume: the slices next to the lung's top and base
         up_down = np.zeros_like(lung)
         up_down[1:-1] = lung[:-2] & lung[2:]
@@ -128,8 +138,24 @@ def _zones(sides: np.ndarray, patient_z: np.ndarray) -> np.ndarray:
     return zones
 
 
+_last: list[tuple[tuple[weakref.ref, ...], LungCrop]] = []  # the latest crop, while its volume and mask live
+
+
 def crop_lungs(volume: CTVolume, seg: Segmentation, margin: int = 4) -> LungCrop:
-    """The lungs' box on the stride grid with holes filled, rim and zones; NotApplicable without lungs."""
+    """The lungs' box on the stride grid with holes filled, rim and zones; NotApplicable without lungs.
+
+    The latest crop is kept while its volume and lung mask exist, so the measurements of one series share it;
+    callers must not modify it.
+    """
+    key = (volume.hu, volume.plan, seg.lungs)
+    if _last and all(ref() is obj for ref, obj in zip(_last[0][0], key)) and _last[0][1].margin == margin:
+        return _last[0][1]
+    crop = _crop_lungs(volume, seg, margin)
+    _last[:] = [(tuple(weakref.ref(obj) for obj in key), crop)]
+    return crop
+
+
+def _crop_lungs(volume: CTVolume, seg: Segmentation, margin: int) -> LungCrop:
     lungs = seg.lungs
     if not lungs.any():
         raise NotApplicable("No lung was found in this series, so lung density cannot be measured.")
@@ -145,7 +171,7 @@ def crop_lungs(volume: CTVolume, seg: Segmentation, margin: int = 4) -> LungCrop
     _, patient_z = slice_positions_mm(volume)
     sides = _fill(box, pixel_mm)
     return LungCrop(int(z0), int(y0), int(x0), hu, sides, _rim(sides > 0, pixel_mm, dz),
-                    _zones(sides, patient_z[z0:z1]), pixel_mm, volume.voxel_volume_ml * s * s)
+                    _zones(sides, patient_z[z0:z1]), pixel_mm, volume.voxel_volume_ml * s * s, margin)
 
 
 def posterior_mm(volume: CTVolume, crop: LungCrop, stride: int) -> np.ndarray:
@@ -160,23 +186,25 @@ def posterior_mm(volume: CTVolume, crop: LungCrop, stride: int) -> np.ndarray:
 
 def region_rows(crop: LungCrop, counts: dict[str, np.ndarray]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Per lung and zone, and per lung: lung_ml and, for every named voxel mask in ``counts``, its percent."""
+    cell = np.where(crop.sides > 0, (crop.sides.astype(np.int64) - 1) * 3 + crop.zones + 1, 0)
+    cells = len(SIDES) * len(ZONES) + 1
+    lung = np.bincount(cell.ravel(), minlength=cells)[1:].reshape(len(SIDES), len(ZONES))
+    hits = {key: np.bincount(cell[mask], minlength=cells)[1:].reshape(len(SIDES), len(ZONES))
+            for key, mask in counts.items()}
     by_zone, by_lung = [], []
-    for side, name in SIDES:
-        in_lung = crop.sides == side
-        lung_rows = []
-        for zi, zone in enumerate(ZONES):
-            where = in_lung & (crop.zones == zi)
-            lung_rows.append(_row({"lung": name, "zone": zone}, where, counts, crop.voxel_ml))
-        by_zone.extend(lung_rows)
-        by_lung.append(_row({"lung": name}, in_lung, counts, crop.voxel_ml))
+    for i, (_, name) in enumerate(SIDES):
+        for j, zone in enumerate(ZONES):
+            by_zone.append(_row({"lung": name, "zone": zone}, int(lung[i, j]), {k: int(v[i, j]) for k, v in hits.items()},
+                                crop.voxel_ml))
+        by_lung.append(_row({"lung": name}, int(lung[i].sum()), {k: int(v[i].sum()) for k, v in hits.items()},
+                            crop.voxel_ml))
     return by_zone, by_lung
 
 
-def _row(head: dict[str, Any], where: np.ndarray, counts: dict[str, np.ndarray], voxel_ml: float) -> dict[str, Any]:
-    n = int(where.sum())
+def _row(head: dict[str, Any], n: int, hits: dict[str, int], voxel_ml: float) -> dict[str, Any]:
     row = dict(head, lung_ml=round(n * voxel_ml, 1))
-    for key, mask in counts.items():
-        row[key] = round(100.0 * int((mask & where).sum()) / n, 2) if n else 0.0
+    for key, count in hits.items():
+        row[key] = round(100.0 * count / n, 2) if n else 0.0
     return row
 
 
