@@ -194,8 +194,8 @@ def region_rows(crop: LungCrop, counts: dict[str, np.ndarray]) -> tuple[list[dic
     by_zone, by_lung = [], []
     for i, (_, name) in enumerate(SIDES):
         for j, zone in enumerate(ZONES):
-            by_zone.append(_row({"lung": name, "zone": zone}, int(lung[i, j]), {k: int(v[i, j]) for k, v in hits.items()},
-                                crop.voxel_ml))
+            zone_hits = {k: int(v[i, j]) for k, v in hits.items()}
+            by_zone.append(_row({"lung": name, "zone": zone}, int(lung[i, j]), zone_hits, crop.voxel_ml))
         by_lung.append(_row({"lung": name}, int(lung[i].sum()), {k: int(v[i].sum()) for k, v in hits.items()},
                             crop.voxel_ml))
     return by_zone, by_lung
