@@ -60,7 +60,10 @@ AIR_HU = -950.0
 AIRWAY_WALL_MM = 3.0
 BAND_MM = 10.0
 BASELINE_PERCENTILE = 30.0
-MAX_CORRECTION_HU = 150.0
+MAX_CORRECTION_HU = 150.0  # the most a band's normal baseline may sit above the non-dependent lung's
+REFERENCE_MAX_HU = -800.0  # the least dense band's baseline, no denser than normal inspiratory parenchyma
+EXCESS_HU = 150.0  # ground glass stands at least this far above the normal parenchyma at its height
+VESSEL_TOPHAT_HU = 100.0  # brighter than the opened surroundings by this much: a thin structure (vessel, wall)
 MIN_BAND_VOXELS = 200
 MIN_REGION_ML = 0.1
 KEY_SLICES = 3
@@ -123,12 +126,15 @@ def _band_baselines(density: np.ndarray, band: np.ndarray, bands: int) -> np.nda
     return np.where(counts >= MIN_BAND_VOXELS, density[np.clip(picks, 0, len(density) - 1)], np.nan)
 
 
-def dependent_correction(density: np.ndarray, crop: LungCrop, height_mm: np.ndarray, usable: np.ndarray) -> np.ndarray:
-    """Per-voxel HU to subtract: each lung's dependent excess of normal density over its non-dependent half.
+def normal_baseline(density: np.ndarray, crop: LungCrop, height_mm: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """Per-voxel density (HU) of normal parenchyma at the voxel's height above the dependent side.
 
-    ``height_mm`` (rows, cols) is the in-plane height above the dependent side.
+    Per lung and BAND_MM height band: the BASELINE_PERCENTILE of ``density`` over ``usable`` voxels, at most
+    MAX_CORRECTION_HU above the least dense band's, itself at most REFERENCE_MAX_HU (so disease filling a
+    band, or the whole lung, cannot raise its own baseline much).
+    ``height_mm`` (rows, cols) is the in-plane height above the dependent side. -1000 HU outside the lungs.
     """
-    correction = np.zeros(density.shape, dtype=np.float32)
+    baseline = np.full(density.shape, -1000.0, dtype=np.float32)
     for side, _ in SIDES:
         in_lung = crop.sides == side
         footprint = in_lung.any(axis=0)
@@ -143,11 +149,10 @@ def dependent_correction(density: np.ndarray, crop: LungCrop, height_mm: np.ndar
         baselines = _band_baselines(density[z, y, x], band2d[y, x], bands)
         if np.all(np.isnan(baselines)):
             continue
-        upper = baselines[bands // 2:]
-        reference = np.nanmedian(upper) if np.any(~np.isnan(upper)) else np.nanmin(baselines)
-        excess = np.clip(np.nan_to_num(baselines - reference, nan=0.0), 0.0, MAX_CORRECTION_HU).astype(np.float32)
-        correction += np.where(in_lung, excess[band2d][None], np.float32(0))
-    return correction
+        reference = min(float(np.nanmin(baselines)), REFERENCE_MAX_HU)
+        level = (reference + np.clip(np.nan_to_num(baselines - reference, nan=0.0), 0.0, MAX_CORRECTION_HU))
+        baseline = np.where(in_lung, level.astype(np.float32)[band2d][None], baseline)
+    return baseline
 
 
 def _height_above_dependent(volume: CTVolume, crop: LungCrop, stride: int) -> np.ndarray:
@@ -185,13 +190,16 @@ def opacity_maps(volume: CTVolume, seg: Segmentation, suppression: Suppression =
     crop = crop_lungs(volume, seg)
     lung = crop.lung()
     smooth = _in_plane_mean(crop.hu, lung)
-    density = lung_opening(smooth, lung, _odd(VESSEL_MM, crop.pixel_mm)) if suppression.vessels else smooth
+    density = smooth
+    if suppression.vessels:
+        opened = lung_opening(smooth, lung, _odd(VESSEL_MM, crop.pixel_mm))
+        density = np.where(smooth - opened > VESSEL_TOPHAT_HU, opened, smooth)
     excluded = _airway_walls(smooth, lung, crop.pixel_mm) if suppression.airway_walls else np.zeros_like(lung)
+    low = np.float32(BANDS_HU["ground_glass"][0])
     if suppression.dependent:
         height = _height_above_dependent(volume, crop, seg.stride)
-        density = density - dependent_correction(density, crop, height, lung & ~crop.rim & ~excluded)
-    counted = lung & ~excluded
-    opacity = counted & (density >= BANDS_HU["ground_glass"][0]) & (density <= BANDS_HU["consolidation"][1])
+        low = np.maximum(low, normal_baseline(density, crop, height, lung & ~crop.rim & ~excluded) + EXCESS_HU)
+    opacity = lung & ~excluded & (density >= low) & (density <= BANDS_HU["consolidation"][1])
     min_voxels = max(1, int(np.ceil(MIN_REGION_ML / crop.voxel_ml)))
     if suppression.rim:
         opacity = _keep_mostly_inside(opacity, crop.rim, min_voxels)
