@@ -40,6 +40,7 @@ DATA = Path(os.environ.get("APPLIANCE_SHARED_DATA", "/work/shared/data"))
 CT_SERIES = DATA / "ct" / "tcia-pancreas-ct-chest-abdomen"
 SEMISEG = DATA / "covid-ct" / "infnet-covid-semiseg" / "Dataset"
 NAIVE_BAND_HU = (-700.0, -100.0)
+VESSEL_ABOVE_PARENCHYMA_HU = 200.0  # what a lesion insert keeps of the original as vessel
 EDGE_MM = 2.0  # soft edge of an inserted lesion (partial volume)
 POSITIVE_SLICE_CM2 = 0.5  # a slice counts as holding the insert from this cross-section on
 Segmenter = Callable[[CTVolume], lungs.Segmentation]
@@ -128,8 +129,10 @@ def insert_lesion(volume: CTVolume, lung: np.ndarray, centre: np.ndarray, volume
     texture *= (40.0 if keep_vessels else 20.0) / max(float(texture.std()), 1e-6)
     lesion = target_hu + texture + noise
     blended = original * (1 - weight) + lesion * weight
-    if keep_vessels:
-        blended = np.maximum(blended, original)
+    if keep_vessels:  # vessels: clearly brighter than the parenchyma around them and than the lesion
+        parenchyma = float(np.median(original[weight > 0])) if (weight > 0).any() else -850.0
+        vessel = (original > parenchyma + VESSEL_ABOVE_PARENCHYMA_HU) & (original > blended)
+        blended = np.where(vessel, original, blended)
     hu = volume.hu.copy()
     hu[box] = np.clip(np.round(blended), -1024, 3071).astype(np.int16)
     mask = np.zeros(volume.hu.shape, dtype=bool)
@@ -185,7 +188,11 @@ CASES = [Case(kind, where, ml, hu) for kind, hu in (("ground glass", -500.0), ("
          for where in ("central", "subpleural") for ml in (1.0, 5.0, 20.0, 50.0)]
 
 
-def opacity_inserts(volume: CTVolume, segment: Segmenter, cases: list[Case], seed: int = 7) -> None:
+def opacity_inserts(volume: CTVolume, segment: Segmenter, cases: list[Case], resegment: bool = True,
+                    seed: int = 7) -> None:
+    """Inserted lesions measured back; ``resegment`` False keeps the clean scan's lung mask (one that includes
+    every lesion, as a mask following the lung's outline rather than its air would)."""
+    print(f"\n=== lung mask: {'segmented again after the insert' if resegment else 'the clean scan mask'} ===")
     seg = segment(volume)
     lung = full_res_lung(volume, seg)
     clean = all_maps(volume, seg)
@@ -204,7 +211,7 @@ def opacity_inserts(volume: CTVolume, segment: Segmenter, cases: list[Case], see
         centre = pick_centre(volume, lung, (3 * case.ml * 1000 / (4 * np.pi)) ** (1 / 3), case.where, rng)
         moved, mask, inserted_ml = insert_lesion(volume, lung, centre, case.ml, case.target_hu, rng,
                                                  keep_vessels=case.kind == "ground glass")
-        seg2 = segment(moved)
+        seg2 = segment(moved) if resegment else seg
         maps = all_maps(moved, seg2)
         small = mask[:, ::seg.stride, ::seg.stride]
         near = ndimage.binary_dilation(small, iterations=max(1, int(round(5.0 / (volume.spacing_mm_zyx[1] * 2)))))
@@ -370,6 +377,7 @@ def main() -> None:
         timing(volume, segment)
     if args.only in (None, "opacity"):
         opacity_inserts(volume, segment, cases)
+        opacity_inserts(volume, segment, cases, resegment=False)
     if args.only in (None, "emphysema"):
         emphysema_inserts(volume, segment)
     if args.only in (None, "semiseg") and SEMISEG.is_dir():
