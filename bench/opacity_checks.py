@@ -288,34 +288,46 @@ def grey_to_hu(grey: np.ndarray) -> tuple[np.ndarray, str] | tuple[None, str]:
     return -1000.0 + (grey.astype(np.float32) - air) * 1040.0 / (tissue - air), "ok"
 
 
+MID = 5  # the measured slice of the stack made from one 2-D slice
+
+
 def slice_volume(hu2d: np.ndarray, pixel_mm: float = 0.7) -> CTVolume:
-    """A three-slice axial volume repeating one 2-D slice (so the measurement sees it as a mid-lung slice)."""
-    hu = np.repeat(np.clip(hu2d, -1024, 3071).astype(np.int16)[None], 3, axis=0)
-    plan = VolumePlan(order=np.arange(3), source_z_mm=np.arange(3) * 1.0, target_z_mm=np.arange(3) * 1.0,
+    """A five-slice axial volume repeating one 2-D slice (the middle one is then a mid-lung slice, off the
+    lung's top and base)."""
+    n = 2 * MID + 1
+    hu = np.repeat(np.clip(hu2d, -1024, 3071).astype(np.int16)[None], n, axis=0)
+    plan = VolumePlan(order=np.arange(n), source_z_mm=np.arange(n) * 1.0, target_z_mm=np.arange(n) * 1.0,
                       shear_mm_per_row=0.0, shear_mm_per_column=0.0, shape_zyx=hu.shape,
                       spacing_mm_zyx=(1.0, pixel_mm, pixel_mm), origin=np.zeros(3), direction=np.eye(3),
                       tilt_deg=0.0, problems=())
-    return CTVolume(hu=hu, plan=plan, slices=3, excluded=[], seconds={})
+    return CTVolume(hu=hu, plan=plan, slices=n, excluded=[], seconds={})
 
 
-def lung_mask_2d(volume: CTVolume) -> lungs.Segmentation:
-    """Lungs of a cropped 2-D slice: dark regions not touching the image border, holes filled, split at mid-width."""
+def lung_mask_2d(volume: CTVolume, lesion: np.ndarray | None = None) -> lungs.Segmentation:
+    """Lungs of a cropped 2-D slice: dark regions not touching the image border, holes filled, split at mid-width;
+    with ``lesion`` (full-resolution bool), the lesion is added to the lungs (a mask that includes the disease)."""
     s = 2
-    hu = volume.hu[1, ::s, ::s]
+    hu = volume.hu[MID, ::s, ::s]
     dark = ndimage.binary_opening(hu < -400, iterations=1)
     labels, count = ndimage.label(dark)
-    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    keep = [i for i in range(1, count + 1) if i not in border and sizes[i] * (0.7 * s) ** 2 > 300]
-    lung = ndimage.binary_fill_holes(np.isin(labels, keep))
+    sums = np.bincount(labels.ravel(), weights=hu.ravel().astype(np.float64), minlength=count + 1)
+    means = sums / np.maximum(sizes, 1)
+    low, high = lungs.LUNG_MEAN_HU  # aerated lung, not the air around the body (as lungs.py decides)
+    area_mm2 = sizes * (volume.spacing_mm_zyx[1] * s) ** 2
+    keep = [i for i in range(1, count + 1) if area_mm2[i] > 300 and low < means[i] < high]
+    lung = np.isin(labels, keep)
+    if lesion is not None:
+        lung |= lesion[::s, ::s][: lung.shape[0], : lung.shape[1]]
+    lung = ndimage.binary_fill_holes(lung)
     sides = np.zeros(lung.shape, dtype=np.uint8)
     sides[:, : lung.shape[1] // 2][lung[:, : lung.shape[1] // 2]] = 1
     sides[:, lung.shape[1] // 2:][lung[:, lung.shape[1] // 2:]] = 2
-    stack = np.repeat(sides[None], 3, axis=0)
+    stack = np.repeat(sides[None], volume.hu.shape[0], axis=0)
     return lungs.Segmentation(body=np.ones(stack.shape, bool), lungs=stack, stride=s)
 
 
-def semiseg_check() -> None:
+def semiseg_check(lesion_in_mask: bool) -> None:
     from PIL import Image
 
     pairs = []
@@ -337,21 +349,22 @@ def semiseg_check() -> None:
             skipped[image.name] = why
             continue
         volume = slice_volume(hu)
-        seg = lung_mask_2d(volume)
+        seg = lung_mask_2d(volume, truth > 0 if lesion_in_mask else None)
         if not seg.lungs.any():
             skipped[image.name] = "no lung found"
             continue
         t = (truth[::2, ::2] > 0)[: seg.lungs.shape[1], : seg.lungs.shape[2]]
-        lung = seg.lungs[1] > 0
+        lung = seg.lungs[MID] > 0
         truth_frac.append(float((t & lung).sum() / max(lung.sum(), 1)))
         for m in methods:
             op, lu = naive_map(volume, seg) if m == "naive band" else method_map(volume, seg, ABLATIONS[m])
-            o = op[1]
+            o = op[MID]
             dice[m].append(2 * float((o & t & lung).sum()) / max(float(o.sum() + (t & lung).sum()), 1.0))
-            frac[m].append(float(o.sum() / max(lu[1].sum(), 1)))
+            frac[m].append(float(o.sum() / max(lu[MID].sum(), 1)))
     from scipy.stats import spearmanr
 
-    print(f"\nCOVID-SemiSeg 2-D slices: {len(truth_frac)} used, {len(skipped)} skipped "
+    print(f"\nCOVID-SemiSeg 2-D slices, lung mask {'with' if lesion_in_mask else 'without'} the masked lesions "
+          f"added: {len(truth_frac)} used, {len(skipped)} skipped "
           f"({', '.join(sorted(set(skipped.values())))})")
     print(f"  {'method':26s} {'mean Dice':>9s} {'Spearman(frac)':>15s} {'mean frac':>9s}  (truth mean frac "
           f"{np.mean(truth_frac):.3f})")
@@ -381,7 +394,8 @@ def main() -> None:
     if args.only in (None, "emphysema"):
         emphysema_inserts(volume, segment)
     if args.only in (None, "semiseg") and SEMISEG.is_dir():
-        semiseg_check()
+        semiseg_check(lesion_in_mask=False)
+        semiseg_check(lesion_in_mask=True)
 
 
 if __name__ == "__main__":

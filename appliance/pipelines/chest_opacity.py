@@ -66,6 +66,7 @@ EXCESS_HU = 150.0  # ground glass stands at least this far above the normal pare
 VESSEL_TOPHAT_HU = 100.0  # brighter than the opened surroundings by this much: a thin structure (vessel, wall)
 MIN_BAND_VOXELS = 200
 MIN_REGION_ML = 0.1
+RIM_MAX_SHARE = 0.7  # an opacity lying mostly in the pleural rim is partial volume of the chest wall
 KEY_SLICES = 3
 GROUND_GLASS_RGB = (255.0, 210.0, 0.0)
 CONSOLIDATION_RGB = (255.0, 40.0, 0.0)
@@ -118,6 +119,8 @@ def _airway_walls(smooth: np.ndarray, lung: np.ndarray, pixel_mm: float) -> np.n
 
 def _band_baselines(density: np.ndarray, band: np.ndarray, bands: int) -> np.ndarray:
     """BASELINE_PERCENTILE of ``density`` per band (NaN where a band has under MIN_BAND_VOXELS voxels)."""
+    if len(density) == 0:
+        return np.full(bands, np.nan)
     order = np.lexsort((density, band))
     band, density = band[order], density[order]
     counts = np.bincount(band, minlength=bands)
@@ -164,14 +167,14 @@ def _height_above_dependent(volume: CTVolume, crop: LungCrop, stride: int) -> np
 
 
 def _keep_mostly_inside(opacity: np.ndarray, rim: np.ndarray, min_voxels: int) -> np.ndarray:
-    """Opacity regions with at least ``min_voxels`` and no more voxels in the pleural rim than inside it."""
+    """Opacity regions with at least ``min_voxels`` voxels off the pleural rim, at most RIM_MAX_SHARE in it."""
     labels, count = ndimage.label(opacity)
     if count == 0:
         return opacity
     flat = labels.ravel()
     total = np.bincount(flat, minlength=count + 1)
     in_rim = np.bincount(flat, weights=rim.ravel(), minlength=count + 1)
-    keep = (total - in_rim >= in_rim) & (total >= min_voxels)
+    keep = (in_rim <= RIM_MAX_SHARE * total) & (total - in_rim >= min_voxels)
     keep[0] = False
     return keep[labels]
 
