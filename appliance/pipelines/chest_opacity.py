@@ -2,24 +2,28 @@
 
 A plain attenuation band inside the lung mask counts vessels, airway walls, partial volume at the pleura and the
 normal dependent density of a supine patient as disease. This measurement removes each before applying the bands,
-on the segmentation's stride grid, slice by slice in-plane (independent of the slice thickness):
+on the segmentation's stride grid, in-plane slice by slice (so it does not depend on the slice thickness):
 
-1. Vessels and airway walls: a grey-scale opening restricted to the lung (minimum then maximum over a
-   ``VESSEL_MM`` square, lung voxels only) removes bright structures narrower than the square -- vessels in
-   and across the plane, fissures, bronchial walls -- and keeps hazier regions wider than it (opacities, with
-   the vessels running through them read at the density of the opacity around them). Voxels within
+1. Noise: a 3x3 in-plane mean over lung voxels only.
+2. Vessels, fissures and airway walls: a grey-scale opening restricted to the lung (minimum then maximum over a
+   ``VESSEL_MM`` square, lung voxels only) gives the density of the surroundings; a voxel more than
+   ``VESSEL_TOPHAT_HU`` above it lies on a structure narrower than the square (a vessel in or across the plane, a
+   wall) and takes the surroundings' density instead. Hazier regions wider than the square (opacities) keep their
+   own density, and a vessel running through ground glass reads as the ground glass around it. Voxels within
    ``AIRWAY_WALL_MM`` of an air tube (lumen below ``AIR_HU``) are not counted.
-2. Dependent density: normal lung grows denser toward the dependent side (posterior in a supine patient,
-   anterior when prone). Per lung, the ``BASELINE_PERCENTILE`` of the opened density is taken in
-   ``BAND_MM`` bands of height above the lung's most dependent point; its excess over the non-dependent half
-   (at most ``MAX_CORRECTION_HU``) is subtracted before the bands are applied. A low percentile follows the
-   normal parenchyma even where part of a band is diseased.
-3. Pleural partial volume: voxels within ``RIM_MM`` of the lung surface count only as part of an opacity that
-   lies mostly inside the rim-free lung, so a subpleural opacity is kept and a rim of blurred chest wall is not.
-4. Bands (HU, after 1-3): ground glass -600 to -200, consolidation -200 to +100 (see ``BANDS_HU``); opacity
-   regions below ``MIN_REGION_ML`` are dropped as noise.
+3. Dependent density: normal lung grows denser toward the dependent side (posterior when supine, anterior when
+   prone, from PatientPosition). Per lung and ``BAND_MM`` band of height above the dependent side, the normal
+   density is the ``BASELINE_PERCENTILE`` of the band, at most ``MAX_CORRECTION_HU`` above the least dense band
+   (itself at most ``REFERENCE_MAX_HU``), so disease filling a band or a lung cannot hide itself. Ground glass
+   must stand ``EXCESS_HU`` above that normal density as well as above the band's -600 HU.
+4. Pleural partial volume: voxels within ``RIM_MM`` of the lung surface (in-plane and through-plane) are kept
+   only as part of an opacity region with at most ``RIM_MAX_SHARE`` of its voxels in the rim and at least
+   ``MIN_REGION_ML`` off it: a subpleural opacity reaches into the lung, a blurred chest wall does not.
+5. Bands (HU): ground glass -600 to -200 (the lower bound of the high-attenuation areas of Podolanczuk et al.
+   2016), consolidation -200 to +100 (the high-opacity threshold of Chaganti et al. 2020); see ``BANDS_HU``.
 
-The lung mask's holes within a slice (vessels, consolidation enclosed by aerated lung) are part of the lung.
+The lung mask's holes within a slice (vessels, consolidation enclosed by aerated lung) are part of the lung; a
+lung mask that leaves out consolidation touching the chest wall leaves it out of this measurement too.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from appliance.pipelines import StepResult, overlays
 from appliance.pipelines.chest_preprocess import window_to_gray
 from appliance.pipelines.key_images import save_key_image
 from appliance.pipelines.lung_regions import (
+    RIM_MM,
     SIDES,
     LungCrop,
     NotApplicable,
@@ -54,7 +59,7 @@ NOTICE = ("Not validated: a Hounsfield-unit measurement of lung opacity, not val
           "research use only.")
 KEY_NOTICE = "Not validated: HU opacity measurement, research use only"
 BANDS_HU = {"ground_glass": (-600.0, -200.0), "consolidation": (-200.0, 100.0)}
-DEFAULT_THRESHOLD_PERCENT = 5.0  # lower bound of more than minimal lobar involvement in the CT severity score
+DEFAULT_THRESHOLD_PERCENT = 5.0  # more than minimal involvement: the CT severity score's first step ends at 5%
 VESSEL_MM = 10.0  # bright structures narrower than this are vessels, fissures or airway walls
 AIR_HU = -950.0
 AIRWAY_WALL_MM = 3.0
@@ -271,11 +276,15 @@ def _slice_findings(volume: CTVolume, maps: OpacityMaps, seg: Segmentation,
 
 def _method() -> dict[str, Any]:
     return {"name": "method", "bands_hu": {k: list(v) for k, v in BANDS_HU.items()},
-            "excluded": (f"vessels, fissures and airway walls (opening over {VESSEL_MM:g} mm), voxels within "
-                         f"{AIRWAY_WALL_MM:g} mm of air tubes (< {AIR_HU:g} HU), pleural rim partial volume "
-                         "(rim voxels count only within an opacity lying mostly inside the rim)"),
-            "dependent_correction": (f"per lung, {BASELINE_PERCENTILE:g}th percentile per {BAND_MM:g} mm height band "
-                                     f"above the dependent side, at most {MAX_CORRECTION_HU:g} HU"),
+            "excluded": (f"vessels, fissures and airway walls (structures narrower than {VESSEL_MM:g} mm and "
+                         f"{VESSEL_TOPHAT_HU:g} HU above their surroundings read as the surroundings), voxels within "
+                         f"{AIRWAY_WALL_MM:g} mm of air tubes (< {AIR_HU:g} HU), pleural-rim partial volume "
+                         f"(regions with over {RIM_MAX_SHARE:.0%} of their voxels within {RIM_MM:g} mm of the "
+                         "lung surface)"),
+            "dependent_correction": (f"ground glass at least {EXCESS_HU:g} HU above the normal density at its "
+                                     f"height: per lung, the {BASELINE_PERCENTILE:g}th percentile of each "
+                                     f"{BAND_MM:g} mm band above the dependent side, at most "
+                                     f"{MAX_CORRECTION_HU:g} HU above the least dense band"),
             "min_region_ml": MIN_REGION_ML,
             "z_mm": "slice centre's position along the slice normal in patient coordinates (LPS z for axial series)"}
 
