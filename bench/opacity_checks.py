@@ -245,11 +245,12 @@ def emphysema_inserts(volume: CTVolume, segment: Segmenter, sizes_ml: tuple[floa
     print(f"  {'inserted mL':>11s} {'LAA-950 mL':>11s} {'LAA-910 mL':>11s} {'%LAA-950':>9s} {'%LAA-910':>9s}")
     rng = np.random.default_rng(seed)
     for ml in sizes_ml:
-        moved, total = volume, 0.0
+        moved, union = volume, np.zeros(volume.hu.shape, dtype=bool)
         for _part in range(max(1, int(ml // 25))):  # several regions, as emphysema is
             centre = pick_centre(moved, lung, (3 * min(ml, 25) * 1000 / (4 * np.pi)) ** (1 / 3), "central", rng)
-            moved, _, got = insert_lesion(moved, lung, centre, min(ml, 25.0), -980.0, rng, keep_vessels=True)
-            total += got
+            moved, mask, _ = insert_lesion(moved, lung, centre, min(ml, 25.0), -980.0, rng, keep_vessels=True)
+            union |= mask
+        total = float(union.sum() * volume.voxel_volume_ml)
         crop2 = crop_lungs(moved, segment(moved))
         measured2, below2 = lung_emphysema.laa_masks(crop2, float(volume.spacing_mm_zyx[0]))
         n = max(int(measured2.sum()), 1)
