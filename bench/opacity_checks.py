@@ -86,7 +86,8 @@ def pick_centre(volume: CTVolume, lung: np.ndarray, radius_mm: float, where: str
     step = 4
     small = lung[:, ::step, ::step]
     dz, dy, dx = volume.spacing_mm_zyx
-    depth = ndimage.distance_transform_edt(small, sampling=(dz, dy * step, dx * step))
+    # the volume's first and last slices bound the lung too (a lung cut by the scan range is not deep there)
+    depth = ndimage.distance_transform_edt(np.pad(small, 1), sampling=(dz, dy * step, dx * step))[1:-1, 1:-1, 1:-1]
     if where == "central":
         ok = depth >= min(radius_mm + 5.0, 0.8 * depth.max())
     else:

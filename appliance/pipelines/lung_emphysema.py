@@ -10,10 +10,10 @@ thickness (SliceThickness, else the slice spacing) is checked before anything is
   unless the site sets a threshold;
 - thicker: not applicable.
 
-Both percentages are given where applicable. Air tubes (the trachea and bronchi, long runs of air narrower than
-``AIRWAY_MAX_CROSS_SECTION_CM2``) and the pleural rim (blurred chest wall, and any air outside the lung that the
-mask took in) are left out of numerator and denominator. Contrast enhancement (ContrastBolusAgent) and a lung
-denser than full inspiration are reported as caveats: both lower %LAA.
+Both percentages are given where applicable. Air tubes (the trachea and bronchi: long runs of air whose
+cross-section in a slice is under ``AIRWAY_MAX_CROSS_SECTION_CM2``) and the pleural rim (blurred chest wall, and
+any air outside the lung that the mask took in) are left out of numerator and denominator. Contrast enhancement
+(ContrastBolusAgent) and a lung denser than full inspiration are reported as caveats: both lower %LAA.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from scipy import ndimage
 
 from appliance.pipelines import StepResult
 from appliance.pipelines.lung_regions import (
+    IN_PLANE,
     Acquisition,
     LungCrop,
     NotApplicable,
@@ -47,7 +48,7 @@ THIN_MM = 1.5  # sections up to this are thin (the -950 HU standard was set on 1
 THICK_MM = 5.0  # beyond this no threshold is reported
 DEFAULT_THRESHOLD_PERCENT = 5.0  # %LAA-950 at or above which CT emphysema is reported
 AIRWAY_MIN_LENGTH_MM = 30.0
-AIRWAY_MAX_CROSS_SECTION_CM2 = 4.0  # mean, about the trachea's; emphysematous spaces that long are wider
+AIRWAY_MAX_CROSS_SECTION_CM2 = 4.0  # in one slice, about the trachea's
 INSPIRATION_MAX_MEAN_HU = -750.0  # a lung denser than this on average is probably not at full inspiration
 
 
@@ -69,17 +70,23 @@ def primary_threshold_hu(thickness_mm: float) -> int:
 
 
 def airways(hu: np.ndarray, lung: np.ndarray, slice_mm: float, pixel_mm: float) -> np.ndarray:
-    """Air tubes in the lung: runs of air (< -950 HU) at least AIRWAY_MIN_LENGTH_MM long and narrow on average."""
+    """Air tubes in the lung: runs of air (< -950 HU after a 3x3 mean) at least AIRWAY_MIN_LENGTH_MM long whose
+    cross-section in every slice is at most AIRWAY_MAX_CROSS_SECTION_CM2.
+
+    Emphysema joined to a bronchus widens the run's cross-section somewhere, so the run is counted as lung."""
     air = lung & (ndimage.uniform_filter(hu, size=(1, 3, 3)) < LAA_HU[0])
-    labels, count = ndimage.label(air)
+    runs, count = ndimage.label(air)
     if count == 0:
         return air
-    slices = ndimage.find_objects(labels)
-    voxels = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    lengths = np.array([(s[0].stop - s[0].start) for s in slices]) * slice_mm
-    cross_cm2 = voxels * pixel_mm ** 2 / 100.0 / np.maximum(lengths / slice_mm, 1)
-    tube = np.concatenate([[False], (lengths >= AIRWAY_MIN_LENGTH_MM) & (cross_cm2 <= AIRWAY_MAX_CROSS_SECTION_CM2)])
-    return ndimage.maximum_filter(tube[labels].view(np.uint8), size=(1, 3, 3)) > 0
+    extent = np.array([s[0].stop - s[0].start for s in ndimage.find_objects(runs)]) * slice_mm
+    sections, n_sections = ndimage.label(air, structure=IN_PLANE)
+    area_cm2 = np.bincount(sections.ravel(), minlength=n_sections + 1) * pixel_mm ** 2 / 100.0
+    run_of_section = np.zeros(n_sections + 1, dtype=np.int64)
+    run_of_section[sections[air]] = runs[air]
+    widest = np.zeros(count + 1)
+    np.maximum.at(widest, run_of_section[1:], area_cm2[1:])
+    tube = np.concatenate([[False], extent >= AIRWAY_MIN_LENGTH_MM]) & (widest <= AIRWAY_MAX_CROSS_SECTION_CM2)
+    return ndimage.maximum_filter(tube[runs].view(np.uint8), size=(1, 3, 3)) > 0
 
 
 def _caveats(thickness_mm: float, source: str, primary: int, acquisition: Acquisition, mean_hu: float) -> list[str]:
