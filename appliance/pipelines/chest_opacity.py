@@ -142,7 +142,7 @@ def normal_baseline(density: np.ndarray, crop: LungCrop, height_mm: np.ndarray, 
     band, or the whole lung, cannot raise its own baseline much).
     ``height_mm`` (rows, cols) is the in-plane height above the dependent side. -1000 HU outside the lungs.
     """
-    baseline = np.full(density.shape, -1000.0, dtype=np.float32)
+    table = np.full((len(SIDES) + 1, *density.shape[1:]), -1000.0, dtype=np.float32)  # by side label, row, col
     for side, _ in SIDES:
         in_lung = crop.sides == side
         footprint = in_lung.any(axis=0)
@@ -151,16 +151,18 @@ def normal_baseline(density: np.ndarray, crop: LungCrop, height_mm: np.ndarray, 
         band2d = np.maximum((height_mm - height_mm[footprint].min()) // BAND_MM, 0).astype(np.int64)
         bands = int(band2d[footprint].max()) + 1
         band2d = np.minimum(band2d, bands - 1)
-        where = usable & in_lung
-        step = max(1, int(where.sum()) // 200_000)  # a sample is plenty for a percentile
-        z, y, x = (a[::step] for a in np.nonzero(where))
+        step = max(1, len(density) // 64)  # every few slices: a sample is plenty for a percentile
+        where = usable[::step] & in_lung[::step]
+        z, y, x = np.nonzero(where)
+        z = z * step
         baselines = _band_baselines(density[z, y, x], band2d[y, x], bands)
         if np.all(np.isnan(baselines)):
             continue
         reference = min(float(np.nanmin(baselines)), REFERENCE_MAX_HU)
         level = (reference + np.clip(np.nan_to_num(baselines - reference, nan=0.0), 0.0, MAX_CORRECTION_HU))
-        baseline = np.where(in_lung, level.astype(np.float32)[band2d][None], baseline)
-    return baseline
+        table[side] = level.astype(np.float32)[band2d]
+    rows, cols = density.shape[1:]
+    return table[crop.sides, np.arange(rows)[:, None], np.arange(cols)[None, :]]
 
 
 def _height_above_dependent(volume: CTVolume, crop: LungCrop, stride: int) -> np.ndarray:
@@ -176,12 +178,13 @@ def _keep_mostly_inside(opacity: np.ndarray, rim: np.ndarray, min_voxels: int) -
     labels, count = ndimage.label(opacity)
     if count == 0:
         return opacity
-    flat = labels.ravel()
-    total = np.bincount(flat, minlength=count + 1)
-    in_rim = np.bincount(flat, weights=rim.ravel(), minlength=count + 1)
+    total = np.bincount(labels.ravel(), minlength=count + 1)
+    in_rim = np.bincount(labels[rim], minlength=count + 1)
     keep = (in_rim <= RIM_MAX_SHARE * total) & (total - in_rim >= min_voxels)
     keep[0] = False
-    return keep[labels]
+    kept = np.zeros_like(opacity)
+    kept[opacity] = keep[labels[opacity]]
+    return kept
 
 
 def _drop_small(opacity: np.ndarray, min_voxels: int) -> np.ndarray:
@@ -190,7 +193,9 @@ def _drop_small(opacity: np.ndarray, min_voxels: int) -> np.ndarray:
         return opacity
     keep = np.bincount(labels.ravel(), minlength=count + 1) >= min_voxels
     keep[0] = False
-    return keep[labels]
+    kept = np.zeros_like(opacity)
+    kept[opacity] = keep[labels[opacity]]
+    return kept
 
 
 def opacity_maps(volume: CTVolume, seg: Segmentation, suppression: Suppression = Suppression()) -> OpacityMaps:

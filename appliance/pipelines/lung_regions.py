@@ -84,13 +84,13 @@ def _enclosed_holes(holes: np.ndarray, outside: np.ndarray, pixel_mm: float) -> 
     labels, count = ndimage.label(holes)
     if count == 0:
         return labels, 0
-    contact = np.zeros_like(holes)
-    contact[1:] |= holes[1:] & outside[:-1]
-    contact[:-1] |= holes[:-1] & outside[1:]
-    area = np.bincount(labels.ravel(), weights=contact.ravel(), minlength=count + 1) * pixel_mm ** 2
+    below = labels[1:][outside[:-1]]  # hole voxels whose lower neighbour is outside, and upper
+    above = labels[:-1][outside[1:]]
+    touching = np.concatenate([below[below > 0], above[above > 0]])
+    area = np.bincount(touching, minlength=count + 1) * pixel_mm ** 2
     keep = area < MAX_HOLE_CONTACT_MM2
     keep[0] = False
-    return np.where(keep[labels], labels, 0), count
+    return labels * keep[labels], count
 
 
 def _fill(box: np.ndarray, pixel_mm: float) -> np.ndarray:
@@ -101,10 +101,9 @@ def _fill(box: np.ndarray, pixel_mm: float) -> np.ndarray:
     sides = box.copy()
     if count == 0 or not labels.any():
         return sides
-    around = ndimage.grey_dilation(labels, footprint=IN_PLANE) * (box > 0)
-    ring = around > 0
-    votes = np.zeros((count + 1, 3), dtype=np.int64)
-    np.add.at(votes, (around[ring], box[ring]), 1)
+    around = ndimage.maximum_filter(labels, size=(1, 3, 3))
+    ring = (around > 0) & (box > 0)
+    votes = np.bincount(around[ring].astype(np.int64) * 3 + box[ring], minlength=(count + 1) * 3).reshape(-1, 3)
     side_of = np.argmax(votes[:, 1:], axis=1).astype(np.uint8) + 1
     filled = labels > 0
     sides[filled] = side_of[labels[filled]]
