@@ -73,6 +73,7 @@ MIN_BAND_VOXELS = 200
 MIN_REGION_ML = 0.1
 RIM_MAX_SHARE = 0.7  # an opacity lying mostly in the pleural rim is partial volume of the chest wall
 KEY_SLICES = 3
+CHUNK = 32  # slices processed together: float32 temporaries stay a few MB
 GROUND_GLASS_RGB = (255.0, 210.0, 0.0)
 CONSOLIDATION_RGB = (255.0, 40.0, 0.0)
 
@@ -135,7 +136,8 @@ def _band_baselines(density: np.ndarray, band: np.ndarray, bands: int) -> np.nda
 
 
 def normal_baseline(density: np.ndarray, crop: LungCrop, height_mm: np.ndarray, usable: np.ndarray) -> np.ndarray:
-    """Per-voxel density (HU) of normal parenchyma at the voxel's height above the dependent side.
+    """Density (HU) of normal parenchyma at each height above the dependent side, as a (side label, row, col)
+    table: ``table[crop.sides, row, col]`` is a voxel's.
 
     Per lung and BAND_MM height band: the BASELINE_PERCENTILE of ``density`` over ``usable`` voxels, at most
     MAX_CORRECTION_HU above the least dense band's, itself at most REFERENCE_MAX_HU (so disease filling a
@@ -161,8 +163,7 @@ def normal_baseline(density: np.ndarray, crop: LungCrop, height_mm: np.ndarray, 
         reference = min(float(np.nanmin(baselines)), REFERENCE_MAX_HU)
         level = (reference + np.clip(np.nan_to_num(baselines - reference, nan=0.0), 0.0, MAX_CORRECTION_HU))
         table[side] = level.astype(np.float32)[band2d]
-    rows, cols = density.shape[1:]
-    return table[crop.sides, np.arange(rows)[:, None], np.arange(cols)[None, :]]
+    return table
 
 
 def _height_above_dependent(volume: CTVolume, crop: LungCrop, stride: int) -> np.ndarray:
@@ -178,8 +179,8 @@ def _keep_mostly_inside(opacity: np.ndarray, rim: np.ndarray, min_voxels: int) -
     labels, count = ndimage.label(opacity)
     if count == 0:
         return opacity
-    total = np.bincount(labels.ravel(), minlength=count + 1)
-    in_rim = np.bincount(labels[rim], minlength=count + 1)
+    total = np.bincount(labels[opacity], minlength=count + 1)
+    in_rim = np.bincount(labels[rim & opacity], minlength=count + 1)
     keep = (in_rim <= RIM_MAX_SHARE * total) & (total - in_rim >= min_voxels)
     keep[0] = False
     kept = np.zeros_like(opacity)
@@ -191,28 +192,58 @@ def _drop_small(opacity: np.ndarray, min_voxels: int) -> np.ndarray:
     labels, count = ndimage.label(opacity)
     if count == 0:
         return opacity
-    keep = np.bincount(labels.ravel(), minlength=count + 1) >= min_voxels
+    keep = np.bincount(labels[opacity], minlength=count + 1) >= min_voxels
     keep[0] = False
     kept = np.zeros_like(opacity)
     kept[opacity] = keep[labels[opacity]]
     return kept
 
 
+def _density(crop: LungCrop, lung: np.ndarray, suppression: Suppression) -> tuple[np.ndarray, np.ndarray]:
+    """(density with thin bright structures replaced by their surroundings, air-tube walls), CHUNK slices at
+    a time (every step is in-plane)."""
+    density = np.empty(crop.hu.shape, dtype=np.float32)
+    walls = np.zeros(crop.hu.shape, dtype=bool)
+    width = _odd(VESSEL_MM, crop.pixel_mm)
+    for z in range(0, crop.hu.shape[0], CHUNK):
+        part = slice(z, z + CHUNK)
+        smooth = _in_plane_mean(crop.hu[part], lung[part])
+        if suppression.vessels:
+            opened = lung_opening(smooth, lung[part], width)
+            density[part] = np.where(smooth - opened > VESSEL_TOPHAT_HU, opened, smooth)
+        else:
+            density[part] = smooth
+        if suppression.airway_walls:
+            walls[part] = _airway_walls(smooth, lung[part], crop.pixel_mm)
+    return density, walls
+
+
+def _in_bands(density: np.ndarray, counted: np.ndarray, crop: LungCrop, table: np.ndarray | None) -> np.ndarray:
+    """Voxels in the ground-glass or consolidation band, ground glass also EXCESS_HU above ``table``'s normal."""
+    opacity = np.zeros(density.shape, dtype=bool)
+    rows, cols = density.shape[1:]
+    r, c = np.arange(rows)[:, None], np.arange(cols)[None, :]
+    for z in range(0, density.shape[0], CHUNK):
+        part = slice(z, z + CHUNK)
+        low = np.float32(BANDS_HU["ground_glass"][0])
+        if table is not None:
+            low = np.maximum(low, table[crop.sides[part], r, c] + np.float32(EXCESS_HU))
+        d = density[part]
+        opacity[part] = counted[part] & (d >= low) & (d <= BANDS_HU["consolidation"][1])
+    return opacity
+
+
 def opacity_maps(volume: CTVolume, seg: Segmentation, suppression: Suppression = Suppression()) -> OpacityMaps:
     """Ground-glass and consolidation voxels in the lungs of ``volume`` (stride grid, lung box)."""
     crop = crop_lungs(volume, seg)
     lung = crop.lung()
-    smooth = _in_plane_mean(crop.hu, lung)
-    density = smooth
-    if suppression.vessels:
-        opened = lung_opening(smooth, lung, _odd(VESSEL_MM, crop.pixel_mm))
-        density = np.where(smooth - opened > VESSEL_TOPHAT_HU, opened, smooth)
-    excluded = _airway_walls(smooth, lung, crop.pixel_mm) if suppression.airway_walls else np.zeros_like(lung)
-    low = np.float32(BANDS_HU["ground_glass"][0])
+    density, excluded = _density(crop, lung, suppression)
+    counted = lung & ~excluded
+    table = None
     if suppression.dependent:
         height = _height_above_dependent(volume, crop, seg.stride)
-        low = np.maximum(low, normal_baseline(density, crop, height, lung & ~crop.rim & ~excluded) + EXCESS_HU)
-    opacity = lung & ~excluded & (density >= low) & (density <= BANDS_HU["consolidation"][1])
+        table = normal_baseline(density, crop, height, counted & ~crop.rim)
+    opacity = _in_bands(density, counted, crop, table)
     min_voxels = max(1, int(np.ceil(MIN_REGION_ML / crop.voxel_ml)))
     if suppression.rim:
         opacity = _keep_mostly_inside(opacity, crop.rim, min_voxels)
