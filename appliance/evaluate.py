@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import collections
 import csv
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +26,17 @@ from appliance.config import Settings
 from appliance.errors import ApplianceError, SeriesRejected
 from appliance.inference.registry import shared_registry
 from appliance.metrics import binary_metrics, threshold_for_sensitivity
-from appliance.pipelines import chest_covid19
-from appliance.pipelines.lungs import segment
-from appliance.series.volume import load_series
+from appliance.pipelines import chest_covid19, chest_opacity, lung_emphysema
+from appliance.pipelines.lung_regions import NotApplicable
+from appliance.pipelines.lung_segmentation import segment_or_fallback
+from appliance.series.volume import CTVolume, load_series
 from appliance.store.database import audit, open_database, site_threshold, utcnow, write_transaction
 
 POSITIVE = {"covid", "covid19", "positive", "abnormal", "lesion", "cancer", "1", "yes"}
 NEGATIVE = {"non-covid", "noncovid", "normal", "negative", "0", "no"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-SCORERS = {chest_covid19.MODEL_ID}
+SCORERS = {chest_covid19.MODEL_ID}  # classifier packs
+MEASUREMENTS = {chest_opacity.MODEL_ID: chest_opacity, lung_emphysema.MODEL_ID: lung_emphysema}
 
 
 class EvaluationError(ApplianceError):
@@ -49,34 +53,80 @@ def _label(name: str) -> int:
                           f"nor negative ({', '.join(sorted(NEGATIVE))})")
 
 
-def _score_image(path: Path, session, pack) -> float:
-    from PIL import Image
+@dataclasses.dataclass
+class Scorer:
+    """How one model scores a case: its identity, its default threshold, and its scoring of a CT volume
+    (and of a 2-D image slice, for classifiers trained on such slices)."""
 
-    from appliance.pipelines.chest_preprocess import prepare_gray
+    model: str
+    version: str
+    validated: bool
+    notice: str
+    default_threshold: float
+    backend: str
+    precision: str
+    score_volume: Callable[[CTVolume], float]
+    score_image: Callable[[Path], float] | None = None
 
-    x = prepare_gray(np.asarray(Image.open(path).convert("L")))[None, None].astype(np.float32)
-    return float(session.run({pack.input_name: x})["probability"][0, 0])
+
+def _image_scorer(session, pack) -> Callable[[Path], float]:
+    def score(path: Path) -> float:
+        from PIL import Image
+
+        from appliance.pipelines.chest_preprocess import prepare_gray
+
+        x = prepare_gray(np.asarray(Image.open(path).convert("L")))[None, None].astype(np.float32)
+        return float(session.run({pack.input_name: x})["probability"][0, 0])
+    return score
 
 
-def _score_study(files: list[Path], session, pack, settings: Settings) -> float:
+def _scorer(model: str, settings: Settings) -> Scorer:
+    """The scorer of ``model``: a classifier pack, or one of the appliance's lung measurements."""
+    registry = shared_registry(settings)
+
+    def lung_mask(volume: CTVolume):
+        return segment_or_fallback(volume, registry, body_threshold_hu=settings.body_threshold_hu,
+                                   lung_threshold_hu=settings.lung_threshold_hu)[0]
+
+    if model in MEASUREMENTS:
+        step = MEASUREMENTS[model]
+
+        def measure(volume: CTVolume) -> float:
+            score = step.run(volume, lung_mask(volume), None).score
+            if score is None:
+                raise EvaluationError(f"{model} gave no score for the series")
+            return float(score)
+        return Scorer(model, step.VERSION, False, step.NOTICE, float(step.DEFAULT_THRESHOLD_PERCENT), "numpy", "fp32",
+                      measure)
+    pack = registry.pack(model)
+    if pack is None or model not in SCORERS:
+        known = sorted({p.id for p in registry.packs if p.id in SCORERS} | set(MEASUREMENTS))
+        raise EvaluationError(f"no model {model!r} to evaluate (known here: {', '.join(known)})")
+    session, choice = registry.session(pack)
+
+    def classify(volume: CTVolume) -> float:
+        score = chest_covid19.run(volume, lung_mask(volume), session, pack, None).score
+        if score is None:
+            raise EvaluationError("the model gave no score for the series")
+        return float(score)
+    return Scorer(pack.id, pack.version, pack.validated, pack.notice, pack.threshold, choice.backend,
+                  choice.precision, classify, _image_scorer(session, pack))
+
+
+def _score_study(files: list[Path], scorer: Scorer, settings: Settings) -> float:
     """Score the largest CT series among ``files`` with the model's volume pipeline."""
     series: dict[str, list[Path]] = collections.defaultdict(list)
     for f in files:
         try:
             series[str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID)].append(f)
-        except Exception:
+        except Exception:  # nosec B112 - a file that is not DICOM is not part of any series
             continue
     errors = []
     for _, paths in sorted(series.items(), key=lambda kv: -len(kv[1])):
         try:
-            volume = load_series(paths, settings)
-            score = chest_covid19.run(volume, segment(volume), session, pack, None).score
-        except (SeriesRejected, chest_covid19.NotApplicable) as exc:
+            return scorer.score_volume(load_series(paths, settings))
+        except (SeriesRejected, NotApplicable, chest_covid19.NotApplicable) as exc:
             errors.append(str(exc))
-            continue
-        if score is None:
-            raise EvaluationError("the model gave no score for the series")
-        return score
     raise EvaluationError("; ".join(errors) or "no DICOM series")
 
 
@@ -120,11 +170,7 @@ def _csv_scores(path: Path, settings: Settings, model: str) -> tuple[list[int], 
 
 def evaluate(model: str, data: Path, settings: Settings, sensitivity: float = 0.9) -> dict[str, Any]:
     """Score every case of ``data`` and return the evaluation document."""
-    registry = shared_registry(settings)
-    pack = registry.pack(model)
-    if pack is None or model not in SCORERS:
-        raise EvaluationError(f"no usable model pack {model!r} (installed: {[p.id for p in registry.packs]})")
-    session, choice = registry.session(pack)
+    scorer = _scorer(model, settings)
     labels: list[int] = []
     scores: list[float] = []
     skipped: list[dict] = []
@@ -134,9 +180,11 @@ def evaluate(model: str, data: Path, settings: Settings, sensitivity: float = 0.
         for name, label, files in _folder_items(data):
             try:
                 if len(files) == 1 and files[0].suffix.lower() in IMAGE_SUFFIXES:
-                    score = _score_image(files[0], session, pack)
+                    if scorer.score_image is None:
+                        raise EvaluationError(f"{model} measures Hounsfield units: it needs DICOM CT, not a picture")
+                    score = scorer.score_image(files[0])
                 else:
-                    score = _score_study(files, session, pack, settings)
+                    score = _score_study(files, scorer, settings)
             except (EvaluationError, OSError) as exc:
                 skipped.append({"case": name, "why": str(exc)})
                 continue
@@ -145,12 +193,12 @@ def evaluate(model: str, data: Path, settings: Settings, sensitivity: float = 0.
     if not labels or len(set(labels)) < 2:
         raise EvaluationError("evaluation needs scored cases of both classes")
     y, s = np.array(labels), np.array(scores)
-    site = site_threshold(open_database(settings.home_path), pack.id, pack.version)
-    threshold = site if site is not None else pack.threshold
+    site = site_threshold(open_database(settings.home_path), scorer.model, scorer.version)
+    threshold = site if site is not None else scorer.default_threshold
     suggested = threshold_for_sensitivity(y, s, sensitivity)
     return {
-        "model": pack.id, "model_version": pack.version, "validated": pack.validated, "notice": pack.notice,
-        "backend": choice.backend, "precision": choice.precision, "cases": len(labels), "positives": int(y.sum()),
+        "model": scorer.model, "model_version": scorer.version, "validated": scorer.validated,
+        "notice": scorer.notice, "backend": scorer.backend, "precision": scorer.precision, "cases": len(labels), "positives": int(y.sum()),
         "threshold": {"value": threshold, "source": "site operating point" if site is not None else "manifest"},
         "metrics": binary_metrics(y, s, threshold),
         "for_sensitivity": {"target": sensitivity, "threshold": suggested, "metrics": binary_metrics(y, s, suggested)},
