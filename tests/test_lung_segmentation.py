@@ -134,7 +134,7 @@ def _generated_chest(tmp_path, monkeypatch, z_mm: tuple[float, float], slices: i
 
 
 @pytest.mark.parametrize(("z_mm", "apex", "base"), [((200.0, 650.0), True, True),   # whole lungs (285-600 mm)
-                                              ((200.0, 450.0), False, True),  # cut below the apices
+                                              ((200.0, 400.0), False, True),  # cut below the apices
                                               ((320.0, 650.0), True, False)])  # cut above the bases
 def test_coverage_of_generated_chests(tmp_path, monkeypatch, session, pack, z_mm, apex, base):
     volume = _generated_chest(tmp_path, monkeypatch, z_mm, slices=24)
@@ -174,7 +174,7 @@ class _Registry:
 
 
 def test_falls_back_to_the_classical_mask(tmp_path, monkeypatch, pack):
-    volume = _generated_chest(tmp_path, monkeypatch, (300.0, 450.0), slices=8)
+    volume = _generated_chest(tmp_path, monkeypatch, (300.0, 450.0), slices=12)
     refusal = PackRefused("PACK_TAMPERED", "lung-segmentation: model.onnx does not match its SHA-256")
     for registry, why in ((_Registry(), "not installed"), (_Registry(refused=[refusal]), "SHA-256"),
                           (_Registry(pack, broken=True), "unreadable")):

@@ -58,9 +58,12 @@ def pooled(hu: np.ndarray, stride: int = IN_PLANE_STRIDE) -> np.ndarray:
 
 
 def coarse_body(volume: CTVolume, threshold_hu: int = BODY_THRESHOLD_HU) -> np.ndarray:
-    """Body mask on ``hu[:, ::4, ::4]``: the largest component above ``threshold_hu``, holes filled per slice."""
+    """Body mask on ``hu[:, ::4, ::4]``: the largest component above ``threshold_hu``, holes filled per slice.
+
+    The opening is in-plane so the first and last slices keep their body (a 3-D opening erodes them).
+    """
     hu = volume.hu[:, ::COARSE_STRIDE, ::COARSE_STRIDE]
-    body = lungs._largest_component(ndimage.binary_opening(hu > threshold_hu, iterations=1))
+    body = lungs._largest_component(ndimage.binary_opening(hu > threshold_hu, structure=IN_PLANE, iterations=1))
     return lungs._fill_slices(body)
 
 
@@ -225,11 +228,11 @@ def airway(hu: np.ndarray, body: np.ndarray, lung_mask: np.ndarray, volume: CTVo
     cranial_first = _cranial_first(volume)
     order = range(hu.shape[0]) if cranial_first else range(hu.shape[0] - 1, -1, -1)
     dy, dx = (s * IN_PLANE_STRIDE for s in volume.spacing_mm_zyx[1:])
-    seed = None
+    seed: tuple[int, int, int] | None = None
     for k in list(order)[: max(1, hu.shape[0] // 4)]:
-        seed = _trachea_seed(hu[k] < AIRWAY_HU, body[k], dy * dx / 100.0)
-        if seed is not None:
-            seed = (k,) + seed
+        found = _trachea_seed(hu[k] < AIRWAY_HU, body[k], dy * dx / 100.0)
+        if found is not None:
+            seed = (k, *found)
             break
     if seed is None:
         return np.zeros(hu.shape, dtype=bool)
