@@ -167,10 +167,11 @@ def case(name: str, volume: CTVolume, model: Path, int8: dict[str, Path],
         t0 = time.perf_counter()
         seg = ls.segment(volume, session, pack_like(model))
         seconds = time.perf_counter() - t0
-        per_lung = [dice(seg.lungs == k, reference == k) for k in (1, 2)]
+        per_lung = [ls.dice(seg.lungs[kept] == k, reference[kept] == k) for k in (1, 2)]
         rows.append((name, (f"segment() 256 {label}, default step {ls.slice_step(volume)}, with post-processing "
                            f"(right {per_lung[0]:.3f}, left {per_lung[1]:.3f})"),
                      dice(seg.lungs > 0, reference > 0), seconds / volume.hu.shape[0] * 1000, seconds))
+    rows += stages(name, volume, sessions.get("INT8 u8s8", fp32), model)
     t0 = time.perf_counter()
     classical = lungs.segment(volume)
     seconds = time.perf_counter() - t0
