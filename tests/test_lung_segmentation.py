@@ -7,6 +7,7 @@ import types
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from appliance import config
 from appliance.inference.backends.onnxruntime import OnnxRuntimeSession
@@ -99,8 +100,6 @@ def test_trachea_is_not_lung(real_seg, real_volume):
     body = ls.upsample_body(ls.coarse_body(real_volume), hu.shape)[k]
     seed = ls._trachea_seed(hu[k] < ls.AIRWAY_HU, body, 4 * real_volume.spacing_mm_zyx[1] ** 2 / 100)
     assert seed is not None, "no trachea found on the top slice"
-    from scipy import ndimage
-
     labels, _ = ndimage.label(hu[k] < ls.AIRWAY_HU)
     trachea = labels == labels[seed]
     assert trachea.sum() > 20
@@ -183,3 +182,18 @@ def test_falls_back_to_the_classical_mask(tmp_path, monkeypatch, pack):
         assert (seg.lungs > 0).any()
     seg, reason = ls.segment_or_fallback(volume, _Registry(pack))
     assert seg.source == ls.SOURCE and reason is None
+
+
+def test_lungs_touching_at_the_anterior_junction_are_split_there():
+    """Two lungs joined by a thin anterior bridge left of the body's midline: cut at the bridge, not the midline."""
+    rows, cols = np.mgrid[0:100, 0:120]
+    right = ((cols - 33) / 25.0) ** 2 + ((rows - 50) / 40.0) ** 2 <= 1  # patient's right: low patient x
+    left = ((cols - 90) / 28.0) ** 2 + ((rows - 50) / 40.0) ** 2 <= 1
+    bridge = (rows >= 40) & (rows < 45) & (cols >= 55) & (cols <= 66)
+    mask = np.repeat((right | left | bridge)[None], 10, axis=0)
+    assert ndimage.label(mask)[1] == 1  # one joined component
+    patient_x = np.broadcast_to((cols[0] - 60) * 2.0, (100, 120))  # mm, + = patient's left (LPS)
+    hu = np.full(mask.shape, -850, dtype=np.int16)
+    labels = ls.split_lungs(mask, hu, patient_x, midline=8.0, voxel_ml=0.01)
+    assert (labels[:, right] == 1).all() and (labels[:, left] == 2).all()
+    assert set(np.unique(labels[:, bridge])) <= {1, 2} and (labels[:, bridge] == 2).any()

@@ -299,11 +299,12 @@ def _split_slice(section: np.ndarray, patient_x: np.ndarray, midline: float, sea
 
 
 def _junction(part: np.ndarray, patient_x: np.ndarray, midline: float, search: float) -> float:
-    """Patient x of the narrowest column of ``part`` within ``search`` mm of the midline."""
-    xs = patient_x[0] if np.ptp(patient_x[0]) > np.ptp(patient_x[:, 0]) else patient_x[:, 0]
-    axis = 0 if xs is patient_x[0] else 1
-    thickness = part.sum(axis=axis).astype(float)
-    near = np.abs(xs - midline) <= search
+    """Patient x of the narrowest column of ``part`` within ``search`` mm of the midline: where two lungs
+    touch, the anterior junction line is the thinnest place of the joined section."""
+    along_columns = np.ptp(patient_x[0]) >= np.ptp(patient_x[:, 0])  # patient x changes across the columns
+    xs = patient_x[0] if along_columns else patient_x[:, 0]
+    thickness = part.sum(axis=0 if along_columns else 1).astype(float)
+    near = (np.abs(xs - midline) <= search) & (thickness > 0)
     if not near.any():
         return midline
     thickness[~near] = np.inf
