@@ -197,3 +197,21 @@ def test_lungs_touching_at_the_anterior_junction_are_split_there():
     labels = ls.split_lungs(mask, hu, patient_x, midline=8.0, voxel_ml=0.01)
     assert (labels[:, right] == 1).all() and (labels[:, left] == 2).all()
     assert set(np.unique(labels[:, bridge])) <= {1, 2} and (labels[:, bridge] == 2).any()
+
+
+def test_int8_from_the_shipped_calibration_passes_the_parity_gate(pack, tmp_path):
+    from appliance.inference.build import build_pack
+
+    copy = tmp_path / "lung-segmentation"
+    shutil.copytree(PACK_DIR, copy, ignore=shutil.ignore_patterns("model.int8*", "build.json", "parity.*"))
+    copied = load_pack(copy)
+
+    def shipped(settings):
+        with np.load(copied.file(copied.manifest["calibration"]["file"])) as data:
+            return data["inputs"].astype(np.float32)
+
+    settings = config.load(environ={}, home=str(tmp_path / "home"))
+    record = build_pack(copied, settings, calibration={"lung-segmentation": shipped}, say=lambda m: None)
+    cpu = [r for r in record["parity"]["results"] if r["backend"] == "onnxruntime"]
+    assert len(cpu) == 2 and all(r["enabled"] for r in cpu)
+    assert all(r["candidate_metric"] >= 0.97 for r in cpu)  # Dice against FP32 on the parity set

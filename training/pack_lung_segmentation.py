@@ -76,7 +76,9 @@ def manifest(reference_diff: float) -> dict:
                        "description": (f"{EVAL_REAL} slices of the real TCIA chest-abdomen series and {EVAL_SYNTH} "
                                        f"of a synthetic chest (seed {SYNTH_SEED}) at the 256x256 input, stored "
                                        "values as int16; labels y = the full-resolution (512, FP32) mask "
-                                       "sampled every second pixel")},
+                                       "sampled every second pixel"),
+                       "licence": ("CC BY 4.0 (TCIA Pancreatic-CT-CBCT-SEG, Hong et al. 2021, "
+                                   "doi:10.7937/TCIA.ESHQ-4D90) and Apache-2.0 (synthetic phantom slices)")},
         "calibration": {"file": "calibration.npz", "inputs": PACK_ID,
                         "licence": ("CC BY 4.0 (TCIA Pancreatic-CT-CBCT-SEG, Hong et al. 2021, "
                                     "doi:10.7937/TCIA.ESHQ-4D90) and Apache-2.0 (synthetic phantom slices)"),
