@@ -31,6 +31,7 @@ LAYERS = {
     "appliance.synth": 2,
     # 3: analysis on volumes, jobs, outputs and the monthly export
     "appliance.pipelines": 3,
+    "appliance.pipelines.lung_segmentation": 3,  # learned lung mask with the classical one as fallback
     "appliance.analysis": 3,
     "appliance.calibration": 3,
     "appliance.jobs": 3,

@@ -33,6 +33,7 @@ class Segmentation:
     body: np.ndarray
     lungs: np.ndarray  # 0 none, 1 right lung, 2 left lung (patient's sides)
     stride: int
+    source: str = MODEL  # the step that made the lung mask: "lungs-classical" or "lung-segmentation"
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -51,9 +52,10 @@ def _fill_slices(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def segment(volume: CTVolume, body_threshold_hu: int = -500, lung_threshold_hu: int = -400) -> Segmentation:
-    """Segment body and lungs of ``volume``."""
-    s = IN_PLANE_STRIDE
+def segment(volume: CTVolume, body_threshold_hu: int = -500, lung_threshold_hu: int = -400,
+            stride: int = IN_PLANE_STRIDE) -> Segmentation:
+    """Segment body and lungs of ``volume`` on the grid ``hu[:, ::stride, ::stride]``."""
+    s = stride
     hu = volume.hu[:, ::s, ::s]
     body = _fill_slices(_largest_component(ndimage.binary_opening(hu > body_threshold_hu, iterations=1)))
     candidates = body & (hu < lung_threshold_hu)
@@ -90,6 +92,34 @@ def _split_sides(lung_mask: np.ndarray, body: np.ndarray, volume: CTVolume, stri
     out[lung_mask & ~left[None]] = 1
     out[lung_mask & left[None]] = 2
     return out
+
+
+def coverage(seg: Segmentation, volume: CTVolume) -> dict:
+    """Whether the lung apices and bases lie inside the scanned range.
+
+    Lungs on the series' first or last slice run on beyond it. Which end is cranial is decided by the
+    patient z of the end slices (LPS: +z towards the head), not by the slice index. Returns
+    ``apex_covered``, ``base_covered``, ``fully_covered`` and a one-line ``note``.
+    """
+    lung_slices = np.flatnonzero(seg.lungs.any(axis=(1, 2)))
+    if len(lung_slices) == 0:
+        return {"apex_covered": False, "base_covered": False, "fully_covered": False,
+                "note": "No lung found in this series."}
+    last = seg.lungs.shape[0] - 1
+    centre = np.array([seg.lungs.shape[1] / 2 * seg.stride, seg.lungs.shape[2] / 2 * seg.stride])
+    first_is_cranial = volume.world(np.array([0, *centre]))[2] >= volume.world(np.array([last, *centre]))[2]
+    touches_first, touches_last = bool(lung_slices[0] == 0), bool(lung_slices[-1] == last)
+    apex_cut, base_cut = (touches_first, touches_last) if first_is_cranial else (touches_last, touches_first)
+    if apex_cut and base_cut:
+        note = "The lungs run beyond both ends of the series: apices and bases are not covered."
+    elif apex_cut:
+        note = "The lung apices are cut off at the top of the series; volumes are partial."
+    elif base_cut:
+        note = "The lung bases are cut off at the bottom of the series; volumes are partial."
+    else:
+        note = "Both lungs are covered from apex to base."
+    return {"apex_covered": not apex_cut, "base_covered": not base_cut,
+            "fully_covered": not (apex_cut or base_cut), "note": note}
 
 
 def _region(mask: np.ndarray, volume: CTVolume, stride: int, name: str) -> dict:
