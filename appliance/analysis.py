@@ -24,7 +24,17 @@ from appliance.errors import ReasonCode, SeriesRejected
 from appliance.inference.policy import why_off
 from appliance.inference.registry import Registry
 from appliance.jobs import queue
-from appliance.pipelines import StepResult, abdomen_pancreas, chest_covid19, lungs, series_qa
+from appliance.pipelines import (
+    StepResult,
+    abdomen_pancreas,
+    chest_covid19,
+    chest_opacity,
+    lung_emphysema,
+    lung_segmentation,
+    lungs,
+    series_qa,
+)
+from appliance.pipelines.lung_regions import NotApplicable
 from appliance.series.volume import CTVolume, Problem, load_series
 from appliance.store.database import inserted_id, refresh_study, site_threshold, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory
@@ -43,11 +53,19 @@ class StepContext:
     db: sqlite_utils.Database
     skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
     _segmentation: lungs.Segmentation | None = None
+    lung_mask_fallback: str | None = None  # why the classical lung mask stands in for the learned one
 
     def segmentation(self, volume: CTVolume) -> lungs.Segmentation:
+        """The lung mask every chest step reads: the learned one, else the classical one (the reason kept)."""
         if self._segmentation is None:
-            self._segmentation = lungs.segment(volume, self.settings.body_threshold_hu,
-                                               self.settings.lung_threshold_hu)
+            if volume.plan.is_axial:
+                self._segmentation, self.lung_mask_fallback = lung_segmentation.segment_or_fallback(
+                    volume, self.registry, body_threshold_hu=self.settings.body_threshold_hu,
+                    lung_threshold_hu=self.settings.lung_threshold_hu)
+            else:
+                self._segmentation = lungs.segment(volume, self.settings.body_threshold_hu,
+                                                   self.settings.lung_threshold_hu)
+                self.lung_mask_fallback = NOT_AXIAL
         return self._segmentation
 
 
@@ -59,11 +77,49 @@ def _series_qa(volume: CTVolume, ctx: StepContext) -> StepResult:
     return series_qa.run(volume)
 
 
-def _lungs(volume: CTVolume, ctx: StepContext) -> StepResult:
-    return lungs.run(volume, seg=ctx.segmentation(volume))
-
-
 NOT_AXIAL = "the series is not axial (a coronal or sagittal reformat); the models read axial slices"
+
+
+def _lungs(volume: CTVolume, ctx: StepContext) -> StepResult:
+    """The learned lung mask measured and cross-checked against the classical one (at stride 4, cheap);
+    the classical result in its place, with the reason, when the learned mask is unavailable."""
+    seg = ctx.segmentation(volume)
+    if seg.source != lung_segmentation.SOURCE:
+        ctx.skipped.append({"model": lung_segmentation.MODEL_ID,
+                            "why": f"{ctx.lung_mask_fallback}; the classical lung mask was used"})
+        return lungs.run(volume, seg=seg)
+    pack = ctx.registry.pack(lung_segmentation.MODEL_ID)
+    session = ctx.registry.session(pack)[0] if pack is not None else None
+    cross_check = lungs.segment(volume, ctx.settings.body_threshold_hu, ctx.settings.lung_threshold_hu,
+                                stride=CROSS_CHECK_STRIDE)
+    return lung_segmentation.run(volume, seg, cross_check=cross_check, pack=pack, session=session)
+
+
+def _with_coverage(result: StepResult, volume: CTVolume, seg: lungs.Segmentation) -> StepResult:
+    """Every lung measurement says whether the lungs were fully covered (it measures the part that was)."""
+    cover = lungs.coverage(seg, volume)
+    result.findings.append({"name": "lung coverage", **cover, "lung_mask": seg.source})
+    if not cover["fully_covered"]:
+        result.notice = f"{result.notice} {cover['note']}" if result.notice else cover["note"]
+    return result
+
+
+def _lung_measurement(module, volume: CTVolume, ctx: StepContext) -> StepResult | None:
+    seg = ctx.segmentation(volume)
+    try:
+        result = module.run(volume, seg, ctx.artefacts, site_threshold(ctx.db, module.MODEL_ID, module.VERSION))
+    except NotApplicable as exc:
+        ctx.skipped.append({"model": module.MODEL_ID, "why": str(exc)})
+        return None
+    return _with_coverage(result, volume, seg)
+
+
+def _chest_opacity(volume: CTVolume, ctx: StepContext) -> StepResult | None:
+    return _lung_measurement(chest_opacity, volume, ctx)
+
+
+def _lung_emphysema(volume: CTVolume, ctx: StepContext) -> StepResult | None:
+    return _lung_measurement(lung_emphysema, volume, ctx)
 
 
 def _chest_covid19(volume: CTVolume, ctx: StepContext) -> StepResult | None:
@@ -108,7 +164,8 @@ def _abdomen_pancreas(volume: CTVolume, ctx: StepContext) -> StepResult | None:
         return None
 
 
-STEPS: tuple[Step, ...] = (_series_qa, _lungs, _chest_covid19, _abdomen_pancreas)
+STEPS: tuple[Step, ...] = (_series_qa, _lungs, _chest_opacity, _lung_emphysema, _chest_covid19, _abdomen_pancreas)
+CROSS_CHECK_STRIDE = 4
 
 
 def uid_problems(db: sqlite_utils.Database, series_instance_uid: str) -> list[Problem]:

@@ -67,6 +67,7 @@ class Scorer:
     precision: str
     score_volume: Callable[[CTVolume], float]
     score_image: Callable[[Path], float] | None = None
+    default_source: str = "manifest"  # where the default threshold comes from
 
 
 def _image_scorer(session, pack) -> Callable[[Path], float]:
@@ -97,7 +98,7 @@ def _scorer(model: str, settings: Settings) -> Scorer:
                 raise EvaluationError(f"{model} gave no score for the series")
             return float(score)
         return Scorer(model, step.VERSION, False, step.NOTICE, float(step.DEFAULT_THRESHOLD_PERCENT), "numpy", "fp32",
-                      measure)
+                      measure, default_source="published default")
     pack = registry.pack(model)
     if pack is None or model not in SCORERS:
         known = sorted({p.id for p in registry.packs if p.id in SCORERS} | set(MEASUREMENTS))
@@ -198,8 +199,9 @@ def evaluate(model: str, data: Path, settings: Settings, sensitivity: float = 0.
     suggested = threshold_for_sensitivity(y, s, sensitivity)
     return {
         "model": scorer.model, "model_version": scorer.version, "validated": scorer.validated,
-        "notice": scorer.notice, "backend": scorer.backend, "precision": scorer.precision, "cases": len(labels), "positives": int(y.sum()),
-        "threshold": {"value": threshold, "source": "site operating point" if site is not None else "manifest"},
+        "notice": scorer.notice, "backend": scorer.backend, "precision": scorer.precision, "cases": len(labels),
+        "positives": int(y.sum()),
+        "threshold": {"value": threshold, "source": "site operating point" if site is not None else scorer.default_source},
         "metrics": binary_metrics(y, s, threshold),
         "for_sensitivity": {"target": sensitivity, "threshold": suggested, "metrics": binary_metrics(y, s, suggested)},
         "skipped": skipped,

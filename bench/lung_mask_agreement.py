@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 OUT = HERE / "out" / "lung-agreement"
-SHARED = Path(os.environ.get("APPLIANCE_SHARED_DATA", "/work/shared/data"))
+SHARED = Path(os.environ.get("APPLIANCE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SERIES = ("tcia-pancreas-ct-chest-abdomen", "totalseg-example-j2k", "dcmqi-ct-3slice", "dcm-qa-ct-ge")
 
 from appliance import config  # noqa: E402

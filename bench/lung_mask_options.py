@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 OUT = HERE / "out"
-SHARED = Path(os.environ.get("APPLIANCE_SHARED_DATA", "/work/shared/data"))
+SHARED = Path(os.environ.get("APPLIANCE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 REAL = SHARED / "ct" / "tcia-pancreas-ct-chest-abdomen"
 THREADS = 2
 # Above about 380 mm the phantom's lungs reach its skin: the body ring breaks, the lungs join the outside air and

@@ -36,7 +36,7 @@ from appliance.pipelines.lung_regions import crop_lungs
 from appliance.series.geometry import VolumePlan
 from appliance.series.volume import CTVolume, load_series
 
-DATA = Path(os.environ.get("APPLIANCE_SHARED_DATA", "/work/shared/data"))
+DATA = Path(os.environ.get("APPLIANCE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CT_SERIES = DATA / "ct" / "tcia-pancreas-ct-chest-abdomen"
 SEMISEG = DATA / "covid-ct" / "infnet-covid-semiseg" / "Dataset"
 NAIVE_BAND_HU = (-700.0, -100.0)
@@ -58,7 +58,17 @@ def load_ct(folder: Path = CT_SERIES) -> CTVolume:
     return load_series(sorted(folder.glob("*.dcm")), settings)
 
 
+def learned(volume: CTVolume) -> lungs.Segmentation:
+    """The appliance's lung mask: the lung-segmentation pack, else the classical one."""
+    from appliance.inference.registry import shared_registry
+    from appliance.pipelines.lung_segmentation import segment_or_fallback
+
+    return segment_or_fallback(volume, shared_registry(config.load(environ={})))[0]
+
+
 def segmenter(spec: str) -> Segmenter:
+    if spec == "learned":
+        return learned
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name or "segment")
 
@@ -387,8 +397,9 @@ def semiseg_check(lesion_in_mask: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--segment", default="appliance.pipelines.lungs:segment",
-                        help="lung segmentation, module:function taking a CTVolume, returning a Segmentation")
+    parser.add_argument("--segment", default="learned",
+                        help="lung segmentation: 'learned' (the appliance's: lung-segmentation pack, else "
+                             "classical) or module:function taking a CTVolume, returning a Segmentation")
     parser.add_argument("--quick", action="store_true", help="two insert sizes instead of four")
     parser.add_argument("--only", choices=["opacity", "semiseg", "emphysema", "timing"], default=None)
     args = parser.parse_args()

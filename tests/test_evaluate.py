@@ -57,3 +57,24 @@ def test_unknown_class_folder_is_a_clear_error(tmp_path, settings):
     (tmp_path / "cases" / "maybe" / "a.png").write_bytes(b"")
     with pytest.raises(EvaluationError, match="neither positive"):
         evaluate("chest-covid19", tmp_path / "cases", settings)
+
+
+def test_lung_opacity_is_evaluated_on_ct_studies_and_its_site_threshold_recorded(settings, tmp_path):
+    from appliance.evaluate import record_operating_point
+    from appliance.store.database import open_database, site_threshold
+    from appliance.synth.writer import SynthOptions, write_series
+
+    for cls, seed in (("positive", 11), ("negative", 12)):
+        write_series(tmp_path / "cases" / cls / f"study{seed}", SynthOptions(slices=30, size=128, region="chest",
+                                                                              seed=seed))
+    (tmp_path / "cases" / "negative" / "picture.png").write_bytes((tmp_path / "cases" / "negative").name.encode())
+    doc = evaluate("chest-opacity", tmp_path / "cases", settings)
+    assert doc["model"] == "chest-opacity" and doc["cases"] == 2 and not doc["validated"]
+    assert doc["threshold"]["source"] == "published default" and doc["threshold"]["value"] == 5.0
+    assert [s["case"] for s in doc["skipped"]] == ["negative/picture.png"]
+    assert "needs DICOM CT" in doc["skipped"][0]["why"]
+    record_operating_point(settings, doc, actor="admin")
+    recorded = site_threshold(open_database(settings.home_path), "chest-opacity", doc["model_version"])
+    assert recorded == doc["for_sensitivity"]["threshold"]
+    again = evaluate("chest-opacity", tmp_path / "cases", settings)
+    assert again["threshold"] == {"value": recorded, "source": "site operating point"}

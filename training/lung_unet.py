@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-SHARED = Path(os.environ.get("APPLIANCE_SHARED_DATA", "/work/shared/data"))
+SHARED = Path(os.environ.get("APPLIANCE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SOURCE = SHARED / "models" / "lung-unet-small"
 STATE_DICT = "UNet_wdk24.pt"
 REFERENCE_ONNX = "UNet_wdk24.onnx"

@@ -93,7 +93,7 @@ def _enclosed_holes(holes: np.ndarray, outside: np.ndarray, pixel_mm: float) -> 
     return labels * keep[labels], count
 
 
-def _fill(box: np.ndarray, pixel_mm: float) -> np.ndarray:
+def fill_enclosed_holes(box: np.ndarray, pixel_mm: float) -> np.ndarray:
     """Side labels with the lungs' enclosed holes filled (see _enclosed_holes), each hole taking the side of
     most of the lung around it."""
     holes = _slice_holes(box > 0)
@@ -168,7 +168,7 @@ def _crop_lungs(volume: CTVolume, seg: Segmentation, margin: int) -> LungCrop:
     dz, dy, dx = volume.spacing_mm_zyx
     pixel_mm = float(np.sqrt(dy * dx)) * s
     _, patient_z = slice_positions_mm(volume)
-    sides = _fill(box, pixel_mm)
+    sides = fill_enclosed_holes(box, pixel_mm)
     return LungCrop(int(z0), int(y0), int(x0), hu, sides, _rim(sides > 0, pixel_mm, dz),
                     _zones(sides, patient_z[z0:z1]), pixel_mm, volume.voxel_volume_ml * s * s, margin)
 

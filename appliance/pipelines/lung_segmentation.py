@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from appliance.pipelines import StepResult, lungs
+from appliance.pipelines import StepResult, lung_regions, lungs
 from appliance.series.volume import CTVolume
 
 MODEL_ID = "lung-segmentation"
@@ -353,14 +353,11 @@ def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice] |
     return box[0], box[1], box[2]
 
 
-def fill_holes(label_map: np.ndarray) -> np.ndarray:
-    """Fill holes (vessels, nodules) of each lung slice by slice."""
-    out = label_map.copy()
-    for label in (1, 2):
-        for k in np.flatnonzero((label_map == label).any(axis=(1, 2))):
-            filled = ndimage.binary_fill_holes(label_map[k] == label)
-            out[k][filled & (label_map[k] == 0)] = label
-    return out
+def fill_holes(label_map: np.ndarray, pixel_mm: float) -> np.ndarray:
+    """Fill the holes of each lung (vessels, nodules, enclosed opacities) but not the dome of the diaphragm,
+    which the lung surrounds on the slices above it and which opens onto the abdomen below
+    (:func:`~appliance.pipelines.lung_regions.fill_enclosed_holes`)."""
+    return lung_regions.fill_enclosed_holes(label_map, pixel_mm)
 
 
 def postprocess(raw: np.ndarray, body: np.ndarray, volume: CTVolume) -> np.ndarray:
@@ -379,7 +376,8 @@ def postprocess(raw: np.ndarray, body: np.ndarray, volume: CTVolume) -> np.ndarr
     patient_x = _patient_x(volume, raw.shape[1:], IN_PLANE_STRIDE)
     midline = _midline(patient_x, body)
     voxel_ml = volume.voxel_volume_ml * IN_PLANE_STRIDE ** 2
-    out[box] = fill_holes(split_lungs(mask, hu, patient_x[box[1], box[2]], midline, voxel_ml))
+    pixel_mm = float(volume.spacing_mm_zyx[1]) * IN_PLANE_STRIDE
+    out[box] = fill_holes(split_lungs(mask, hu, patient_x[box[1], box[2]], midline, voxel_ml), pixel_mm)
     return out
 
 
