@@ -89,11 +89,12 @@ def test_real_series_analysis_measures_lungs_inside_the_body(tmp_path):
     run = appliance("analyze", folder, "--json", home=tmp_path / "home")
     doc = json.loads(run.stdout)
     series = doc["studies"][0]["series"][0]
-    lungs = {f["name"]: f for r in series["results"] if r["model"] == "lungs-classical" for f in r["findings"]}
-    right, left, body = lungs["right lung"], lungs["left lung"], lungs["body"]
-    assert right["centroid_mm"][0] < body["centroid_mm"][0] < left["centroid_mm"][0]  # LPS: +x is patient left
+    lungs = {f["name"]: f for r in series["results"] if r["model"] == "lung-segmentation" for f in r["findings"]}
+    right, left = lungs["right lung"], lungs["left lung"]
+    assert right["centroid_mm"][0] + 100 < left["centroid_mm"][0]  # LPS: +x is the patient's left
     assert 500 < right["volume_ml"] < 4000 and 500 < left["volume_ml"] < 4000
-    assert right["volume_ml"] + left["volume_ml"] < body["volume_ml"] / 5
+    assert min(lungs["cross-check"]["dice"].values()) > 0.8  # the classical mask agrees
+    assert lungs["lungs"]["apex_covered"] is False and lungs["lungs"]["base_covered"] is True
     assert right["slice_range"][0] > 40  # lungs are in the upper part of a chest-abdomen scan
     assert doc["import"]["quarantined"] and all(q["reason_code"] == "NOT_DICOM" for q in doc["import"]["quarantined"])
 

@@ -18,6 +18,9 @@ KIND_LINES = {
 }
 
 
+MEASUREMENTS = ("chest-opacity", "lung-emphysema")
+
+
 def _ci(metric: dict) -> str:
     lo, hi = metric["ci95"]
     return f"{metric['value']:.3f} ({lo:.3f}-{hi:.3f})"
@@ -31,7 +34,8 @@ def main() -> None:
              "percentile bootstrap (1,000 resamples).", ""]
     for pack in found:
         m = pack.manifest
-        report = json.loads(pack.file("training-report.json").read_text())
+        report_file = pack.file("training-report.json")
+        report = json.loads(report_file.read_text()) if report_file.exists() else {}
         lines += [f"## {pack.id} {pack.version}", "",
                   f"**{'Validated' if pack.validated else 'NOT VALIDATED'}:** {pack.notice}", "",
                   f"- Task: {m['task']}, body region: {m['body_region']}. Intended use: {m['intended_use']}",
@@ -62,6 +66,12 @@ def main() -> None:
         if extra.exists():
             lines += ["", extra.read_text().strip()]
         lines.append("")
+    lines += ["# Measurements built into the appliance", "",
+              "Hounsfield-unit measurements inside the lung mask: no trained weights of their own, versioned with the",
+              "appliance. Their site threshold is set with `appliance evaluate --model ID DATA --record` like a model's.",
+              ""]
+    for measurement in MEASUREMENTS:
+        lines += [(REPO / "docs" / "models" / f"{measurement}.md").read_text().strip(), ""]
     (REPO / "docs" / "models.md").write_text("\n".join(lines) + "\n")
 
 
