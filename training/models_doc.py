@@ -67,8 +67,9 @@ def main() -> None:
             lines += ["", extra.read_text().strip()]
         lines.append("")
     lines += ["# Measurements built into the appliance", "",
-              "Hounsfield-unit measurements inside the lung mask: no trained weights of their own, versioned with the",
-              "appliance. Their site threshold is set with `appliance evaluate --model ID DATA --record` like a model's.",
+              "Hounsfield-unit measurements inside the lung mask: no trained weights of their own, versioned with",
+              "the appliance. Their site threshold is set with `appliance evaluate --model ID DATA --record` like a",
+              "model's.",
               ""]
     for measurement in MEASUREMENTS:
         lines += [(REPO / "docs" / "models" / f"{measurement}.md").read_text().strip(), ""]
