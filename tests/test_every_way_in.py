@@ -118,7 +118,7 @@ def test_every_way_in_reaches_the_pacs_as_sr_key_images_and_pdf(tmp_path):
         orthanc.terminate()
         orthanc.wait(timeout=30)
     assert "Traceback" not in out, out
-    assert out.count("model chest-covid19: ") == 1, out  # one registry, its sessions kept across jobs
+    assert out.count("model lung-segmentation: ") == 1, out  # one registry, its sessions kept across jobs
 
 
 @needs_dcmtk

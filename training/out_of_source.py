@@ -65,7 +65,7 @@ def main() -> None:
              "volumetric chest CT (Siemens) it scored a COVID-19 patient 0.20 (not flagged) and flagged a "
              "community-acquired pneumonia at 0.94. It is therefore **off by default** on a real deployment "
              "(`kind = \"classifier\"`): the site admin can switch it on from the admin page only after "
-             "`appliance evaluate chest-covid19 DATA --record` on the site's own cases. The lung opacity "
+             "`appliance evaluate --model chest-covid19 DATA --record` on the site's own cases. The lung opacity "
              "measurement (`chest-opacity`) is the chest screen the appliance leads with.")]
     out = REPO / "docs" / "models" / "chest-covid19.md"
     out.parent.mkdir(parents=True, exist_ok=True)

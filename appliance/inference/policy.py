@@ -22,5 +22,5 @@ def why_off(pack: ModelPack, settings: Settings, db: sqlite_utils.Database) -> s
     if is_switched_on(db, pack.id, pack.version):
         return None
     return (f"classifier {pack.id} {pack.version} is off at this site: its evaluation may not hold on this "
-            "site's scanners; the admin can switch it on from the admin page after `appliance evaluate --record` "
-            "on local cases")
+            f"site's scanners; the admin can switch it on from the admin page after `appliance evaluate --model "
+            f"{pack.id} DATA --record` on local cases")

@@ -49,7 +49,7 @@ def set_switch(db: sqlite_utils.Database, model: str, model_version: str, enable
         if enabled and point is None:
             raise NotEvaluatedHere(
                 f"{model} {model_version} has no evaluation recorded at this site: run `appliance evaluate "
-                f"{model} DATA --record` on local cases first")
+                f"--model {model} DATA --record` on local cases first")
         table = db.table("model_switches")
         table.insert({"model": model, "model_version": model_version, "enabled": int(enabled),
                       "operating_point_id": point, "switched_by": actor, "switched_at": utcnow()})
