@@ -92,7 +92,8 @@ def _lungs(volume: CTVolume, ctx: StepContext) -> StepResult:
     session = ctx.registry.session(pack)[0] if pack is not None else None
     cross_check = lungs.segment(volume, ctx.settings.body_threshold_hu, ctx.settings.lung_threshold_hu,
                                 stride=CROSS_CHECK_STRIDE)
-    return lung_segmentation.run(volume, seg, cross_check=cross_check, pack=pack, session=session)
+    return lung_segmentation.run(volume, seg, cross_check=cross_check, pack=pack, session=session,
+                                 artefacts=ctx.artefacts)
 
 
 def _with_coverage(result: StepResult, volume: CTVolume, seg: lungs.Segmentation) -> StepResult:

@@ -46,7 +46,8 @@ def server(tmp_path_factory):
     port = _free_port()
     env = {**os.environ, "APPLIANCE_HOME": str(home), "APPLIANCE_WEB_PORT": str(port),
            "APPLIANCE_DICOM_PORT": str(_free_port()), "APPLIANCE_QUIET_PERIOD_SECONDS": "2",
-           "APPLIANCE_FIRST_START_SAMPLE": "false", "APPLIANCE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)}
+           "APPLIANCE_FIRST_START_SAMPLE": "false", "APPLIANCE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
+           "APPLIANCE_DEMONSTRATION": "1"}  # as `make run` starts it: every pack runs, with its banner
     for name, role in ROLES.items():
         subprocess.run([sys.executable, "-m", "appliance.cli", "users", "add", name, "--role", role],
                        input=PASSWORDS[name] + "\n", text=True, env=env, check=True, capture_output=True)

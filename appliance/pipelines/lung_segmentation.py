@@ -14,12 +14,15 @@ refused, and serves as a cross-check of the learned mask.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from appliance.pipelines import StepResult, lung_regions, lungs
+from appliance.pipelines import StepResult, lung_regions, lungs, overlays
+from appliance.pipelines.chest_preprocess import window_to_gray
+from appliance.pipelines.key_images import save_key_image
 from appliance.series.volume import CTVolume
 
 MODEL_ID = "lung-segmentation"
@@ -39,6 +42,9 @@ TRACHEA_AREA_CM2 = (0.8, 8.0)  # cross-section of an adult trachea
 MIN_COMPONENT_ML = 20.0
 JUNCTION_SEARCH_MM = 40.0  # where to look for the anterior junction line either side of the midline
 DICE_DISAGREE = 0.8
+RIGHT_RGB = (40.0, 120.0, 255.0)
+LEFT_RGB = (40.0, 220.0, 80.0)
+KEY_NOTICE = "Not validated: research lung mask"
 IN_PLANE = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], dtype=bool)  # 2-D cross: never erodes the end slices
 
 
@@ -432,8 +438,35 @@ def _regrid(other: lungs.Segmentation, seg: lungs.Segmentation) -> np.ndarray:
     return other.lungs[:, rows][:, :, cols]
 
 
+def _mask_key_image(volume: CTVolume, seg: lungs.Segmentation, artefacts: Path, notice: str | None
+                    ) -> dict[str, Any] | None:
+    """Key image of the lung mask on the slice where the lungs are largest (right lung blue, left green), and
+    the mask as the viewer's overlay: the reader sees what every lung measurement was made on."""
+    area = (seg.lungs > 0).sum(axis=(1, 2))
+    if not area.any():
+        return None
+    k = int(np.argmax(area))
+    gray = window_to_gray(volume.hu[k]).astype(np.float32)
+    s = seg.stride
+    label = np.repeat(np.repeat(seg.lungs[k], s, axis=0), s, axis=1)[: gray.shape[0], : gray.shape[1]]
+    edge = label != ndimage.grey_erosion(label, size=(3, 3))
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    for value, colour in ((1, RIGHT_RGB), (2, LEFT_RGB)):
+        where = edge & (label == value)
+        rgb[where] = np.array(colour)
+    path = artefacts / f"{MODEL_ID}-key1-slice{k:04d}.png"
+    save_key_image(rgb, path, notice)
+    step = max(1, len(area) // 64)  # the mask on every few slices is enough for the viewer
+    shown = [int(i) for i in np.flatnonzero(area)[::step]]
+    overlays.save(artefacts / f"overlay-{MODEL_ID}.npz", shown,
+                  [overlays.shrink((seg.lungs[i] > 0).astype(np.float32) * 0.5) for i in shown])
+    centre = volume.world(np.array([k, volume.hu.shape[1] / 2, volume.hu.shape[2] / 2]))
+    return {"name": "key slice", "rank": 1, "slice_index": k, "z_mm": round(float(centre[2]), 1),
+            "key_image": str(path)}
+
+
 def run(volume: CTVolume, seg: lungs.Segmentation, *, cross_check: lungs.Segmentation | None = None,
-        pack=None, session=None) -> StepResult:
+        pack=None, session=None, artefacts: Path | None = None) -> StepResult:
     """Measure the learned lung mask: volume (mL), slice range and centroid per lung, the total, the
     coverage, and the Dice against ``cross_check`` (the classical mask) when one is given."""
     findings: list[dict[str, Any]] = []
@@ -452,6 +485,10 @@ def run(volume: CTVolume, seg: lungs.Segmentation, *, cross_check: lungs.Segment
             notices.append(note)
     if pack is not None and not pack.validated:
         notices.append(pack.notice)
+    if artefacts is not None:
+        key = _mask_key_image(volume, seg, artefacts, KEY_NOTICE if pack is None or not pack.validated else None)
+        if key is not None:
+            findings.append(key)
     version = pack.version if pack is not None else "unknown"
     backend = getattr(session, "backend", "onnxruntime")
     precision = getattr(session, "precision", "fp32")
