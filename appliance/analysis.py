@@ -87,7 +87,11 @@ def _lungs(volume: CTVolume, ctx: StepContext) -> StepResult:
     if seg.source != lung_segmentation.SOURCE:
         ctx.skipped.append({"model": lung_segmentation.MODEL_ID,
                             "why": f"{ctx.lung_mask_fallback}; the classical lung mask was used"})
-        return lungs.run(volume, seg=seg)
+        result = lungs.run(volume, seg=seg)
+        key = lung_segmentation.mask_key_image(volume, seg, ctx.artefacts, None, lungs.MODEL)
+        if key is not None:
+            result.findings.append(key)
+        return result
     pack = ctx.registry.pack(lung_segmentation.MODEL_ID)
     session = ctx.registry.session(pack)[0] if pack is not None else None
     cross_check = lungs.segment(volume, ctx.settings.body_threshold_hu, ctx.settings.lung_threshold_hu,

@@ -149,6 +149,8 @@ def interpolate_mask(probs: np.ndarray, indices: np.ndarray, slices: int, thresh
 def _refine_ends(volume, session, pack, candidates, indices, probs, box, threshold, stride):
     """Run the network on every candidate slice next to the lung's first and last run slice, so the apex
     and base are found to the slice (coverage depends on them), not to the step."""
+    if len(probs) == 0:
+        return indices, probs
     positive = np.flatnonzero((probs >= threshold).reshape(len(probs), -1).sum(axis=1) > 0)
     if len(positive) == 0:
         return indices, probs
@@ -167,6 +169,8 @@ def _refine_ends(volume, session, pack, candidates, indices, probs, box, thresho
 def _lung_range(candidates: np.ndarray, indices: np.ndarray, probs: np.ndarray, threshold: float,
                 coarse: int) -> np.ndarray:
     """Candidate slices within one coarse step of the slices where the coarse pass found lung."""
+    if len(probs) == 0:
+        return indices[:0]
     positive = indices[(probs >= threshold).reshape(len(probs), -1).any(axis=1)]
     if len(positive) == 0:
         return positive
@@ -438,8 +442,8 @@ def _regrid(other: lungs.Segmentation, seg: lungs.Segmentation) -> np.ndarray:
     return other.lungs[:, rows][:, :, cols]
 
 
-def _mask_key_image(volume: CTVolume, seg: lungs.Segmentation, artefacts: Path, notice: str | None
-                    ) -> dict[str, Any] | None:
+def mask_key_image(volume: CTVolume, seg: lungs.Segmentation, artefacts: Path, notice: str | None,
+                   model_id: str = MODEL_ID) -> dict[str, Any] | None:
     """Key image of the lung mask on the slice where the lungs are largest (right lung blue, left green), and
     the mask as the viewer's overlay: the reader sees what every lung measurement was made on."""
     area = (seg.lungs > 0).sum(axis=(1, 2))
@@ -454,11 +458,11 @@ def _mask_key_image(volume: CTVolume, seg: lungs.Segmentation, artefacts: Path, 
     for value, colour in ((1, RIGHT_RGB), (2, LEFT_RGB)):
         where = edge & (label == value)
         rgb[where] = np.array(colour)
-    path = artefacts / f"{MODEL_ID}-key1-slice{k:04d}.png"
+    path = artefacts / f"{model_id}-key1-slice{k:04d}.png"
     save_key_image(rgb, path, notice)
     step = max(1, len(area) // 64)  # the mask on every few slices is enough for the viewer
     shown = [int(i) for i in np.flatnonzero(area)[::step]]
-    overlays.save(artefacts / f"overlay-{MODEL_ID}.npz", shown,
+    overlays.save(artefacts / f"overlay-{model_id}.npz", shown,
                   [overlays.shrink((seg.lungs[i] > 0).astype(np.float32) * 0.5) for i in shown])
     centre = volume.world(np.array([k, volume.hu.shape[1] / 2, volume.hu.shape[2] / 2]))
     return {"name": "key slice", "rank": 1, "slice_index": k, "z_mm": round(float(centre[2]), 1),
@@ -486,7 +490,7 @@ def run(volume: CTVolume, seg: lungs.Segmentation, *, cross_check: lungs.Segment
     if pack is not None and not pack.validated:
         notices.append(pack.notice)
     if artefacts is not None:
-        key = _mask_key_image(volume, seg, artefacts, KEY_NOTICE if pack is None or not pack.validated else None)
+        key = mask_key_image(volume, seg, artefacts, KEY_NOTICE if pack is None or not pack.validated else None)
         if key is not None:
             findings.append(key)
     version = pack.version if pack is not None else "unknown"
@@ -508,6 +512,14 @@ def segment_or_fallback(volume: CTVolume, registry, *, body_threshold_hu: int = 
         return lungs.segment(volume, body_threshold_hu, lung_threshold_hu), why
     try:
         session, _choice = registry.session(pack)
-        return segment(volume, session, pack), None
+        learned = segment(volume, session, pack)
     except Exception as exc:  # a broken model file must not stop the study: the classical mask is there
         return lungs.segment(volume, body_threshold_hu, lung_threshold_hu), f"learned lung mask failed: {exc}"
+    if learned.lungs.any():
+        return learned, None
+    classical = lungs.segment(volume, body_threshold_hu, lung_threshold_hu)
+    found_ml = float((classical.lungs > 0).sum()) * volume.voxel_volume_ml * classical.stride ** 2
+    if found_ml < lungs.MIN_LUNG_ML:
+        return learned, None  # no lung in this series by either mask
+    return classical, (f"the learned lung mask found no lung where the classical mask found {found_ml:.0f} mL "
+                       "(images unlike the chest CT it was trained on, e.g. a small matrix or thick slices)")
