@@ -174,7 +174,7 @@ def test_the_worklist_shows_a_running_jobs_progress_moving(tmp_path):
     folder = tmp_path / "study"
     write_series(folder, SynthOptions(slices=160, size=512, region="chest", seed=5))
     (folder / "ground_truth.json").unlink()
-    env = _env(home, quiet_period_seconds=0)
+    env = _env(home, quiet_period_seconds=0, demonstration=1)  # every pack runs: a job with more steps to watch
     run = subprocess.run([*APPLIANCE, "import", str(folder)], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     uid = str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
