@@ -48,7 +48,8 @@ def run(label: str, folder: Path) -> None:
     steps = ", ".join(f"{r['model']} {r['seconds']:.2f}" for r in series["results"])
     s = series["seconds"]
     print(f"{label:34} wall {wall:6.2f} s ({wall / BUDGET_S:.2f}x the {BUDGET_S:.0f} s budget)  "
-          f"load {s['load']:.2f}  preprocess {s['preprocess']:.2f}  infer {s['infer']:.2f}  [{steps}]  peak RSS so far {peak:.0f} MiB")
+          f"load {s['load']:.2f}  preprocess {s['preprocess']:.2f}  infer {s['infer']:.2f}  [{steps}]  "
+          f"peak RSS so far {peak:.0f} MiB")
 
 
 def main() -> int:
