@@ -229,7 +229,9 @@ def test_two_workers_never_analyse_a_series_twice_and_a_kill_9_costs_one_retry(t
 
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    env.update(APPLIANCE_HOME=str(home), APPLIANCE_QUIET_PERIOD_SECONDS="0", APPLIANCE_JOB_BACKOFF_SECONDS="0")
+    # demonstration mode: every pack runs, so a job lasts long enough to be caught mid-way and killed
+    env.update(APPLIANCE_HOME=str(home), APPLIANCE_QUIET_PERIOD_SECONDS="0", APPLIANCE_JOB_BACKOFF_SECONDS="0",
+               APPLIANCE_DEMONSTRATION="1")
     for seed in range(4):
         write_series(tmp_path / f"s{seed}", SynthOptions(slices=60, size=256, region="chest", seed=40 + seed))
     folders = [str(tmp_path / f"s{n}") for n in range(4)]
