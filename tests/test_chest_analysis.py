@@ -73,3 +73,22 @@ def test_the_classical_mask_stands_in_when_the_pack_is_missing(tmp_path):
     assert "lungs-classical" in results
     cover = next(f for f in results["chest-opacity"]["findings"] if f["name"] == "lung coverage")
     assert cover["lung_mask"] == "lungs-classical"
+
+
+def test_a_coronal_reformat_is_measured_on_the_classical_mask_and_says_why(tmp_path, synthetic_chest, settings):
+    import pydicom
+
+    out = tmp_path / "coronal"
+    out.mkdir()
+    for n, path in enumerate(sorted(synthetic_chest.glob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # rows along patient x, columns downwards: coronal
+        ds.ImagePositionPatient = [-100.0, -80.0 + 4.0 * n, 200.0]
+        ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".9"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID + ".9"
+        ds.save_as(out / path.name, enforce_file_format=True)
+    series = _series([out], settings.replace(min_slices=1))
+    assert series["status"] == "analyzed", series["reason"]
+    why = {s["model"]: s["why"] for s in series["skipped_models"]}
+    assert "not axial" in why["lung-segmentation"]
+    assert "lung-segmentation" not in {r["model"] for r in series["results"]}
