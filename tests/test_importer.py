@@ -3,6 +3,7 @@
 import os
 import tracemalloc
 import zipfile
+from pathlib import Path
 
 import pydicom
 
@@ -103,3 +104,24 @@ def test_files_too_large_are_refused_without_reading_them_whole(store, settings,
     store.max_bytes = 10_000
     summary = import_paths(store, [min(synthetic_chest.glob("*.dcm"))], settings)
     assert [q["reason_code"] for q in summary.quarantined] == ["FILE_TOO_LARGE"]
+
+
+def test_a_dicomdir_under_another_name_is_recognised_by_its_sop_class_and_not_stored(store, settings, tmp_path,
+                                                                                     synthetic_chest):
+    import shutil
+
+    from pydicom.fileset import FileSet
+
+    from appliance.ingest.importer import import_paths
+
+    folder = tmp_path / "cd"
+    shutil.copytree(synthetic_chest, folder / "IMAGES")
+    (tmp_path / "staged").mkdir()
+    FileSet().write(tmp_path / "staged")  # an empty DICOMDIR: enough for its file meta
+    (tmp_path / "staged" / "DICOMDIR").rename(folder / "DIRFILE")  # as Philips names it
+    summary = import_paths(store, [folder], settings)
+    images = len(list(synthetic_chest.glob("*.dcm")))
+    assert summary.stored == images and summary.skipped == 1
+    assert [Path(q["file"]).name for q in summary.quarantined] == ["ground_truth.json"]  # the phantom's answer key
+    studies = store.db.execute("SELECT count(*) FROM studies").fetchone()[0]
+    assert studies == 1, "the directory record is not a study of its own"

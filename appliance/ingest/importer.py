@@ -32,6 +32,9 @@ from appliance.store.instances import InstanceStore
 log = logging.getLogger(__name__)
 
 DICOMDIR_NAME = "DICOMDIR"
+MEDIA_STORAGE_DIRECTORY = b"1.2.840.10008.1.3.10"  # Media Storage Directory Storage SOP Class UID
+MEDIA_STORAGE_SOP_CLASS_TAG = b"\x02\x00\x02\x00UI"  # (0002,0002) Media Storage SOP Class UID
+MEDIA_DIRECTORY_HEAD = 1024
 ZIP_MAGIC = b"PK\x03\x04"
 # a zip member larger than this is judged by its own compression ratio too
 MEMBER_RATIO_FLOOR = 1024**2
@@ -158,6 +161,23 @@ def _walk(root: Path, max_depth: int, depth: int = 0) -> Iterator[Path | _Refuse
 def _is_zip(path: Path, follow_symlinks: bool) -> bool:
     with _open_regular(path, follow_symlinks) as f:
         return f.read(4) == ZIP_MAGIC
+
+
+def is_media_directory(head: bytes) -> bool:
+    """Whether a file starting with ``head`` is a DICOMDIR whatever its name (Philips writes ``DIRFILE``): its
+    file meta information (explicit VR little endian) names the Media Storage Directory Storage SOP Class."""
+    if len(head) < 144 or head[128:132] != b"DICM":
+        return False
+    at = head.find(MEDIA_STORAGE_SOP_CLASS_TAG, 132, 144 + int.from_bytes(head[140:144], "little"))
+    if at < 0:
+        return False
+    length = int.from_bytes(head[at + 6:at + 8], "little")
+    return head[at + 8:at + 8 + length].rstrip(b"\x00 ") == MEDIA_STORAGE_DIRECTORY
+
+
+def _is_media_directory(path: Path, follow_symlinks: bool) -> bool:
+    with _open_regular(path, follow_symlinks) as f:
+        return is_media_directory(f.read(MEDIA_DIRECTORY_HEAD))
 
 
 # --- zip archives -----------------------------------------------------------------------------------------
@@ -320,10 +340,10 @@ def _members(paths: Iterable[Path], settings: Settings) -> Iterator[_Member | _R
                 yield path
                 continue
             follow = path == top
-            if path.name.upper() == DICOMDIR_NAME:
-                yield str(path)  # the directory record; the files it lists are read as loose files
-                continue
             try:
+                if path.name.upper() == DICOMDIR_NAME or _is_media_directory(path, follow):
+                    yield str(path)  # the directory record; the files it lists are read as loose files
+                    continue
                 is_zip = _is_zip(path, follow)
             except InstanceRejected as exc:
                 yield _Refused(str(path), exc)
