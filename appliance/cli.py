@@ -35,7 +35,8 @@ EXAMPLES = {
     "settings": "examples:\n  appliance settings",
     "import": ("examples:\n  appliance import /media/usb\n"
                "  appliance import --usb /dev/sdb1   (as root: mounts read-only)"),
-    "install-systemd": "examples:\n  sudo appliance install-systemd --user appliance --home /var/lib/appliance",
+    "install-systemd": ("examples:\n  appliance install-systemd /tmp/units   # look before installing\n"
+                        "  sudo appliance install-systemd --install --user appliance --home /var/lib/appliance"),
     "dicom": ("examples:\n  APPLIANCE_DICOM_ALLOWED_CALLERS='CT01@192.168.1.20' appliance dicom\n"
               "  /usr/bin/echoscu -aec APPLIANCE 127.0.0.1 11112"),
     "evaluate": ("examples:\n  appliance evaluate --model chest-covid19 /media/usb/site-cases --json\n"
@@ -239,13 +240,28 @@ def cmd_import(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def cmd_install_systemd(args: argparse.Namespace, settings: config.Settings) -> int:
+    import shutil
+    import subprocess  # nosec B404 - systemctl and udevadm, fixed arguments, only with --install
+
     from appliance import systemd_units
 
-    for path in systemd_units.install(args.dest, user=args.user, home=args.home, venv=args.venv,
+    if args.install == (args.dir is not None):
+        print("give a folder to write the units into, or --install to write them into "
+              f"{systemd_units.SYSTEM_UNITS} and reload systemd", file=sys.stderr)
+        return 2
+    dest = systemd_units.SYSTEM_UNITS if args.install else args.dir
+    for path in systemd_units.install(dest, user=args.user, home=args.home, venv=args.venv,
                                       engines=settings.engines_path):
         print(f"wrote {path}")
-    print("then: systemctl daemon-reload && systemctl enable --now appliance-dicom appliance-worker "
-          "appliance-build-engines; udevadm control --reload")
+    enable = " ".join(systemd_units.units_to_enable())
+    if args.install:
+        for command in (["systemctl", "daemon-reload"], ["udevadm", "control", "--reload"]):
+            if shutil.which(command[0]):
+                subprocess.run(command, check=False)  # nosec B603
+        print(f"then: systemctl enable --now {enable}")
+    else:
+        print(f"to install them: appliance install-systemd --install (or copy them into {systemd_units.SYSTEM_UNITS} "
+              f"and the udev rule into /etc/udev/rules.d), then: systemctl enable --now {enable}")
     return 0
 
 
@@ -449,7 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="import", help="where the files came from, for the audit trail")
     p.add_argument("--json", action="store_true")
     p = add("install-systemd", cmd_install_systemd, "Write the systemd units and udev rule with this box's paths.")
-    p.add_argument("--dest", type=Path, default=Path("/etc/systemd/system"))
+    p.add_argument("dir", type=Path, nargs="?", help="folder to write the units into (nothing else is touched)")
+    p.add_argument("--install", action="store_true",
+                   help="write them into /etc/systemd/system (udev rule into /etc/udev/rules.d) and reload systemd")
     p.add_argument("--user", default="appliance")
     p.add_argument("--home", type=Path, default=Path("/var/lib/appliance"))
     p.add_argument("--venv", type=Path, default=Path(sys.prefix))

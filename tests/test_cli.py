@@ -114,3 +114,16 @@ def test_serve_analyses_what_is_dropped_into_incoming(synthetic_chest, tmp_path)
     assert not any((home / "incoming").iterdir())
     status = json.loads(appliance("status", "--json", home=home).stdout)
     assert status["instances"] == 40
+
+
+def test_install_systemd_writes_into_the_folder_given_and_names_every_unit_to_enable(tmp_path):
+    run = appliance("install-systemd", tmp_path / "units", home=tmp_path / "home")
+    written = sorted(p.name for p in (tmp_path / "units").iterdir())
+    assert "appliance-web.service" in written and "99-appliance-usb.rules" in written
+    for unit in ("appliance-build-engines.service", "appliance-dicom.service", "appliance-export.timer",
+                 "appliance-web.service", "appliance-worker.service"):
+        assert unit in run.stdout.splitlines()[-1], unit
+    assert "--install" in run.stdout
+    refused = subprocess.run([sys.executable, "-m", "appliance.cli", "install-systemd"], capture_output=True,
+                             text=True, env=dict(os.environ, APPLIANCE_HOME=str(tmp_path / "home")))
+    assert refused.returncode == 2 and "--install" in refused.stderr
