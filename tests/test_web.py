@@ -443,3 +443,19 @@ def test_every_page_title_is_plain_text(analysed_home):
                  "/admin/audit", "/admin/settings"):
         html = client.get(path).get_data(as_text=True)
         assert re.search(r"<title>[^<]*</title>", html), path
+
+
+def test_worklist_lists_the_latest_arrival_first_whatever_its_study_date(client, app_settings):
+    from appliance.store.database import write_transaction
+
+    db = open_database(app_settings.home_path)
+    with write_transaction(db):
+        for uid, study_date, arrived in (("1.2.3.1", "20070101", "2026-12-01T10:00:00"),
+                                         ("1.2.3.2", "20261130", "2026-11-30T10:00:00")):
+            db.table("studies").insert({"study_instance_uid": uid, "study_date": study_date, "study_time": "",
+                                        "created_at": arrived, "updated_at": arrived, "status": "queued"})
+    login(client, "tech")
+    page = client.get("/").get_data(as_text=True)
+    assert page.index('data-study="1.2.3.1"') < page.index('data-study="1.2.3.2"')  # 2007 study arrived today
+    by_date = client.get("/?sort=study_date").get_data(as_text=True)
+    assert by_date.index('data-study="1.2.3.2"') < by_date.index('data-study="1.2.3.1"')

@@ -13,6 +13,8 @@ import sqlite_utils
 from appliance.store.states import StudyStatus
 
 PAGE_SIZE = 50
+SORTS = {"arrival": "st.created_at DESC, st.study_instance_uid",
+         "study_date": "st.study_date DESC, st.study_time DESC, st.created_at DESC"}
 STATUSES = tuple(s.value for s in (StudyStatus.QUEUED, StudyStatus.RUNNING, StudyStatus.DONE, StudyStatus.FAILED,
                                     StudyStatus.REJECTED))
 
@@ -26,6 +28,7 @@ class WorklistFilter:
     date_from: str = ""  # YYYYMMDD, as StudyDate
     date_to: str = ""
     page: int = 1
+    sort: str = "arrival"  # newest arrival first; "study_date": by StudyDate and time, newest first
 
     def where(self) -> tuple[str, list[Any]]:
         clauses, args = [], []
@@ -48,7 +51,8 @@ class WorklistFilter:
 
 
 def worklist(db: sqlite_utils.Database, flt: WorklistFilter) -> tuple[list[dict[str, Any]], int]:
-    """One page of studies, newest first, with status, progress and per-model flags; and the total count.
+    """One page of studies, newest arrival first (or newest StudyDate), with status, progress and per-model flags;
+    and the total count.
 
     The page's studies are chosen first on cheap columns; status and aggregates are then computed
     for those 50 rows only.
@@ -57,9 +61,10 @@ def worklist(db: sqlite_utils.Database, flt: WorklistFilter) -> tuple[list[dict[
     base = f"FROM studies st{where}"
     total = int(db.execute(f"SELECT count(*) {base}", args).fetchone()[0])
     offset = (max(flt.page, 1) - 1) * PAGE_SIZE
+    order = SORTS.get(flt.sort, SORTS["arrival"])
     uids = [r[0] for r in db.execute(
-        f"SELECT st.study_instance_uid {base} ORDER BY st.study_date DESC, st.study_time DESC, st.created_at DESC "
-        "LIMIT ? OFFSET ?", args + [PAGE_SIZE, offset])]
+        f"SELECT st.study_instance_uid {base} ORDER BY {order} LIMIT ? OFFSET ?",  # nosec B608 - order from SORTS
+        args + [PAGE_SIZE, offset])]
     if not uids:
         return [], total
     found = {r["study_instance_uid"]: r for r in db.query(

@@ -23,7 +23,8 @@ def _filter() -> WorklistFilter:
     args = request.args
     return WorklistFilter(text=args.get("q", "").strip()[:100], status=args.get("status", ""),
                           flagged=args.get("flagged") == "1", date_from=_date(args.get("from", "")),
-                          date_to=_date(args.get("to", "")), page=page_number(args.get("page")))
+                          date_to=_date(args.get("to", "")), page=page_number(args.get("page")),
+                          sort="study_date" if args.get("sort") == "study_date" else "arrival")
 
 
 @bp.route("/")
