@@ -50,3 +50,13 @@ def test_pdf_report_shows_the_burden_per_zone_and_the_chart():
     text = PdfReader(io.BytesIO(pdf)).pages[0].extract_text()
     assert "Right lung" in text and "Left lung" in text and "30.2 %" in text and "12.0 %" in text
     assert "head" in text and "feet" in text
+
+
+def test_scores_show_enough_digits_to_differ_from_their_threshold():
+    from appliance.outputs.report import result_summary, score_and_threshold
+
+    assert score_and_threshold(1.0, 0.9996) == ("1.0000", "0.9996")  # not "1.000 against 1.000"
+    assert score_and_threshold(0.66649, 0.6665) == ("0.66649", "0.66650")
+    assert score_and_threshold(0.264, 0.5) == ("0.264", "0.500")
+    text = result_summary({"flagged": True, "score": 1.0, "threshold": 0.9996}, _)
+    assert "1.0000" in text and "0.9996" in text

@@ -88,12 +88,32 @@ def patient_lines(study: dict[str, Any], _: Gettext) -> list[tuple[str, str]]:
             (_("Study description"), study.get("study_description") or "")]
 
 
+MIN_DIGITS, MAX_DIGITS = 3, 6
+
+
+def score_digits(score: float, threshold: float) -> int:
+    """Decimals that show the threshold as it is and the score apart from it (3 to 6): a 0.9996 threshold
+    is not shown as 1.000, and a score just under its threshold does not read the same."""
+    for digits in range(MIN_DIGITS, MAX_DIGITS + 1):
+        exact = round(threshold, digits) == threshold
+        apart = score == threshold or round(score, digits) != round(threshold, digits)
+        if exact and apart:
+            return digits
+    return MAX_DIGITS
+
+
+def score_and_threshold(score: float, threshold: float) -> tuple[str, str]:
+    digits = score_digits(score, threshold)
+    return f"{score:.{digits}f}", f"{threshold:.{digits}f}"
+
+
 def result_summary(result: dict[str, Any], _: Gettext) -> str:
     verdict = _("FLAGGED for review") if result["flagged"] else _("not flagged")
     if result.get("score") is None or result.get("threshold") is None:
         return verdict
-    return _("score %(score).3f against threshold %(threshold).3f: %(verdict)s",
-             score=result["score"], threshold=result["threshold"], verdict=verdict)
+    score, threshold = score_and_threshold(float(result["score"]), float(result["threshold"]))
+    return _("score %(score)s against threshold %(threshold)s: %(verdict)s",
+             score=score, threshold=threshold, verdict=verdict)
 
 
 def model_identity(result: dict[str, Any], _: Gettext) -> str:
