@@ -459,3 +459,14 @@ def test_worklist_lists_the_latest_arrival_first_whatever_its_study_date(client,
     assert page.index('data-study="1.2.3.1"') < page.index('data-study="1.2.3.2"')  # 2007 study arrived today
     by_date = client.get("/?sort=study_date").get_data(as_text=True)
     assert by_date.index('data-study="1.2.3.2"') < by_date.index('data-study="1.2.3.1"')
+
+
+def test_measurements_without_a_decision_get_no_review_buttons(analysed_home):
+    client = create_app(analysed_home, environ={}).test_client()
+    login(client, "rad")
+    page = client.get(f"/study/{_study_uid(client)}").get_data(as_text=True)
+    articles = dict(re.findall(r'data-model="([^"]+)">(.*?)</article>', page, re.S))
+    assert "series-qa" in articles and "chest-covid19" in articles
+    for model in ("series-qa", "lungs-classical", "lung-segmentation"):
+        assert "Confirm finding" not in articles.get(model, ""), model
+    assert "Confirm finding" in articles["chest-covid19"]

@@ -89,6 +89,13 @@ def patient_lines(study: dict[str, Any], _: Gettext) -> list[tuple[str, str]]:
 
 
 MIN_DIGITS, MAX_DIGITS = 3, 6
+# series checks and lung volumes: measurements with nothing for a radiologist to confirm or reject
+NOT_REVIEWED = frozenset({"series-qa", "lungs-classical", "lung-segmentation"})
+
+
+def is_reviewed(result: dict[str, Any]) -> bool:
+    """Whether a result carries a decision a radiologist confirms or rejects."""
+    return result["model"] not in NOT_REVIEWED
 
 
 def score_digits(score: float, threshold: float) -> int:
@@ -244,7 +251,8 @@ def _result_block(pdf: FPDF, font: str, t, result: dict[str, Any], review, _: Ge
         pdf.multi_cell(0, 4.5, t(notice), new_x="LMARGIN", new_y="NEXT")
         pdf.set_text_color(0, 0, 0)
         pdf.set_font(font, size=8)
-    pdf.multi_cell(0, 4.5, t(review_line(review, _)), new_x="LMARGIN", new_y="NEXT")
+    if is_reviewed(result):
+        pdf.multi_cell(0, 4.5, t(review_line(review, _)), new_x="LMARGIN", new_y="NEXT")
     _opacity_block(pdf, font, t, result, _)
     images = [p for p in (key_image(result, n) for n in result["key_images"][:3]) if p is not None]
     if images:

@@ -479,9 +479,12 @@ def run(volume: CTVolume, seg: lungs.Segmentation, *, cross_check: lungs.Segment
             findings.append(lungs._region(seg.lungs == label, volume, seg.stride, name))
     total = round(sum(f["volume_ml"] for f in findings), 1)
     cover = coverage(seg, volume)
-    flagged = bool(cover["fully_covered"] and not (lungs.ADULT_LUNG_ML[0] <= total <= lungs.ADULT_LUNG_ML[1]))
-    findings.append({"name": "lungs", "total_volume_ml": total, **cover})
+    outside = bool(cover["fully_covered"] and not (lungs.ADULT_LUNG_ML[0] <= total <= lungs.ADULT_LUNG_ML[1]))
+    findings.append({"name": "lungs", "total_volume_ml": total, **cover, "outside_adult_range": outside})
     notices = [cover["note"]]
+    if outside:
+        notices.append(f"The total lung volume, {total:.0f} mL, is outside the 2-8 L of an adult at full inspiration.")
+    flagged = False  # a volume is a measurement, not a flag
     if cross_check is not None:
         finding, note = cross_check_findings(seg, cross_check)
         findings.append(finding)

@@ -135,7 +135,8 @@ def run(volume: CTVolume, body_threshold_hu: int = -500, lung_threshold_hu: int 
         seg: Segmentation | None = None) -> StepResult:
     """Segment (unless ``seg`` is given) and measure body and lungs (mL).
 
-    Flags when the lungs are fully covered but their volume is outside the adult range.
+    A measurement, never a flag: when the lungs are fully covered but their volume is outside the adult
+    range, the finding and the notice say so.
     """
     seg = seg if seg is not None else segment(volume, body_threshold_hu, lung_threshold_hu)
     findings = []
@@ -147,7 +148,10 @@ def run(volume: CTVolume, body_threshold_hu: int = -500, lung_threshold_hu: int 
     total = sum(f["volume_ml"] for f in findings if f["name"].endswith("lung"))
     lung_slices = np.flatnonzero(seg.lungs.any(axis=(1, 2)))
     covered = len(lung_slices) > 0 and lung_slices[0] > 0 and lung_slices[-1] < seg.lungs.shape[0] - 1
-    flagged = bool(covered and not (ADULT_LUNG_ML[0] <= total <= ADULT_LUNG_ML[1]))
-    findings.append({"name": "lungs", "total_volume_ml": round(total, 1), "fully_covered": bool(covered)})
-    return StepResult(MODEL, VERSION, True, "numpy", "fp32", round(total, 1), None, flagged, findings,
-                      notice="Volumes from HU thresholds; an adult at full inspiration has 2-8 L of lung.")
+    outside = bool(covered and not (ADULT_LUNG_ML[0] <= total <= ADULT_LUNG_ML[1]))
+    findings.append({"name": "lungs", "total_volume_ml": round(total, 1), "fully_covered": bool(covered),
+                     "outside_adult_range": outside})
+    # a volume is a measurement, not a flag: out of range, it says so in words
+    return StepResult(MODEL, VERSION, True, "numpy", "fp32", round(total, 1), None, False, findings,
+                      notice="Volumes from HU thresholds; an adult at full inspiration has 2-8 L of lung."
+                      + (f" The total, {total:.0f} mL, is outside that range." if outside else ""))

@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from appliance.config import Settings
 from appliance.outputs import opacity_figures
-from appliance.outputs.report import score_and_threshold
+from appliance.outputs.report import is_reviewed, score_and_threshold
 from appliance.store.database import open_database
 from appliance.store.datadir import DataDirectory
 from appliance.store.users import admin_count
@@ -93,7 +93,7 @@ def _register(app: Flask) -> None:
                                    "demonstration": settings_of(app).demonstration,
                                    "research_notice": _research_notice,
                                    "opacity_zone_table": opacity_figures.zone_table,
-                                   "score_and_threshold": score_and_threshold,
+                                   "score_and_threshold": score_and_threshold, "is_reviewed": is_reviewed,
                                    "opacity_profile_svg": lambda result: opacity_figures.profile_svg(result, _)})
 
 
