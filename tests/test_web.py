@@ -465,7 +465,7 @@ def test_measurements_without_a_decision_get_no_review_buttons(analysed_home):
     client = create_app(analysed_home, environ={}).test_client()
     login(client, "rad")
     page = client.get(f"/study/{_study_uid(client)}").get_data(as_text=True)
-    articles = dict(re.findall(r'data-model="([^"]+)">(.*?)</article>', page, re.S))
+    articles = dict(re.findall(r'data-model="([^"]+)">(.*?)</article>', page, re.DOTALL))
     assert "series-qa" in articles and "chest-covid19" in articles
     for model in ("series-qa", "lungs-classical", "lung-segmentation"):
         assert "Confirm finding" not in articles.get(model, ""), model
