@@ -158,9 +158,10 @@ def _walk(root: Path, max_depth: int, depth: int = 0) -> Iterator[Path | _Refuse
                 yield _Refused(entry.path, _unreadable(exc))
 
 
-def _is_zip(path: Path, follow_symlinks: bool) -> bool:
+def _head(path: Path, follow_symlinks: bool) -> bytes:
+    """The first bytes of a file: enough to tell a zip archive and a DICOMDIR from an image, in one read."""
     with _open_regular(path, follow_symlinks) as f:
-        return f.read(4) == ZIP_MAGIC
+        return f.read(MEDIA_DIRECTORY_HEAD)
 
 
 def is_media_directory(head: bytes) -> bool:
@@ -173,11 +174,6 @@ def is_media_directory(head: bytes) -> bool:
         return False
     length = int.from_bytes(head[at + 6:at + 8], "little")
     return head[at + 8:at + 8 + length].rstrip(b"\x00 ") == MEDIA_STORAGE_DIRECTORY
-
-
-def _is_media_directory(path: Path, follow_symlinks: bool) -> bool:
-    with _open_regular(path, follow_symlinks) as f:
-        return is_media_directory(f.read(MEDIA_DIRECTORY_HEAD))
 
 
 # --- zip archives -----------------------------------------------------------------------------------------
@@ -340,18 +336,21 @@ def _members(paths: Iterable[Path], settings: Settings) -> Iterator[_Member | _R
                 yield path
                 continue
             follow = path == top
+            if path.name.upper() == DICOMDIR_NAME:
+                yield str(path)  # the directory record; the files it lists are read as loose files
+                continue
             try:
-                if path.name.upper() == DICOMDIR_NAME or _is_media_directory(path, follow):
-                    yield str(path)  # the directory record; the files it lists are read as loose files
-                    continue
-                is_zip = _is_zip(path, follow)
+                head = _head(path, follow)
             except InstanceRejected as exc:
                 yield _Refused(str(path), exc)
                 continue
             except OSError as exc:
                 yield _Refused(str(path), _unreadable(exc))
                 continue
-            if is_zip:
+            if is_media_directory(head):
+                yield str(path)  # a DICOMDIR under another name (Philips DIRFILE)
+                continue
+            if head[:4] == ZIP_MAGIC:
                 yield from _zip_members(path, settings, follow)
             else:
                 yield _Member(str(path), _opener(path, follow))
