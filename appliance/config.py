@@ -118,6 +118,10 @@ class Settings:
         "", "Where results go by C-STORE: comma-separated AE@host:port entries (empty = keep them on the box).")
     outbox_backoff_seconds: float = _setting(
         30.0, "Wait before resending to an unreachable PACS, doubled per attempt (max 1 h).")
+    pacs_max_attempts: int = _setting(
+        5, "An object the PACS refuses for good (a failure status other than Out of Resources, or a rejected "
+        "association) is tried this many times, then set aside for the admin to retry or discard; an unreachable "
+        "PACS is retried without end.")
     quiet_period_seconds: float = _setting(
         30.0, "A received series is analysed once no new image has arrived for this long (like Orthanc's StableAge).")
     job_lease_seconds: float = _setting(
@@ -322,7 +326,8 @@ def saved_values(path: Path) -> dict[str, Any]:
 def save_overrides(changes: dict[str, Any], path: Path) -> Path:
     """Write ``changes`` (validated) into the site's TOML file at ``path``, keeping its other entries.
 
-    Values take effect when each service next starts; ``APPLIANCE_*`` variables still win over the file.
+    Every process reading its settings through :class:`LiveSettings` takes them up at once, but those in
+    :data:`FIXED_WHILE_RUNNING`; ``APPLIANCE_*`` variables still win over the file.
     """
     current = tomlfile.load(path) if path.is_file() else {}
     for name, value in changes.items():
@@ -331,3 +336,65 @@ def save_overrides(changes: dict[str, Any], path: Path) -> Path:
         current[name] = _coerce(_BY_NAME[name], value)
     tomlfile.dump_durably(dict(sorted(current.items())), path)
     return path
+
+
+# Settings a running process cannot change: the sockets it listens on, its threads, its data directory.
+# The DICOM receiver's are taken up by restarting the receiver in its process (dicom_server.serve_receiver).
+FIXED_WHILE_RUNNING: dict[str, str] = {
+    "home": "every service", "web_host": "the web UI", "web_port": "the web UI", "web_threads": "the web UI",
+    "web_secure_cookies": "the web UI", "max_upload_bytes": "the web UI", "decode_workers": "the worker",
+}
+RECEIVER_SETTINGS = ("dicom_ae_title", "dicom_port", "dicom_bind_address", "dicom_allowed_callers",
+                     "dicom_max_associations", "dicom_max_associations_per_address", "dicom_first_pdu_timeout",
+                     "dicom_acse_timeout", "dicom_dimse_timeout", "dicom_network_timeout", "dicom_max_pdu")
+
+
+class LiveSettings:
+    """The settings of a running process, read again whenever the site's TOML file changes.
+
+    :meth:`current` costs one ``stat`` of the file (its mtime and size) when nothing changed, so it is
+    called at every request and every worker loop. ``APPLIANCE_*`` variables and ``overrides`` still
+    win over the file; a file that does not parse keeps the settings in force (and says why once).
+    """
+
+    def __init__(self, environ: Mapping[str, str] | None = None, *, initial: Settings | None = None,
+                 **overrides: Any):
+        self.environ = dict(os.environ if environ is None else environ)
+        self.overrides = overrides
+        self._settings = initial or load(self.environ, **overrides)
+        self.path = config_path(self._settings.home_path, self.environ)
+        self._stamp = self._stat()
+        self.problem: str | None = None
+
+    @classmethod
+    def following(cls, settings: Settings, environ: Mapping[str, str] | None = None) -> LiveSettings:
+        """Live settings that start from ``settings``: values its caller gave directly (neither the defaults,
+        the file nor ``environ`` made them, as in tests) stay as given; the rest follows the file."""
+        env = dict(os.environ if environ is None else environ)
+        try:
+            base = load(env, home=settings.home).values
+        except SettingsError:
+            base = settings.values
+        overrides = {name: value for name, value in settings.values.items() if base[name] != value}
+        return cls(env, initial=settings, **{**overrides, "home": settings.home})
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def current(self) -> Settings:
+        """The settings in force now: reloaded when the file's mtime or size changed since the last look."""
+        stamp = self._stat()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                fresh = load(self.environ, **{"home": self._settings.home, **self.overrides})
+            except SettingsError as exc:
+                self.problem = str(exc)
+            else:
+                self.problem = None
+                self._settings = fresh
+        return self._settings

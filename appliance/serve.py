@@ -9,10 +9,9 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
-from appliance.config import Settings
+from appliance.config import LiveSettings, Settings
 from appliance.errors import DiskLow
 from appliance.ingest import dicom_server
 from appliance.jobs.intake import import_and_queue
@@ -81,16 +80,20 @@ def poll_incoming(store: InstanceStore, settings: Settings, stop: threading.Even
         stop.wait(poll_seconds if imported else DISK_LOW_RETRY_SECONDS)
 
 
-def _start_receiver(settings: Settings) -> Callable[[], None] | None:
-    try:
-        stop_receiver = dicom_server.start(settings)
-    except OSError as exc:
-        print(f"error: DICOM_PORT_UNAVAILABLE: cannot listen on port {settings.dicom_port} ({exc}); "
+def _receiver_started(settings: Settings, problem: OSError | None) -> None:
+    if problem is not None:
+        print(f"error: DICOM_PORT_UNAVAILABLE: cannot listen on port {settings.dicom_port} ({problem}); "
               "studies can still be dropped into the incoming folder", flush=True)
-        return None
+        return
     print(f"DICOM receiver {settings.dicom_ae_title} on port {settings.dicom_port} "
           f"(allowed callers: {settings.dicom_allowed_callers})", flush=True)
-    return stop_receiver
+
+
+def _receiver_thread(live: LiveSettings, stop: threading.Event, poll_seconds: float) -> threading.Thread:
+    """The receiver, restarted in this process when its settings change in the site's file."""
+    return threading.Thread(target=dicom_server.serve_receiver, args=(live, stop),
+                            kwargs={"poll_seconds": poll_seconds, "started": _receiver_started},
+                            name="dicom-supervisor", daemon=True)
 
 
 def _first_start(store: InstanceStore, settings: Settings) -> bool:
@@ -118,7 +121,13 @@ def serve_once(settings: Settings) -> None:
 
 
 def serve(settings: Settings, poll_seconds: float = 2.0) -> None:
-    """Run the receiver, the worker, the drop folder and the web UI until interrupted."""
+    """Run the receiver, the worker, the drop folder and the web UI until interrupted.
+
+    Settings saved in the site's file apply at once: the web UI reads them at each request, the worker at
+    each loop and the receiver restarts itself when one of its own changes; only those of
+    :data:`config.FIXED_WHILE_RUNNING` wait for the next start.
+    """
+    live = LiveSettings.following(settings)
     store = open_store(settings)
     incoming = DataDirectory(settings.home_path).incoming
     incoming.mkdir(parents=True, exist_ok=True)
@@ -127,8 +136,8 @@ def serve(settings: Settings, poll_seconds: float = 2.0) -> None:
     if _first_start(store, settings):
         print("First start: the synthetic sample study is queued for analysis.", flush=True)
         threads.append(threading.Thread(target=queue_sample, args=(settings,), name="sample", daemon=True))
-    stop_receiver = _start_receiver(settings)
-    worker = Worker(settings)
+    worker = Worker(settings, live)
+    threads.append(_receiver_thread(live, stop, poll_seconds))
     threads.append(threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True))
     threads.append(threading.Thread(target=poll_incoming, args=(store, settings, stop, poll_seconds),
                                     name="incoming", daemon=True))
@@ -141,8 +150,6 @@ def serve(settings: Settings, poll_seconds: float = 2.0) -> None:
         print("stopped")
     finally:
         stop.set()
-        if stop_receiver is not None:
-            stop_receiver()
         for thread in threads:
             thread.join(timeout=30)
 

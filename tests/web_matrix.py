@@ -35,7 +35,7 @@ HOSTILE = ["9223372036854775808", "-9223372036854775809", "-1", "0", "1e309", "a
 PARAMETERS = ("page", "next", "q", "status", "flagged", "from", "to", "study", "upload_id", "final", "result_id",
               "decision", "comment", "action", "username", "password", "current", "confirm", "role", "disabled",
               "name", "value", "month", "destination", "lang", "dicom_ae_title", "dicom_port",
-              "dicom_allowed_callers", "pacs_destinations")
+              "dicom_allowed_callers", "pacs_destinations", "outbox_id")
 ARGUMENT = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
 

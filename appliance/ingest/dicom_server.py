@@ -37,7 +37,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from appliance.config import Settings
+from appliance.config import RECEIVER_SETTINGS, LiveSettings, Settings
 from appliance.errors import DiskLow, InstanceRejected
 from appliance.ingest.dicom_guard import (
     WAITING_PER_ASSOCIATION,
@@ -78,9 +78,15 @@ def _status(code: int, comment: str) -> Dataset:
 class Receiver:
     """pynetdicom event handlers over the instance store; one store (and database connection) per thread."""
 
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    def __init__(self, settings: Settings, live: LiveSettings | None = None):
+        self._settings = settings
+        self.live = live
         self._local = threading.local()
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in force (the low-disk watermark follows the site's file as it changes)."""
+        return self.live.current() if self.live is not None else self._settings
 
     def _store(self) -> InstanceStore:
         if not hasattr(self._local, "store"):
@@ -211,14 +217,28 @@ def make_guard(settings: Settings, refusals: RefusalLedger) -> Guard:
 
 
 def start(settings: Settings, *, block: bool = False, port: int | None = None,
-          address: str | None = None) -> Callable[[], None] | None:
+          address: str | None = None, live: LiveSettings | None = None) -> Callable[[], None] | None:
     """Start the receiver; returns a function that stops it (when not blocking).
 
-    Blocking, it serves until interrupted (KeyboardInterrupt is raised on to the caller).
+    Blocking, it serves until interrupted (KeyboardInterrupt is raised on to the caller), restarting
+    itself in this process whenever a setting of :data:`config.RECEIVER_SETTINGS` changes in the site's
+    file (:func:`serve_receiver`).
     """
+    if block:
+        stop = threading.Event()
+        try:
+            serve_receiver(live or LiveSettings.following(settings), stop, port=port, address=address)
+        finally:
+            stop.set()
+        return None
+    return _start(settings, port=port, address=address, live=live)
+
+
+def _start(settings: Settings, *, port: int | None, address: str | None,
+           live: LiveSettings | None) -> Callable[[], None]:
     from pynetdicom import evt
 
-    receiver = Receiver(settings)
+    receiver = Receiver(settings, live)
     ae = make_ae(settings)
     handlers = [(evt.EVT_C_ECHO, receiver.handle_echo), (evt.EVT_C_STORE, receiver.handle_store)]
     where = (address or settings.dicom_bind_address, port or settings.dicom_port)
@@ -228,17 +248,57 @@ def start(settings: Settings, *, block: bool = False, port: int | None = None,
     ae._servers.append(server)  # as AE.start_server does: AE.shutdown() and server.shutdown() expect it there
     refusal_audit.start()
     log.info("DICOM receiver %s listening on %s:%d", settings.dicom_ae_title, *where)
-    if block:
-        try:
-            server.serve_forever()
-        finally:
-            server.server_close()
-            refusal_audit.stop()
-        return None
     threading.Thread(target=server.serve_forever, name="dicom-receiver", daemon=True).start()
 
     def stop() -> None:
-        server.shutdown()
+        server.shutdown()  # closes the socket too
         refusal_audit.stop()
 
     return stop
+
+
+def receiver_changed(before: Settings, after: Settings) -> list[str]:
+    """The receiver's settings (AE title, port, address, callers, limits, timeouts) that differ."""
+    return [name for name in RECEIVER_SETTINGS if getattr(before, name) != getattr(after, name)]
+
+
+def serve_receiver(live: LiveSettings, stop: threading.Event, *, poll_seconds: float = 2.0,
+                   port: int | None = None, address: str | None = None,
+                   started: Callable[[Settings, OSError | None], None] | None = None) -> None:
+    """Run the receiver until ``stop`` is set; when a receiver setting changes in the site's file, stop it
+    and start it again with the new ones (associations in progress finish first). A port that cannot be
+    opened is reported through ``started`` (or raised, on the first start without one) and tried again
+    at the next change."""
+    settings = live.current()
+    stop_receiver = _try_start(settings, port, address, live, started, first=True)
+    try:
+        while not stop.wait(poll_seconds):
+            fresh = live.current()
+            changed = receiver_changed(settings, fresh)
+            if not changed:
+                continue
+            log.warning("DICOM settings changed (%s): restarting the receiver", ", ".join(changed))
+            if stop_receiver is not None:
+                stop_receiver()
+            settings = fresh
+            stop_receiver = _try_start(fresh, port, address, live, started, first=False)
+    finally:
+        if stop_receiver is not None:
+            stop_receiver()
+
+
+def _try_start(settings: Settings, port: int | None, address: str | None, live: LiveSettings,
+               started: Callable[[Settings, OSError | None], None] | None, first: bool) -> Callable[[], None] | None:
+    try:
+        stop_receiver = _start(settings, port=port, address=address, live=live)
+    except OSError as exc:
+        if started is None and first:
+            raise
+        if started is not None:
+            started(settings, exc)
+        else:
+            log.error("DICOM_PORT_UNAVAILABLE: cannot listen on port %d (%s)", port or settings.dicom_port, exc)
+        return None
+    if started is not None:
+        started(settings, None)
+    return stop_receiver

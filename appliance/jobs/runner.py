@@ -11,7 +11,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
+
+import pydicom
+import sqlite_utils
 
 from appliance.analysis import analyze_series, artefact_dir, stored_record
 from appliance.config import Settings
@@ -21,6 +25,8 @@ from appliance.jobs.notify import sd_notify
 from appliance.jobs.owner import WorkerLock, worker_alive
 from appliance.outputs import outbox
 from appliance.outputs.dicom_objects import write_outputs, write_report_object
+from appliance.store.database import utcnow, write_transaction
+from appliance.store.datadir import DataDirectory
 from appliance.store.instances import InstanceStore, open_store, series_instances
 from appliance.store.states import JobKind, SeriesStatus
 
@@ -37,9 +43,13 @@ class JobRunner:
         self.settings = settings
         self.store = store or open_store(settings)
         self.registry = registry
-        self.destinations = outbox.parse_destinations(settings.pacs_destinations)
         self.lock = WorkerLock(self.store.datadir)
         self.worker = self.lock.identity
+
+    @property
+    def destinations(self) -> tuple[outbox.Destination, ...]:
+        """The PACS destinations of the settings in force (the worker replaces them when the file changes)."""
+        return outbox.parse_destinations(self.settings.pacs_destinations)
 
     def close(self) -> None:
         self.lock.release()
@@ -132,35 +142,23 @@ class JobRunner:
         return report
 
     def _publish(self, job: dict[str, Any], record: dict[str, Any]) -> None:
-        """Write the series' SR, key images and report, and queue them for every PACS."""
-        series_uid = job["series_instance_uid"]
-        out_dir = artefact_dir(self.store, series_uid) / "dicom"
-        paths = write_outputs(record, series_instances(self.store.db, self.store.home, series_uid), out_dir,
-                              report_pdf=self._report_pdf(job["study_instance_uid"]), home=self.store.home)
+        """Write the series' SR, key images and report, record them, and queue them for every PACS."""
+        db, home = self.store.db, self.store.home
+        paths = build_outputs(db, home, self.settings, job["series_instance_uid"], record)
         if self.destinations:
-            outbox.enqueue(self.store.db, self.destinations, paths, self.store.home, series_uid)
-
-    def _report_pdf(self, study_uid: str) -> tuple[bytes, str]:
-        """The study's PDF report as it stands now, in the site's language, and its title."""
-        from appliance.outputs import report
-        from appliance.store.studies import latest_reviews, study
-
-        doc = study(self.store.db, study_uid)
-        if doc is None:
-            raise LookupError(f"study {study_uid} is not in the store")
-        _ = report.translations(self.settings.web_language)
-        pdf = report.render_pdf(doc, latest_reviews(doc["reviews"]), self.settings.site_name, _,
-                                report.key_image_finder(self.store.home))
-        return pdf, _("CT screening report")
+            outbox.enqueue(db, self.destinations, paths, home, job["series_instance_uid"])
 
     def _send_report(self, job: dict[str, Any]) -> None:
         """Send the study's report as it stands now (with its reviews) to every PACS."""
-        series_uid = job["series_instance_uid"]
-        path = write_report_object(series_instances(self.store.db, self.store.home, series_uid)[0],
-                                   *self._report_pdf(job["study_instance_uid"]),
+        series_uid, db, home = job["series_instance_uid"], self.store.db, self.store.home
+        path = write_report_object(series_instances(db, home, series_uid)[0],
+                                   *report_pdf(db, home, self.settings, job["study_instance_uid"]),
                                    artefact_dir(self.store, series_uid) / "dicom")
+        analysis = db.execute("SELECT id FROM analyses WHERE series_instance_uid = ? AND superseded = 0 "
+                              "ORDER BY id DESC LIMIT 1", [series_uid]).fetchone()
+        record_outputs(db, home, analysis[0] if analysis else None, series_uid, [path])
         if self.destinations:
-            outbox.enqueue(self.store.db, self.destinations, [path], self.store.home, series_uid)
+            outbox.enqueue(db, self.destinations, [path], home, series_uid)
         log.info("job %d: report of study %s written to %s", job["id"], job["study_instance_uid"], path.name)
 
     def forward(self) -> None:
@@ -169,6 +167,80 @@ class JobRunner:
             return
         try:
             outbox.forward(self.store.db, self.store.home, self.destinations, self.settings.dicom_ae_title,
-                           self.settings.outbox_backoff_seconds)
+                           self.settings.outbox_backoff_seconds, self.settings.pacs_max_attempts)
         except Exception:
             log.exception("outbox: sending failed; will retry")
+
+
+# --- outputs of an analysis, and sending a study's again --------------------------------------------
+
+
+def report_pdf(db: sqlite_utils.Database, home: Path, settings: Settings, study_uid: str) -> tuple[bytes, str]:
+    """The study's PDF report as it stands now, in the site's language, and its title."""
+    from appliance.outputs import report
+    from appliance.store.studies import latest_reviews, study
+
+    doc = study(db, study_uid)
+    if doc is None:
+        raise LookupError(f"study {study_uid} is not in the store")
+    _ = report.translations(settings.web_language)
+    pdf = report.render_pdf(doc, latest_reviews(doc["reviews"]), settings.site_name, _,
+                            report.key_image_finder(home))
+    return pdf, _("CT screening report")
+
+
+def record_outputs(db: sqlite_utils.Database, home: Path, analysis_id: int | None, series_uid: str,
+                   paths: list[Path]) -> None:
+    """Remember which DICOM objects an analysis produced (sent to a PACS or not), to send them again later."""
+    study = db.execute("SELECT study_instance_uid FROM series WHERE series_instance_uid = ?", [series_uid]).fetchone()
+    heads = [(path, pydicom.dcmread(path, stop_before_pixels=True)) for path in paths]
+    with write_transaction(db):
+        for path, head in heads:
+            db.table("outputs").insert({
+                "analysis_id": analysis_id, "study_instance_uid": study[0] if study else None,
+                "series_instance_uid": series_uid, "modality": str(head.get("Modality", "")),
+                "path": str(path.relative_to(home)), "sop_instance_uid": str(head.SOPInstanceUID),
+                "created_at": utcnow()})
+
+
+def build_outputs(db: sqlite_utils.Database, home: Path, settings: Settings, series_uid: str,
+                  record: dict[str, Any]) -> list[Path]:
+    """Write the SR, key images and report of an analysed series and record them; returns their paths."""
+    images = series_instances(db, home, series_uid)
+    out_dir = DataDirectory(home).series_artefacts(images[0].study_instance_uid, series_uid) / "dicom"
+    paths = write_outputs(record, images, out_dir, home=home,
+                          report_pdf=report_pdf(db, home, settings, images[0].study_instance_uid))
+    record_outputs(db, home, record.get("analysis_id"), series_uid, paths)
+    return paths
+
+
+def current_outputs(db: sqlite_utils.Database, home: Path, settings: Settings, study_uid: str) -> dict[str, list[Path]]:
+    """Series UID -> the objects of its current analysis: SR and key images, and the latest report.
+
+    An analysis whose objects were never recorded (made before they were, or never built) has them built now.
+    """
+    out: dict[str, list[Path]] = {}
+    analyses = db.execute("SELECT id, series_instance_uid FROM analyses WHERE study_instance_uid = ? "
+                          "AND superseded = 0 AND status = ? ORDER BY id",
+                          [study_uid, SeriesStatus.ANALYZED.value]).fetchall()
+    for analysis_id, series_uid in analyses:
+        rows = db.execute("SELECT modality, path FROM outputs WHERE analysis_id = ? ORDER BY id",
+                          [analysis_id]).fetchall()
+        rows = [(m, p) for m, p in rows if (home / p).is_file()]
+        if not rows:
+            build_outputs(db, home, settings, series_uid, stored_record(db, analysis_id))
+            rows = db.execute("SELECT modality, path FROM outputs WHERE analysis_id = ? ORDER BY id",
+                              [analysis_id]).fetchall()
+        reports = [p for m, p in rows if m == "DOC"]
+        out[series_uid] = [home / p for m, p in rows if m != "DOC"] + [home / p for p in reports[-1:]]
+    return out
+
+
+def send_again(db: sqlite_utils.Database, home: Path, settings: Settings, study_uid: str) -> int:
+    """Queue every output of the study's current analyses for every PACS destination, those sent or set
+    aside before included (built first when missing); returns how many outbox rows were queued."""
+    destinations = outbox.parse_destinations(settings.pacs_destinations)
+    if not destinations:
+        return 0
+    return sum(outbox.enqueue(db, destinations, paths, home, series_uid, again=True)
+               for series_uid, paths in current_outputs(db, home, settings, study_uid).items())

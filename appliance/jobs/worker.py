@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from appliance.config import Settings
+from appliance.config import LiveSettings, Settings
 from appliance.jobs import queue
 from appliance.jobs.notify import sd_notify
 from appliance.jobs.runner import JobRunner
@@ -16,14 +16,26 @@ log = logging.getLogger(__name__)
 class Worker:
     """A loop over the job runner: forward the outbox, re-queue abandoned jobs, queue quiet series, run one."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, live: LiveSettings | None = None):
+        self.live = live or LiveSettings.following(settings)
         self.settings = settings
         self.runner = JobRunner(settings)
         self.store = self.runner.store
         self.runner.requeue_abandoned()
 
+    def refresh(self) -> Settings:
+        """Take up the settings saved since the last loop (one stat of the site's file when none changed)."""
+        fresh = self.live.current()
+        if fresh is not self.settings:
+            changed = sorted(k for k, v in fresh.values.items() if self.settings.values[k] != v)
+            if changed:
+                log.info("settings changed: %s", ", ".join(changed))
+            self.settings = self.runner.settings = fresh
+        return fresh
+
     def forward(self) -> None:
-        """Send what waits in the outbox (see :meth:`JobRunner.forward`)."""
+        """Send what waits in the outbox (see :meth:`JobRunner.forward`), to the destinations in force now."""
+        self.refresh()
         self.runner.forward()
 
     def run_once(self) -> bool:

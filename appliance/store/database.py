@@ -291,3 +291,24 @@ def m009_model_switches(db: sqlite_utils.Database) -> None:
     db.table("model_switches").create_index(["model", "model_version"])
 
 
+
+
+@migrations()
+def m012_outbox_refusals(db: sqlite_utils.Database) -> None:
+    """A PACS's refusal is kept with the outbox row (DIMSE status, its meaning, the PACS's Error Comment);
+    an object refused for good is set aside; every output of an analysis is recorded, sent or not."""
+    outbox = db.table("outbox")
+    outbox.add_column("status", int)  # the last C-STORE (or association) status, NULL when none came back
+    outbox.add_column("status_meaning", str)
+    outbox.add_column("error_comment", str)
+    outbox.add_column("refusals", int, not_null_default=0)  # permanent refusals since the last retry
+    outbox.add_column("set_aside_at", str)
+    outbox.add_column("modality", str)
+    for row_id, path in db.execute("SELECT id, path FROM outbox").fetchall():
+        db.execute("UPDATE outbox SET modality = ? WHERE id = ?", [Path(path).name.split("-")[0].upper(), row_id])
+    db.table("outputs").create({
+        "id": int, "analysis_id": int, "study_instance_uid": str, "series_instance_uid": str, "modality": str,
+        "path": str, "sop_instance_uid": str, "created_at": str,
+    }, pk="id")
+    db.table("outputs").create_index(["analysis_id"])
+    db.table("outputs").create_index(["study_instance_uid"])

@@ -1,4 +1,5 @@
-"""Admin pages: model packs and engines, disk, DICOM nodes (with C-ECHO), users, audit log, settings."""
+"""Admin pages: model packs and engines, disk, results the PACS refused (retry, discard), DICOM nodes (with
+C-ECHO), users, audit log, settings (in force at once, but for those a process takes only when it starts)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from appliance.errors import ApplianceError
 from appliance.export import keys
 from appliance.export import run as export_run
 from appliance.inference.registry import inventory
+from appliance.outputs import outbox
 from appliance.outputs.outbox import parse_destinations
 from appliance.store import model_switches, users
 from appliance.store.database import audit, write_transaction
@@ -21,7 +23,7 @@ from appliance.store.datadir import DataDirectory
 from appliance.web.auth import keep_session, role_required
 from appliance.web.context import settings_of
 from appliance.web.db import get_db
-from appliance.web.params import page_number
+from appliance.web.params import bounded_int, page_number
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 AUDIT_PAGE = 100
@@ -62,7 +64,26 @@ def index():
                            disk={"total": disk.total, "free": disk.free, "used": disk.used,
                                  "watermark": settings.disk_low_watermark_mb * 2**20, "instances_bytes": stored[0],
                                  "instances": stored[1]},
-                           outbox=dict(db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()))
+                           outbox=dict(db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()),
+                           set_aside=outbox.set_aside_rows(db))
+
+
+@bp.route("/outbox", methods=["POST"])
+def outbox_action():
+    """Retry (queue again, with a fresh count of tries) or discard one object the PACS refused; audited."""
+    action, row = request.form.get("action", ""), bounded_int(request.form.get("outbox_id"))
+    if action not in ("retry", "discard") or row is None:
+        abort(400)
+    db = get_db()
+    found = db.execute("SELECT destination, sop_instance_uid, state FROM outbox WHERE id = ?", [row]).fetchone()
+    done = found is not None and (outbox.retry(db, row) if action == "retry" else outbox.discard(db, row))
+    if not done:
+        flash(_("Nothing changed: that object is no longer set aside."))
+        return redirect(url_for("admin.index") + "#outbox")
+    _audit(f"outbox_{action}", found[1], destination=found[0], was=found[2])
+    flash(_("Queued again for %(dest)s.", dest=found[0]) if action == "retry"
+          else _("Discarded: it will not be sent to %(dest)s.", dest=found[0]))
+    return redirect(url_for("admin.index") + "#outbox")
 
 
 def _fingerprint(key) -> str | None:
@@ -122,7 +143,7 @@ def dicom():
             flash(_("Not saved: %(why)s", why=str(exc)))
         else:
             _audit("settings_changed", "dicom", **changes)
-            flash(_("Saved to %(path)s; the DICOM receiver uses it after its next restart.", path=str(path)))
+            flash(_("Saved to %(path)s; in force now (the DICOM receiver restarts itself with it).", path=str(path)))
         return redirect(url_for("admin.dicom"))
     saved = config.saved_values(_config_file())
     return render_template("admin/dicom.html", settings=settings, saved=saved, names=DICOM_SETTINGS,
@@ -201,6 +222,7 @@ def audit_log():
 
 @bp.route("/settings", methods=["GET", "POST"])
 def settings_page():
+    environ = current_app.config["APPLIANCE_ENVIRON"]
     if request.method == "POST":
         name, value = request.form.get("name", ""), request.form.get("value", "")
         try:
@@ -209,10 +231,29 @@ def settings_page():
             flash(_("Not saved: %(why)s", why=str(exc)))
         else:
             _audit("settings_changed", name, value=value)
-            flash(_("Saved to %(path)s; it applies when the services next start.", path=str(path)))
+            flash(_saved_message(name, str(path), environ))
         return redirect(url_for("admin.settings_page"))
     saved = config.saved_values(_config_file())
     rows = [{"setting": s, "in_force": settings_of().values[s.name], "saved": saved[s.name],
-             "from_environment": s.env_var in current_app.config["APPLIANCE_ENVIRON"]}
+             "from_environment": s.env_var in environ, "restart": _process_name(s.name)}
             for s in config.SETTINGS if s.name != "home"]
     return render_template("admin/settings.html", rows=rows)
+
+
+def _saved_message(name: str, path: str, environ: dict[str, str]) -> str:
+    """What saving ``name`` does now: nothing while the environment sets it, a restart for a fixed one."""
+    env_var = config.Setting(name, None, "", str).env_var
+    if env_var in environ:
+        return _("Saved to %(path)s, but %(var)s is set in the environment: the saved value is not used.",
+                 path=path, var=env_var)
+    process = _process_name(name)
+    if process:
+        return _("Saved to %(path)s; takes effect when %(process)s restarts.", path=path, process=process)
+    return _("Saved to %(path)s; in force now.", path=path)
+
+
+def _process_name(name: str) -> str | None:
+    """Which process must restart before setting ``name`` takes effect, in the reader's language (None: none)."""
+    names = {"every service": _("every service"), "the web UI": _("the web UI"), "the worker": _("the worker")}
+    process = config.FIXED_WHILE_RUNNING.get(name)
+    return names.get(process, process) if process else None
