@@ -353,7 +353,8 @@ class LiveSettings:
     """The settings of a running process, read again whenever the site's TOML file changes.
 
     :meth:`current` costs one ``stat`` of the file (its mtime and size) when nothing changed, so it is
-    called at every request and every worker loop. ``APPLIANCE_*`` variables and ``overrides`` still
+    called at every request and every worker loop. Settings of :data:`FIXED_WHILE_RUNNING` keep the
+    values the process started with. ``APPLIANCE_*`` variables and ``overrides`` still
     win over the file; a file that does not parse keeps the settings in force (and says why once).
     """
 
@@ -396,5 +397,6 @@ class LiveSettings:
                 self.problem = str(exc)
             else:
                 self.problem = None
-                self._settings = fresh
+                # what this process took when it started stays (see FIXED_WHILE_RUNNING)
+                self._settings = fresh.replace(**{name: getattr(self._settings, name) for name in FIXED_WHILE_RUNNING})
         return self._settings
