@@ -157,3 +157,184 @@ def test_a_review_sends_the_reviewed_report_again(tmp_path, synthetic_chest):
     # the study stays "done" on the worklist while its report is re-sent
     from appliance.store.studies import study as study_doc
     assert study_doc(db, study)["status"] == "done"
+
+
+# --- a PACS that refuses: objects set aside with its status and comment, retried or discarded -----------
+
+
+class ScriptedPACS:
+    """A real pynetdicom Storage SCP answering each C-STORE with ``status`` (and ``comment``); keeps what it stored."""
+
+    def __init__(self, status: int, comment: str = ""):
+        from pynetdicom import AE, evt
+        from pynetdicom.presentation import AllStoragePresentationContexts
+
+        self.status, self.comment = status, comment
+        self.stored: list[str] = []
+        self.calls = 0
+        ae = AE(ae_title="SCRIPTED")
+        ae.supported_contexts = AllStoragePresentationContexts
+        self.port = free_port()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event):
+        self.calls += 1
+        if self.status != 0x0000:
+            answer = pydicom.Dataset()
+            answer.Status, answer.ErrorComment = self.status, self.comment
+            return answer
+        self.stored.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    @property
+    def destination(self) -> str:
+        return f"SCRIPTED@127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def scripted_pacs():
+    peers: list[ScriptedPACS] = []
+
+    def make(status: int, comment: str = "") -> ScriptedPACS:
+        peers.append(ScriptedPACS(status, comment))
+        return peers[-1]
+    yield make
+    for peer in peers:
+        peer.close()
+
+
+def _due_now(db) -> None:
+    with write_transaction(db):
+        db.execute("UPDATE outbox SET not_before = ''")  # the backoff has passed
+
+
+def _worker_for(tmp_path, synthetic_chest, destination: str, **settings) -> Worker:
+    settings = config.load(environ={}, home=str(tmp_path / "home"), quiet_period_seconds=0.0, demonstration=True,
+                           pacs_destinations=destination, outbox_backoff_seconds=3600.0, **settings)
+    worker = Worker(settings)
+    import_paths(worker.store, [synthetic_chest], settings)
+    assert worker.run_once()
+    return worker
+
+
+def test_status_classes_follow_the_standard():
+    assert not outbox.Outcome(0xA700).permanent and not outbox.Outcome(0xA7FF).permanent  # out of resources
+    assert not outbox.Outcome(outbox.UNREACHABLE).permanent
+    for code in (0xA900, 0xC000, 0xCFFF, 0x0122, 0x0124, outbox.ASSOCIATION_REJECTED):
+        assert outbox.Outcome(code).permanent, hex(code)
+    assert outbox.Outcome(0xB000).stored and not outbox.Outcome(0xB000).permanent
+    assert outbox.status_meaning(0xA900) == "Data Set Does Not Match SOP Class"
+    assert outbox.status_meaning(0x0122) == "Refused: SOP Class Not Supported"
+
+
+def test_a_permanent_refusal_is_set_aside_after_bounded_tries_and_retry_reaches_an_accepting_pacs(
+        tmp_path, synthetic_chest, scripted_pacs):
+    from appliance.web import create_app
+    from tests.web_helpers import csrf, login, make_accounts
+
+    pacs = scripted_pacs(0xA900, "SOP class mismatch in test")
+    worker = _worker_for(tmp_path, synthetic_chest, pacs.destination, pacs_max_attempts=3)
+    db = worker.store.db
+    produced = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+    for attempt in range(1, 4):
+        _due_now(db)
+        worker.forward()
+        assert pacs.calls == produced * attempt
+    rows = db.execute("SELECT state, status, status_meaning, error_comment, attempts FROM outbox").fetchall()
+    assert rows == [("set_aside", 0xA900, "Data Set Does Not Match SOP Class", "SOP class mismatch in test", 3)] \
+        * produced
+    _due_now(db)
+    worker.forward()  # set aside: not sent again
+    assert pacs.calls == produced * 3 and not pacs.stored
+
+    study = db.execute("SELECT study_instance_uid FROM studies").fetchone()[0]
+    app = create_app(worker.settings, environ={})
+    make_accounts(worker.settings.home_path)
+    client = app.test_client()
+    login(client, "admin")
+    admin_page = client.get("/admin/").get_data(as_text=True)
+    assert admin_page.count("data-outbox-id=") == produced
+    assert "0xA900" in admin_page and "SOP class mismatch in test" in admin_page and study in admin_page
+    study_page = client.get(f"/study/{study}").get_data(as_text=True)
+    assert "0xA900" in study_page and "SOP class mismatch in test" in study_page
+
+    first, second = (r[0] for r in db.execute("SELECT id FROM outbox ORDER BY id LIMIT 2").fetchall())
+    token = csrf(client, "/admin/")
+    client.post("/admin/outbox", data={"action": "retry", "outbox_id": first, "csrf_token": token})
+    client.post("/admin/outbox", data={"action": "discard", "outbox_id": second, "csrf_token": token})
+    assert db.execute("SELECT state FROM outbox WHERE id = ?", [first]).fetchone()[0] == "queued"
+    assert db.execute("SELECT state FROM outbox WHERE id = ?", [second]).fetchone()[0] == "discarded"
+    actions = [r[0] for r in db.execute("SELECT action FROM audit_log WHERE action LIKE 'outbox_%' ORDER BY id")]
+    assert actions == ["outbox_retry", "outbox_discard"]
+
+    pacs.status = 0x0000  # the PACS was fixed: the retried object goes through, the discarded one never does
+    worker.forward()
+    sent = db.execute("SELECT sop_instance_uid FROM outbox WHERE state = 'sent'").fetchall()
+    assert [uid for (uid,) in sent] == pacs.stored and len(pacs.stored) == 1
+    assert client.get("/admin/").get_data(as_text=True).count("data-outbox-id=") == produced - 2
+
+
+def test_out_of_resources_keeps_retrying_and_is_never_set_aside(tmp_path, synthetic_chest, scripted_pacs):
+    pacs = scripted_pacs(0xA700, "disk full")
+    worker = _worker_for(tmp_path, synthetic_chest, pacs.destination, pacs_max_attempts=2)
+    db = worker.store.db
+    for _ in range(4):
+        _due_now(db)
+        worker.forward()
+    states = db.execute("SELECT DISTINCT state, attempts, refusals, status FROM outbox").fetchall()
+    assert states == [("queued", 4, 0, 0xA700)]
+    backoff = db.execute("SELECT min(not_before) FROM outbox").fetchone()[0]
+    assert backoff > db.execute("SELECT max(created_at) FROM outbox").fetchone()[0]  # waits before the next try
+
+
+@needs_orthanc
+def test_send_results_again_resends_a_studys_outputs_to_orthanc(tmp_path, synthetic_chest):
+    """Results made before a PACS was configured reach it with "send results again"; a second time re-queues
+    them all (sent before included)."""
+    from appliance.web import create_app
+    from tests.web_helpers import csrf, login, make_accounts
+
+    worker = _analysed_worker(tmp_path, synthetic_chest, "")
+    db = worker.store.db
+    with write_transaction(db):
+        db.execute("DELETE FROM outputs")  # as for results made before outputs were recorded: built again
+    dicom_port = free_port()
+    proc, http_port = start_orthanc(tmp_path / "orthanc", dicom_port)
+    try:
+        app = create_app(worker.settings, environ={})
+        make_accounts(worker.settings.home_path)
+        admin = app.test_client()
+        login(admin, "admin")
+        admin.post("/admin/dicom", data={"dicom_ae_title": "APPLIANCE", "dicom_port": "11112",
+                                         "dicom_allowed_callers": "*@127.0.0.1",
+                                         "pacs_destinations": f"ORTHANC@127.0.0.1:{dicom_port}",
+                                         "csrf_token": csrf(admin, "/admin/dicom")})
+        tech = app.test_client()
+        login(tech, "tech")
+        study = db.execute("SELECT study_instance_uid FROM studies").fetchone()[0]
+        page = tech.post(f"/study/{study}/send-again", data={"csrf_token": csrf(tech, f"/study/{study}")},
+                         follow_redirects=True).get_data(as_text=True)
+        queued = db.execute("SELECT count(*) FROM outbox WHERE state = 'queued'").fetchone()[0]
+        assert queued >= 3 and f"{queued} object(s) queued for the PACS again." in page
+        worker.forward()  # the worker takes up the destination saved since it started
+        assert orthanc_get(http_port, "/statistics")["CountInstances"] == queued
+        modalities = {orthanc_get(http_port, f"/instances/{i}/simplified-tags")["Modality"]
+                      for i in orthanc_get(http_port, "/instances")}
+        assert modalities == {"SR", "OT", "DOC"}
+        tech.post(f"/study/{study}/send-again", data={"csrf_token": csrf(tech, f"/study/{study}")})
+        assert db.execute("SELECT count(*) FROM outbox WHERE state = 'queued'").fetchone()[0] == queued
+        worker.forward()
+        assert db.execute("SELECT count(*) FROM outbox WHERE state = 'sent'").fetchone()[0] == queued
+        assert orthanc_get(http_port, "/statistics")["CountInstances"] == queued  # the same objects again
+        assert db.execute("SELECT count(*) FROM audit_log WHERE action = 'results_sent_again'").fetchone()[0] == 2
+        radiologist = app.test_client()
+        login(radiologist, "rad")
+        assert radiologist.post(f"/study/{study}/send-again",
+                                data={"csrf_token": csrf(radiologist, f"/study/{study}")}).status_code == 403
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -75,7 +75,7 @@ def admin_client(tmp_path):
 
 
 def test_a_saved_pacs_destination_gets_its_echo_button_without_restart(admin_client, storage_scp):
-    settings, client = admin_client
+    _, client = admin_client
     port, _ = storage_scp
     assert "Test (C-ECHO)" not in client.get("/admin/dicom").get_data(as_text=True)
     form = {"dicom_ae_title": "APPLIANCE", "dicom_port": "11112", "dicom_allowed_callers": "*@127.0.0.1",
