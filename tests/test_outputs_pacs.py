@@ -338,3 +338,55 @@ def test_send_results_again_resends_a_studys_outputs_to_orthanc(tmp_path, synthe
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_the_admin_sees_a_refused_object_in_the_browser_and_retries_it(tmp_path, synthetic_chest, scripted_pacs):
+    """Chromium (Playwright) against the web UI served by waitress: the set-aside object is listed with the
+    PACS's status and comment; Retry queues it again and the accepting PACS receives it."""
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    import threading
+
+    from playwright.sync_api import sync_playwright
+    from waitress.server import create_server
+
+    from appliance.web import create_app
+    from tests.test_web_browser import CHROMIUM_ARGS
+    from tests.web_helpers import PASSWORDS, make_accounts
+
+    pacs = scripted_pacs(0xA900, "refused by the test PACS")
+    worker = _worker_for(tmp_path, synthetic_chest, pacs.destination, pacs_max_attempts=1)
+    worker.forward()
+    db = worker.store.db
+    produced = db.execute("SELECT count(*) FROM outbox WHERE state = 'set_aside'").fetchone()[0]
+    assert produced >= 3
+    make_accounts(worker.settings.home_path)
+    port = free_port()
+    server = create_server(create_app(worker.settings, environ={}), host="127.0.0.1", port=port, threads=2)
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/login")
+            page.fill("input[name=username]", "admin")
+            page.fill("input[name=password]", PASSWORDS["admin"])
+            page.click("button[type=submit]")
+            page.goto(f"http://127.0.0.1:{port}/admin/")
+            rows = page.locator("[data-outbox-refused] tr[data-outbox-id]")
+            assert rows.count() == produced
+            first = rows.first
+            assert "0xA900" in first.inner_text() and "refused by the test PACS" in first.inner_text()
+            retried = int(first.get_attribute("data-outbox-id"))
+            first.locator("[data-testid=outbox-retry]").click()
+            page.wait_for_load_state()
+            assert "Queued again for SCRIPTED@127.0.0.1" in page.content()
+            assert page.locator("[data-outbox-refused] tr[data-outbox-id]").count() == produced - 1
+            browser.close()
+    finally:
+        server.close()
+    pacs.status = 0x0000
+    worker.forward()
+    assert pacs.stored == [db.execute("SELECT sop_instance_uid FROM outbox WHERE id = ?", [retried]).fetchone()[0]]
