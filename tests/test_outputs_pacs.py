@@ -171,6 +171,7 @@ class ScriptedPACS:
 
         self.status, self.comment = status, comment
         self.stored: list[str] = []
+        self.studies: set[str] = set()  # Study Instance UIDs of what it stored
         self.calls = 0
         ae = AE(ae_title="SCRIPTED")
         ae.supported_contexts = AllStoragePresentationContexts
@@ -185,6 +186,7 @@ class ScriptedPACS:
             answer.Status, answer.ErrorComment = self.status, self.comment
             return answer
         self.stored.append(str(event.dataset.SOPInstanceUID))
+        self.studies.add(str(event.dataset.get("StudyInstanceUID", "")))
         return 0x0000
 
     @property
@@ -390,3 +392,25 @@ def test_the_admin_sees_a_refused_object_in_the_browser_and_retries_it(tmp_path,
     pacs.status = 0x0000
     worker.forward()
     assert pacs.stored == [db.execute("SELECT sop_instance_uid FROM outbox WHERE id = ?", [retried]).fetchone()[0]]
+
+
+def test_results_of_a_study_whose_uids_were_emptied_reach_the_pacs_with_the_stored_study_uid(
+        tmp_path, synthetic_chest, scripted_pacs):
+    """Anonymised input with emptied Study and Series UIDs: the SR build crashed (KeyError: '') and the PDF
+    went out with an empty Study Instance UID; now every object carries the UID the study was filed under."""
+    from appliance.dicomfile.uids import is_valid_uid
+
+    anonymised = tmp_path / "anonymised"
+    anonymised.mkdir()
+    for path in sorted(synthetic_chest.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = ds.SeriesInstanceUID = ""
+        ds.save_as(anonymised / path.name)
+    pacs = scripted_pacs(0x0000)
+    worker = _worker_for(tmp_path, anonymised, pacs.destination)
+    worker.forward()
+    db = worker.store.db
+    [study] = [uid for (uid,) in db.execute("SELECT study_instance_uid FROM studies")]
+    assert is_valid_uid(study)
+    sent = db.execute("SELECT count(*) FROM outbox WHERE state = 'sent'").fetchone()[0]
+    assert sent == len(pacs.stored) >= 3 and pacs.studies == {study}
