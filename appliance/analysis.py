@@ -36,6 +36,7 @@ from appliance.pipelines import (
 )
 from appliance.pipelines.lung_regions import NotApplicable
 from appliance.series.volume import CTVolume, Problem, load_series
+from appliance.store import reviews
 from appliance.store.database import inserted_id, refresh_study, site_threshold, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory
 from appliance.store.instances import InstanceStore, series_instances
@@ -352,5 +353,6 @@ def _save(db: sqlite_utils.Database, record: dict[str, Any], job_id: int | None)
         db.execute("UPDATE series SET status = ?, reason_code = ?, reason = ?, updated_at = ? "
                    "WHERE series_instance_uid = ?",
                    [record["status"], record["reason_code"], record["reason"], now, uid])
+        reviews.carry_over(db, reviews.previous_analysis(db, analysis_id), analysis_id)
         refresh_study(db, study)
     return analysis_id

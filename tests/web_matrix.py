@@ -32,9 +32,9 @@ HOSTILE = ["9223372036854775808", "-9223372036854775809", "-1", "0", "1e309", "a
            "/\t/evil.example", "//evil.example", "javascript:alert(1)", "../../../etc/passwd", "' OR '1'='1",
            "<script>alert(1)</script>", "\u202eé漢字\U0001f600", "\x00", "", "9" * 5000]
 # every request parameter a view reads, given the hostile value at once in the query and in the form
-PARAMETERS = ("page", "next", "q", "status", "flagged", "from", "to", "study", "upload_id", "final", "result_id",
-              "decision", "comment", "action", "username", "password", "current", "confirm", "role", "disabled",
-              "name", "value", "month", "destination", "lang", "dicom_ae_title", "dicom_port",
+PARAMETERS = ("page", "next", "q", "status", "flagged", "unreviewed", "from", "to", "study", "upload_id", "final",
+              "result_id", "decision", "comment", "action", "username", "password", "current", "confirm", "role",
+              "disabled", "name", "value", "month", "destination", "lang", "dicom_ae_title", "dicom_port",
               "dicom_allowed_callers", "pacs_destinations", "outbox_id")
 ARGUMENT = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 

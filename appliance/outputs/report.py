@@ -114,13 +114,25 @@ def score_and_threshold(score: float, threshold: float) -> tuple[str, str]:
     return f"{score:.{digits}f}", f"{threshold:.{digits}f}"
 
 
+def verdict(result: dict[str, Any], _: Gettext) -> str:
+    """Flagged or not, as the radiologist left it: a flag every review rejected is no longer "for review"."""
+    if not result["flagged"]:
+        return _("not flagged")
+    state = str(getattr(result.get("review"), "state", ""))
+    if state == "rejected":
+        return _("flagged, flag rejected by the radiologist")
+    if state == "confirmed":
+        return _("FLAGGED, confirmed by the radiologist")
+    return _("FLAGGED for review")
+
+
 def result_summary(result: dict[str, Any], _: Gettext) -> str:
-    verdict = _("FLAGGED for review") if result["flagged"] else _("not flagged")
+    verdict_text = verdict(result, _)
     if result.get("score") is None or result.get("threshold") is None:
-        return verdict
+        return verdict_text
     score, threshold = score_and_threshold(float(result["score"]), float(result["threshold"]))
     return _("score %(score)s against threshold %(threshold)s: %(verdict)s",
-             score=score, threshold=threshold, verdict=verdict)
+             score=score, threshold=threshold, verdict=verdict_text)
 
 
 def model_identity(result: dict[str, Any], _: Gettext) -> str:
@@ -129,13 +141,45 @@ def model_identity(result: dict[str, Any], _: Gettext) -> str:
              precision=result["precision"])
 
 
-def review_line(review: dict[str, Any] | None, _: Gettext) -> str:
+def _decision_words(decision: str, _: Gettext) -> str:
+    return _("confirmed") if decision == "confirmed" else _("rejected")
+
+
+def _when(review: dict[str, Any]) -> str:
+    return str(review["at"])[:16].replace("T", " ")
+
+
+def why_words(why: Any, _: Gettext) -> str:
+    """Why an earlier review no longer applies (:class:`~appliance.store.reviews.NoLongerApplies`) in words."""
+    if str(why) == "new model version":
+        return _("the model version changed")
+    if str(why) == "decision changed":
+        return _("the decision (flagged or not) changed")
+    return _("it was made on an earlier analysis")
+
+
+def review_line(review: Any, _: Gettext) -> str:
+    """The radiologist's review of a result in words: ``review`` is the result's
+    :class:`~appliance.store.reviews.ResultReview` (``result["review"]``), or a review row, or None."""
+    state = getattr(review, "state", None)
+    if state is not None:  # a ResultReview: the review that applies, or the earlier one that no longer does
+        if review.earlier is not None and review.review is None:
+            return _needs_rereview_line(review, _)
+        review = review.review
     if review is None:
         return _("Not yet reviewed by a radiologist.")
-    decision = _("confirmed") if review["decision"] == "confirmed" else _("rejected")
     line = _("Reviewed by %(reviewer)s on %(at)s: %(decision)s", reviewer=review["reviewer"],
-             at=review["at"][:16].replace("T", " "), decision=decision)
+             at=_when(review), decision=_decision_words(review["decision"], _))
     return f"{line}. {review['comment']}" if review.get("comment") else line
+
+
+def _needs_rereview_line(state: Any, _: Gettext) -> str:
+    earlier = state.earlier
+    why = why_words(state.why, _)
+    line = _("Needs re-review: the earlier review by %(reviewer)s on %(at)s (%(decision)s) no longer applies "
+             "because %(why)s", reviewer=earlier["reviewer"], at=_when(earlier),
+             decision=_decision_words(earlier["decision"], _), why=why)
+    return f"{line}. {earlier['comment']}" if earlier.get("comment") else line
 
 
 def _opacity_block(pdf: FPDF, font: str, t, result: dict[str, Any], _: Gettext) -> None:
@@ -236,7 +280,7 @@ def _findings(pdf: FPDF, font: str, t: Callable[[Any], str], study: dict[str, An
         if series["status"] == "analyzed" and not series["results"]:
             pdf.multi_cell(0, 5, t(_("No screening model applies to this series.")), new_x="LMARGIN", new_y="NEXT")
         for result in series["results"]:
-            _result_block(pdf, font, t, result, reviews.get(result["id"]), _, key_image)
+            _result_block(pdf, font, t, result, result.get("review", reviews.get(result["id"])), _, key_image)
 
 
 def _result_block(pdf: FPDF, font: str, t, result: dict[str, Any], review, _: Gettext, key_image) -> None:

@@ -291,6 +291,20 @@ def m009_model_switches(db: sqlite_utils.Database) -> None:
     db.table("model_switches").create_index(["model", "model_version"])
 
 
+@migrations()
+def m011_review_carry_over(db: sqlite_utils.Database) -> None:
+    """A review copied onto a re-analysis' result names the review it came from; each study keeps its review
+    state (``store.reviews``) so the worklist filters on it."""
+    from appliance.store import reviews
+
+    db.table("reviews").add_column("carried_from", int)
+    db.table("reviews").create_index(["result_id"])
+    studies = db.table("studies")
+    studies.add_column("review_state", str)
+    studies.add_column("reviewed_by", str)
+    studies.add_column("unreviewed_flags", int, not_null_default=0)
+    studies.create_index(["unreviewed_flags"])
+    reviews.refresh_all(db)
 
 
 @migrations()

@@ -7,6 +7,8 @@ from typing import Any
 
 import sqlite_utils
 
+from appliance.store import reviews as review_states
+
 
 def study(db: sqlite_utils.Database, study_uid: str) -> dict[str, Any] | None:
     """Everything the study page shows: patient, series with their state, current results, reviews."""
@@ -29,7 +31,12 @@ def study(db: sqlite_utils.Database, study_uid: str) -> dict[str, Any] | None:
         series["job"] = next(db.query("SELECT state, progress, error, attempts FROM jobs WHERE series_instance_uid = ? "
                                       "AND kind = 'analyze' "
                                       "ORDER BY id DESC LIMIT 1", [series["series_instance_uid"]]), None)
-    doc["reviews"] = list(db.query("SELECT * FROM reviews WHERE study_instance_uid = ? ORDER BY id", [study_uid]))
+    doc["reviews"] = review_states.study_reviews(db, study_uid)
+    for series in doc["series"]:
+        for result in series["results"]:
+            result["review"] = review_states.review_state(result, doc["reviews"])
+    doc["review"] = review_states.summarise([r for s in doc["series"] for r in s["results"] if r["score"] is not None],
+                                            doc["reviews"])
     return doc
 
 
@@ -40,5 +47,6 @@ def _result(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def latest_reviews(reviews: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """The last review of each result (earlier ones stay in the history)."""
+    """The last review of each result (earlier ones stay in the history); ``result["review"]`` says whether an
+    earlier result's review no longer applies."""
     return {r["result_id"]: r for r in reviews}

@@ -10,6 +10,7 @@ from typing import Any
 
 import sqlite_utils
 
+from appliance.store import reviews
 from appliance.store.states import StudyStatus
 
 PAGE_SIZE = 50
@@ -25,6 +26,7 @@ class WorklistFilter:
     text: str = ""
     status: str = ""
     flagged: bool = False
+    unreviewed: bool = False  # flagged results no review applies to (never reviewed, or needing re-review)
     date_from: str = ""  # YYYYMMDD, as StudyDate
     date_to: str = ""
     page: int = 1
@@ -44,6 +46,8 @@ class WorklistFilter:
             args.append(self.date_to)
         if self.flagged:
             clauses.append("st.flagged = 1")
+        if self.unreviewed:
+            clauses.append("st.unreviewed_flags > 0")  # stored by store.reviews whenever results or reviews change
         if self.status in STATUSES:
             clauses.append("st.status = ?")  # stored on the row whenever its jobs or series change
             args.append(self.status)
@@ -69,7 +73,7 @@ def worklist(db: sqlite_utils.Database, flt: WorklistFilter) -> tuple[list[dict[
         return [], total
     found = {r["study_instance_uid"]: r for r in db.query(
         f"SELECT st.study_instance_uid, st.study_date, st.study_time, st.study_description, st.accession_number, "  # nosec B608
-        f"st.created_at, p.patient_name, p.patient_id, st.status FROM studies st "
+        f"st.created_at, p.patient_name, p.patient_id, st.status, st.review_state, st.reviewed_by FROM studies st "
         f"LEFT JOIN patients p ON p.patient_key = st.patient_key WHERE st.study_instance_uid IN ({_in(uids)})", uids)}
     rows = [found[uid] for uid in uids]
     _decorate(db, rows)
@@ -131,8 +135,22 @@ def _decorate(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
             f"GROUP BY a.study_instance_uid, r.model ORDER BY r.model", uids):
         info[uid].flags.append({"model": model, "flagged": bool(flagged), "score": score,
                                 "validated": bool(validated)})
+    _review_flags(db, uids, info)
     for row in rows:
         row.update(info[row["study_instance_uid"]].columns())
+
+
+def _review_flags(db: sqlite_utils.Database, uids: list[str], info: dict[str, _StudyExtras]) -> None:
+    """Each model flag's review state (:func:`store.reviews.summarise` over that model's current results) and
+    who reviewed it: a flag every review rejected is no longer shown as one."""
+    results = reviews.current_results(db, uids)
+    history = list(db.query(f"{reviews.REVIEWS_SQL} WHERE v.study_instance_uid IN ({_in(uids)}) ORDER BY v.id",  # nosec B608
+                            uids))
+    for uid in uids:
+        for flag in info[uid].flags:
+            mine = [r for r in results if r["study_instance_uid"] == uid and r["model"] == flag["model"]]
+            summary = reviews.summarise(mine, [v for v in history if v["study_instance_uid"] == uid])
+            flag["review"], flag["reviewers"] = str(summary.state), ", ".join(summary.reviewers)
 
 
 def progress(db: sqlite_utils.Database, study_uids: list[str]) -> dict[str, dict[str, Any]]:
@@ -140,8 +158,9 @@ def progress(db: sqlite_utils.Database, study_uids: list[str]) -> dict[str, dict
     uids = study_uids[:PAGE_SIZE]
     if not uids:
         return {}
-    rows = list(db.query(f"SELECT st.study_instance_uid, st.status FROM studies st "  # nosec B608
+    rows = list(db.query(f"SELECT st.study_instance_uid, st.status, st.review_state, st.reviewed_by FROM studies st "  # nosec B608
                          f"WHERE st.study_instance_uid IN ({_in(uids)})", uids))
     _decorate(db, rows)
     return {r["study_instance_uid"]: {"status": r["status"], "progress": r["progress"], "error": r["error"],
-                                      "reasons": r["reasons"], "flags": r["flags"]} for r in rows}
+                                      "reasons": r["reasons"], "flags": r["flags"], "review_state": r["review_state"],
+                                      "reviewed_by": r["reviewed_by"]} for r in rows}

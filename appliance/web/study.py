@@ -13,7 +13,8 @@ from flask_babel import gettext as _
 from appliance.jobs import queue
 from appliance.outputs import report
 from appliance.pipelines import overlays
-from appliance.store.database import audit, utcnow, write_transaction
+from appliance.store import reviews
+from appliance.store.database import audit, write_transaction
 from appliance.store.datadir import DataDirectory
 from appliance.store.studies import latest_reviews, study
 from appliance.web.auth import role_required
@@ -22,7 +23,6 @@ from appliance.web.db import get_db
 from appliance.web.params import bounded_int
 
 bp = Blueprint("study", __name__)
-DECISIONS = ("confirmed", "rejected")
 MAX_COMMENT = 2000
 
 
@@ -52,19 +52,21 @@ def review(uid: str):
     """Confirm or reject one finding, with a comment; every decision is kept and audited."""
     db = get_db()
     result_id = bounded_int(request.form.get("result_id"))
-    decision = request.form.get("decision")
-    row = db.execute("SELECT r.series_instance_uid, r.model, s.study_instance_uid FROM results r "
-                     "JOIN series s ON s.series_instance_uid = r.series_instance_uid WHERE r.id = ?",
-                     [result_id]).fetchone()
-    if row is None or row[2] != uid or decision not in DECISIONS:
-        abort(400)
+    result = next(db.query("SELECT model, series_instance_uid FROM results WHERE id = ?", [result_id]), None)
+    if result_id is None or result is None or not report.is_reviewed(result):
+        abort(400)  # measurements carry no decision to confirm or reject
     comment = request.form.get("comment", "").strip()[:MAX_COMMENT]
-    with write_transaction(db):
-        db.table("reviews").insert({"result_id": result_id, "study_instance_uid": uid,
-                                    "series_instance_uid": row[0], "model": row[1], "decision": decision,
-                                    "comment": comment, "reviewer": g.user["username"], "at": utcnow()})
-        audit(db, g.user["username"], "review", uid, result_id=result_id, model=row[1], decision=decision)
-    queue.enqueue_series(db, row[0], uid, priority=1, kind=queue.REPORT)  # the PACS gets the reviewed report
+    try:
+        with write_transaction(db):
+            reviews.add_review(db, result_id, request.form.get("decision", ""), comment, g.user["username"],
+                               study_uid=uid)
+    except reviews.ReviewRefused as refused:
+        if refused.reason_code != "RESULT_SUPERSEDED":
+            abort(400)
+        flash(_("This result was replaced by a new analysis while the page was open: review the new result."))
+        return redirect(url_for("study.page", uid=uid))
+    # the PACS gets the reviewed report
+    queue.enqueue_series(db, result["series_instance_uid"], uid, priority=1, kind=queue.REPORT)
     flash(_("Review saved."))
     return redirect(url_for("study.page", uid=uid) + f"#result-{result_id}")
 

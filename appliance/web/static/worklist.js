@@ -21,12 +21,26 @@
     const flags = tr.querySelector("[data-flags]");
     flags.replaceChildren(...info.flags.map((f) => {
       const span = document.createElement("span");
-      span.className = "flag " + (f.flagged ? "on" : "off");
-      span.title = f.model + (f.score === null ? "" : " " + f.score.toFixed(3));
-      span.textContent = f.model + (f.flagged ? " \u2691" : "") + (f.validated ? "" : "*");
+      const rejected = f.flagged && f.review === "flag rejected";
+      span.className = "flag " + (rejected ? "rejected" : f.flagged ? "on" : "off");
+      span.dataset.review = f.review;
+      span.title = f.model + (f.score === null ? "" : " " + f.score.toFixed(3)) +
+        (rejected ? ": " + reviewWords("flag rejected", f.reviewers) : "");
+      span.textContent = f.model + (f.flagged && !rejected ? " \u2691" : "") + (f.validated ? "" : "*");
       return span;
     }));
-    tr.classList.toggle("flagged", info.flags.some((f) => f.flagged));
+    tr.classList.toggle("flagged", info.flags.some((f) => f.flagged && f.review !== "flag rejected"));
+    const review = tr.querySelector("[data-review-state]");
+    if (review) {
+      const state = info.review_state || "not flagged";
+      review.dataset.reviewState = state;
+      review.className = "review-badge rs-" + state.replace(/ /g, "-").replace(/,/g, "");
+      review.textContent = reviewWords(state, info.reviewed_by);
+    }
+  }
+  // the study's review state (store/reviews.py StudyReviewState) as the page's macro words it
+  function reviewWords(state, reviewers) {
+    return (label[state] || "").replace("{reviewer}", reviewers || "");
   }
   async function tick() {
     const rows = pending();
