@@ -14,7 +14,7 @@ from typing import Any
 
 from fpdf import FPDF
 
-from appliance.outputs import opacity_figures
+from appliance.outputs import findings_text, opacity_figures
 from appliance.store.datadir import DataDirectory
 
 Gettext = Callable[..., str]
@@ -68,7 +68,8 @@ def model_notice(result: dict[str, Any], _: Gettext) -> str | None:
     if result.get("validated"):
         return None
     warning = _("Not validated on clinical data: research use only. Do not use this result for diagnosis.")
-    return f"{warning} ({result['notice']})" if result.get("notice") else warning
+    note = findings_text.note_text(result.get("notice"), _)
+    return f"{warning} ({note})" if note else warning
 
 
 def format_date(value: str | None) -> str:
