@@ -152,3 +152,46 @@ def test_model_card_shows_intended_use_limits_and_figures_with_confidence_interv
     client = _client(settings, "en")
     assert client.get("/models/no-such-model").status_code == 404
     assert client.get("/models/..%2Fetc").status_code == 404
+
+
+def test_impression_says_what_needs_review_what_was_measured_and_what_was_not_assessed():
+    covid = {"id": 7, "model": "chest-covid19", "flagged": True, "score": 0.91, "threshold": 0.6665, "findings": [
+        {"name": "key slice", "rank": 1, "slice_index": 22, "probability": 0.97, "z_mm": 308.0}]}
+    lungs = {"id": 8, "model": "lung-segmentation", "flagged": False, "score": 2799.0, "threshold": None,
+             "findings": [{"name": "lungs", "total_volume_ml": 2799.0, "apex_covered": False, "base_covered": True,
+                           "fully_covered": False}]}
+    study = {"series": [
+        {"status": "analyzed", "results": [covid, lungs],
+         "skipped_models": [{"model": "lung-emphysema", "why": "no lungs found in this series"}]},
+        {"status": "rejected", "series_number": 3, "reason_code": "NOT_A_VOLUME", "reason": "one slice",
+         "results": []}]}
+    unreviewed = ft.impression(study, {}, EN)
+    assert unreviewed.needs_review == [("COVID-19 pneumonia screen: score 0.9100 against threshold 0.6665: FLAGGED "
+                                        "for review. Key image: slice 23 (z = 308 mm), slice probability 0.97.")]
+    assert unreviewed.measured == ["Lung volumes (learned lung mask): Total lung volume 2799 mL; apices not covered."]
+    assert unreviewed.not_assessed == ["Emphysema (low-attenuation lung) not assessed: no lungs found in this series",
+                                       "Series 3 not analysed: NOT_A_VOLUME. one slice"]
+    reviewed = ft.impression(study, {7: {"decision": "confirmed"}}, EN)
+    assert reviewed.needs_review == [] and len(reviewed.measured) == 2
+
+
+def test_report_opens_with_the_impression_then_findings_then_the_models(analysed):
+    import io
+
+    from pypdf import PdfReader
+
+    settings, study = analysed
+    client = _client(settings, "en")
+    uid = study["study_instance_uid"]
+    page = client.get(f"/study/{uid}/report").get_data(as_text=True)
+    order = [page.index(s) for s in ("<h2>Impression</h2>", "<h2>Findings</h2>", "<h2>Models</h2>")]
+    assert order == sorted(order)
+    impression = page[order[0]:order[1]]
+    assert "No flagged result awaits review." in impression
+    assert "Emphysema (low-attenuation lung) not assessed: Slices are 14 mm thick" in impression
+    assert "Series quality: Air reads -1000 HU" in impression
+    pdf = client.get(f"/study/{uid}/report.pdf", headers={"Accept-Language": "fr"}).data
+    text = re.sub(r"\s+", " ", " ".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf)).pages))
+    order = [text.index(s) for s in ("Conclusion", "Résultats", "Modèles")]
+    assert order == sorted(order), text[:400]
+    assert "Poumon droit : 290 mL, coupes 22-26." in text

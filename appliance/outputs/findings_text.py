@@ -445,3 +445,64 @@ def skipped_sentence(entry: dict[str, Any], _: Gettext) -> str:
     """One ``skipped_models`` entry of an analysis record: which model did not run and why."""
     return _("%(model)s not assessed: %(why)s", model=model_name(str(entry.get("model", "?")), _),
              why=note_text(str(entry.get("why", "")), _))
+
+
+# the report's impression: what needs review, what was measured, what could not be assessed
+
+HEADLINE = {"series-qa": ("air calibration",), "lungs-classical": ("lungs",), "lung-segmentation": ("lungs",),
+            "chest-opacity": ("opacity by lung",), "lung-emphysema": ("emphysema",),
+            "chest-covid19": ("key slice",), "abdomen-pancreas": ("lesion candidate", "most suspicious region"),
+            "body-region": ("body region",)}
+MEASUREMENTS = frozenset({"series-qa", "lungs-classical", "lung-segmentation", "body-region"})
+
+
+@dataclasses.dataclass
+class Impression:
+    """The opening of the report, each item a sentence: flagged results nobody has reviewed yet, the key
+    measurements, and what could not be assessed (models that did not run, series refused) with the reason."""
+
+    needs_review: list[str] = dataclasses.field(default_factory=list)
+    measured: list[str] = dataclasses.field(default_factory=list)
+    not_assessed: list[str] = dataclasses.field(default_factory=list)
+
+
+def headline(result: dict[str, Any], _: Gettext) -> str | None:
+    """The one sentence that says most about ``result`` (its main measurement or its strongest finding)."""
+    wanted = HEADLINE.get(result.get("model", ""), ())
+    for finding in result.get("findings") or []:
+        if isinstance(finding, dict) and finding.get("name") in wanted:
+            return finding_sentence(result, finding, _)
+    sentences = result_sentences(result, _)
+    return sentences[0].text if sentences else None
+
+
+def _verdict(result: dict[str, Any], _: Gettext) -> str:
+    from appliance.outputs.report import result_summary  # the report module imports this one
+
+    return result_summary(result, _)
+
+
+def result_line(result: dict[str, Any], _: Gettext) -> str:
+    """``Model name: verdict. Headline sentence`` (a measurement has no verdict)."""
+    said = headline(result, _) or ""
+    if result.get("model") in MEASUREMENTS:
+        return f"{model_name(result['model'], _)}: {said}".strip()
+    return f"{model_name(result['model'], _)}: {_verdict(result, _)}. {said}".strip()
+
+
+def impression(study: dict[str, Any], reviews: dict[int, dict[str, Any]], _: Gettext) -> Impression:
+    """The impression of ``study`` (as :func:`appliance.store.studies.study` returns it) given the latest review
+    of each result."""
+    out = Impression()
+    for series in study.get("series") or []:
+        if series.get("status") == "rejected":
+            out.not_assessed.append(_("Series %(number)s not analysed: %(code)s. %(reason)s",
+                                      number=series.get("series_number") or "", code=series.get("reason_code") or "",
+                                      reason=note_text(series.get("reason") or "", _)))
+        for entry in series.get("skipped_models") or []:
+            out.not_assessed.append(skipped_sentence(entry, _))
+        for result in series.get("results") or []:
+            waiting = result.get("flagged") and result.get("model") not in MEASUREMENTS and \
+                result.get("id") not in reviews
+            (out.needs_review if waiting else out.measured).append(result_line(result, _))
+    return out
