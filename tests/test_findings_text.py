@@ -195,3 +195,24 @@ def test_report_opens_with_the_impression_then_findings_then_the_models(analysed
     order = [text.index(s) for s in ("Conclusion", "Résultats", "Modèles")]
     assert order == sorted(order), text[:400]
     assert "Poumon droit : 290 mL, coupes 22-26." in text
+
+
+def test_key_image_banner_says_not_validated_in_every_language_and_fits(tmp_path):
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from appliance.pipelines import key_images
+
+    for size in (128, 512):
+        gray = np.full((size, size, 3), 60.0)
+        key_images.save_key_image(gray, tmp_path / f"a{size}.png", "Not validated: research use only")
+        key_images.save_key_image(gray, tmp_path / f"b{size}.png", "a pack's own note, any language")
+        key_images.save_key_image(gray, tmp_path / f"c{size}.png", None)
+        a, b, c = (np.asarray(Image.open(tmp_path / f"{k}{size}.png")) for k in "abc")
+        assert np.array_equal(a, b), "the banner does not depend on the note's language"
+        lines, font, height = key_images.banner_layout(size, max(12, int(size * key_images.BANNER_HEIGHT_FRACTION)))
+        banner = a[:height]
+        assert (banner == key_images.BANNER_COLOUR).all(axis=2).mean() > 0.5 and (banner[..., 1] > 80).any()
+        assert (c == 60).all(), "a validated model's key image has no banner"
+        assert " ".join(lines).count("VALID") == 3, "English, French and Spanish"
+        assert all(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(line, font=font) <= size - 4 for line in lines)
