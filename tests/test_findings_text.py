@@ -82,6 +82,11 @@ def test_notes_of_the_pipelines_are_translated_sentence_by_sentence():
         "Enfisema (pulmón de baja atenuación) no evaluado: Los cortes tienen 14 mm de grosor; los porcentajes de "
         "baja atenuación solo están definidos hasta 5 mm.")
     assert ft.note_text("something new.", translations("fr")) == "something new."
+    caveat = ("Mean lung density -723 HU is denser than full inspiration usually gives: an expiratory or "
+              "shallow-breath scan lowers %LAA.")
+    assert ft.note_text(caveat, translations("es")) == (
+        "Densidad pulmonar media de -723 UH, más densa de lo habitual en inspiración completa: un estudio en "
+        "espiración o con respiración superficial reduce el %LAA.")
 
 
 # the web pages of an analysed generated chest

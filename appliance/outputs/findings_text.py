@@ -396,6 +396,20 @@ _NOTES: list[tuple[re.Pattern[str], Callable[[re.Match[str], Gettext], str]]] = 
      lambda m, _: _("A published research model (trained on 8 LCTSC 2017 chest CT cases), checked here only "
                     "against its own full-resolution output and the classical lung mask on one real series. Lung "
                     "volumes are for orientation, not for clinical decisions.")),
+    # the emphysema measurement's caveats
+    (re.compile(r"Slice thickness ([\d.]+) mm \((\w+)\)\."),
+     lambda m, _: _("Slice thickness %(mm)s mm (%(source)s).", mm=m[1], source=m[2])),
+    (re.compile(r"Sections thicker than ([\d.]+) mm: -950 HU under-reads them, so -910 HU \(the thick-section density "
+                r"mask\) is primary and not comparable with thin-section %LAA-950; no published cut-off is applied\."),
+     lambda m, _: _("Sections thicker than %(mm)s mm: -950 HU under-reads them, so -910 HU (the thick-section "
+                    "density mask) is primary and not comparable with thin-section %%LAA-950; no published cut-off "
+                    "is applied.", mm=m[1])),
+    (re.compile(r"Contrast-enhanced \(([^)]*)\): enhancement raises lung density and lowers %LAA\."),
+     lambda m, _: _("Contrast-enhanced (%(agent)s): enhancement raises lung density and lowers %%LAA.", agent=m[1])),
+    (re.compile(r"Mean lung density (-?\d+) HU is denser than full inspiration usually gives: an expiratory or "
+                r"shallow-breath scan lowers %LAA\."),
+     lambda m, _: _("Mean lung density %(hu)s HU is denser than full inspiration usually gives: an expiratory or "
+                    "shallow-breath scan lowers %%LAA.", hu=m[1])),
     # why a model did not run (analysis.py and the steps' NotApplicable)
     (re.compile(r"the series is not axial \(a coronal or sagittal reformat\); the models read axial slices"),
      lambda m, _: _("the series is not axial (a coronal or sagittal reformat); the models read axial slices")),
