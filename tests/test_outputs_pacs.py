@@ -81,14 +81,10 @@ def test_outputs_are_written_read_back_and_reference_the_study(tmp_path, synthet
     study = pydicom.dcmread(next(synthetic_chest.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
     sr = hd.sr.srread(next(f for f in files if f.name.startswith("sr-")))
     assert sr.StudyInstanceUID == study
-    def texts(items):
-        for item in items:
-            if "TextValue" in item:
-                yield str(item.TextValue)
-            yield from texts(item.get("ContentSequence", []))
-
-    text = " ".join(texts(sr.ContentSequence))
-    assert "chest-covid19" in text and "NOT VALIDATED" in text
+    groups = {g.tracking_identifier: g for g in sr.content.get_image_measurement_groups()}
+    covid = groups["chest-covid19 1.0.0"]
+    assert {(q.name.meaning, q.value.meaning) for q in covid.get_qualitative_evaluations()} >= {
+        ("Validated on clinical data", "No"), ("Radiologist review", "Not reviewed")}
     sc = pydicom.dcmread(next(f for f in files if f.name.startswith("ot-")))
     assert sc.pixel_array.ndim == 3 and sc.StudyInstanceUID == study
     doc = pydicom.dcmread(next(f for f in files if f.name.startswith("doc-")))
@@ -414,3 +410,51 @@ def test_results_of_a_study_whose_uids_were_emptied_reach_the_pacs_with_the_stor
     assert is_valid_uid(study)
     sent = db.execute("SELECT count(*) FROM outbox WHERE state = 'sent'").fetchone()[0]
     assert sent == len(pacs.stored) >= 3 and pacs.studies == {study}
+
+
+def _content_items(items):
+    for item in items:
+        yield item
+        yield from _content_items(item.get("ContentSequence", []))
+
+
+def test_sr_is_a_tid1500_measurement_report_with_units_sites_and_review_states(tmp_path, synthetic_chest):
+    """The SR of an analysed generated chest, read back: coded measurements with UCUM units and finding sites
+    (lung volume right = the result's value in ml), flag and review per model, no JSON text left."""
+    import highdicom as hd
+
+    from appliance.jobs.intake import analyze_paths
+    from appliance.outputs.dicom_objects import PRIVATE_SCHEME, build_sr
+
+    settings = config.load(environ={}, home=str(tmp_path / "home"), demonstration=True)
+    results = analyze_paths([synthetic_chest], settings)["studies"][0]["series"][0]["results"]
+    for n, result in enumerate(results, start=1):
+        result["id"] = n
+    covid_id = next(r["id"] for r in results if r["model"] == "chest-covid19")
+    reference = pydicom.dcmread(next(synthetic_chest.glob("*.dcm")), stop_before_pixels=True)
+    data = io.BytesIO()
+    build_sr([reference], results, {covid_id: {"decision": "rejected"}}).save_as(data, enforce_file_format=True)
+    raw = pydicom.dcmread(io.BytesIO(data.getvalue()))
+    assert raw.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    assert raw.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
+    texts = [str(i.TextValue) for i in _content_items(raw.ContentSequence) if "TextValue" in i]
+    assert not any("{" in t or "[" in t for t in texts), texts
+    sr = hd.sr.srread(io.BytesIO(data.getvalue()))
+    groups = {g.tracking_identifier.split()[0]: g for g in sr.content.get_image_measurement_groups()}
+    assert set(groups) == {r["model"] for r in results}
+    lungs = next(r for r in results if r["model"] in ("lung-segmentation", "lungs-classical"))
+    right = next(f for f in lungs["findings"] if f["name"] == "right lung")
+    volumes = {(m.finding_sites[0].value.value, m.finding_sites[0].laterality.meaning): m
+               for m in groups[lungs["model"]].get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))}
+    right_volume = volumes[("39607008", "Right")]
+    assert right_volume.value == right["volume_ml"]
+    assert (right_volume.unit.value, right_volume.unit.scheme_designator) == ("ml", "UCUM")
+    air = [m for m in groups["series-qa"].get_measurements() if m.name.value == "AIRHU"]
+    assert air and air[0].unit.value == "[hnsf'U]"
+    opacity = [m for m in groups["chest-opacity"].get_measurements() if m.name.value == "OPACITY"]
+    assert {m.unit.value for m in opacity} == {"%"} and len(opacity) == 2
+    evaluations = {q.name.meaning: q.value.meaning for q in groups["chest-covid19"].get_qualitative_evaluations()}
+    covid = next(r for r in results if r["model"] == "chest-covid19")
+    assert evaluations == {"Flagged for review": "Yes" if covid["flagged"] else "No",
+                           "Validated on clinical data": "No", "Radiologist review": "Rejected by a radiologist"}
+    assert "Radiologist review" not in {q.name.meaning for q in groups["series-qa"].get_qualitative_evaluations()}

@@ -19,6 +19,7 @@ DYNAMIC = {"technician", "radiologist", "admin", "queued", "running", "done", "f
 
 def _extracted() -> set[str]:
     method_map = [("appliance/web/**.py", "python"), ("appliance/outputs/report.py", "python"),
+                  ("appliance/outputs/findings_text.py", "python"),
                   ("appliance/outputs/opacity_figures.py", "python"),
                   ("appliance/web/templates/**.html", "jinja2")]
     ids = set()

@@ -1,7 +1,9 @@
 """DICOM outputs of one analysed series, built with highdicom.
 
-- a Comprehensive SR: one container per model with its identity, validation
-  status, score, threshold, flag and findings, referencing the analysed images;
+- a Comprehensive SR holding a TID 1500 Measurement Report: one TID 1501 group per model result, tracked by
+  the model's id and version, its algorithm identified (TID 4019), its measurements coded (SCT, DCM, this
+  appliance's 99CTSCREEN scheme) with UCUM units and finding sites, and its flag, validation status and
+  review state as qualitative evaluations; referencing the analysed images;
 - one Secondary Capture per key image (PNG with overlay), in the patient's study;
 - the study's PDF report as Encapsulated PDF (highdicom has no builder for it: written
   with pydicom, module by module from PS3.3 A.45.1).
@@ -14,16 +16,16 @@ written, read back and checked (every UID valid) before they are queued for a PA
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
 
 from appliance import __version__
 from appliance.dicomfile.uids import is_valid_uid, valid_uid
+from appliance.outputs.report import is_reviewed
 from appliance.store.instances import StoredInstance
 
 MANUFACTURER = "CT screening appliance"
@@ -34,11 +36,46 @@ ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 PATIENT_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
                           "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
                           "StudyDescription")
-REPORT_TITLE = ("126000", "DCM", "Imaging Measurement Report")
-ALGORITHM_NAME = ("111001", "DCM", "Algorithm Name")
-ALGORITHM_VERSION = ("111003", "DCM", "Algorithm Version")
-COMMENT = ("121106", "DCM", "Comment")
-FINDING = ("121071", "DCM", "Finding")
+# Codes: DCM, SCT and UCUM where the standard has one; this appliance's own concepts in its private scheme
+PRIVATE_SCHEME = "99CTSCREEN"
+CT_PROCEDURE = ("77477000", "SCT", "Computerized axial tomography")
+# this appliance as the device observer: one UID, the same on every site and run
+DEVICE_OBSERVER_UID = generate_uid(entropy_srcs=[MANUFACTURER])
+LUNG = ("39607008", "SCT", "Lung")
+PANCREAS = ("15776009", "SCT", "Pancreas")
+PANCREAS_PARTS = {"head": ("64163001", "SCT", "Head of pancreas"), "body": ("40133006", "SCT", "Body of pancreas"),
+                  "tail": ("73239005", "SCT", "Tail of pancreas")}
+RIGHT, LEFT, BOTH = ("24028007", "SCT", "Right"), ("7771000", "SCT", "Left"), ("51440002", "SCT", "Right and left")
+YES, NO = ("373066001", "SCT", "Yes"), ("373067005", "SCT", "No")
+VOLUME = ("118565006", "SCT", "Volume")
+DIAMETER = ("81827009", "SCT", "Diameter")
+UNITS = {"ml": ("ml", "UCUM", "milliliter"), "%": ("%", "UCUM", "percent"),
+         "HU": ("[hnsf'U]", "UCUM", "Hounsfield unit"), "mm": ("mm", "UCUM", "millimeter"),
+         "1": ("1", "UCUM", "no units")}
+
+
+def _private(value: str, meaning: str) -> tuple[str, str, str]:
+    return value, PRIVATE_SCHEME, meaning
+
+
+FLAGGED = _private("FLAGGED", "Flagged for review")
+VALIDATED = _private("VALIDATED", "Validated on clinical data")
+REVIEW = _private("REVIEW", "Radiologist review")
+REVIEW_STATES = {"confirmed": _private("CONFIRMED", "Confirmed by a radiologist"),
+                 "rejected": _private("REJECTED", "Rejected by a radiologist"),
+                 None: _private("NOTREVIEWED", "Not reviewed")}
+SCORE, THRESHOLD = _private("SCORE", "Model score"), _private("THRESHOLD", "Decision threshold")
+OPACITY = _private("OPACITY", "Lung opacity, percent of lung volume")
+GROUND_GLASS = _private("GGO", "Ground-glass opacity, percent of lung volume")
+CONSOLIDATION = _private("CONSOL", "Consolidation, percent of lung volume")
+LAA = {-950: _private("LAA950", "Low-attenuation area below -950 HU, percent of lung"),
+       -910: _private("LAA910", "Low-attenuation area below -910 HU, percent of lung")}
+MEAN_LUNG_DENSITY = _private("MLD", "Mean lung density")
+AIR_ATTENUATION, IMAGE_NOISE = _private("AIRHU", "Air attenuation"), _private("NOISE", "Image noise in air")
+SCAN_LENGTH = _private("SCANLEN", "Scan length")
+PROBABILITY = _private("PROB", "Lesion probability")
+# the unit of a result's score and threshold (a classifier's are probabilities: no unit)
+SCORE_UNITS = {"series-qa": "HU", "chest-opacity": "%", "lung-emphysema": "%"}
 
 
 def _code(triple):
@@ -47,49 +84,124 @@ def _code(triple):
     return hd.sr.CodedConcept(value=triple[0], scheme_designator=triple[1], meaning=triple[2])
 
 
-def _text(name, value: str):
+def _site(location, laterality=None):
     import highdicom as hd
 
-    return hd.sr.TextContentItem(name=_code(name), value=value[:1024],
-                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    return hd.sr.FindingSite(_code(location), laterality=_code(laterality) if laterality else None)
 
 
-def build_sr(evidence: list[pydicom.Dataset], results: list[dict[str, Any]]) -> pydicom.Dataset:
-    """A Comprehensive SR with every model's result for the series of ``evidence``."""
+def _measurement(name, value, unit: str, sites=()):
     import highdicom as hd
 
-    containers = []
-    for result in results:
-        container = hd.sr.ContainerContentItem(name=_code(("121070", "DCM", "Findings")),
-                                               relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-        container.ContentSequence = hd.sr.ContentSequence(_items(result))
-        containers.append(container)
-    root = hd.sr.ContainerContentItem(name=_code(REPORT_TITLE))
-    root.ContentSequence = hd.sr.ContentSequence(containers)
+    return hd.sr.Measurement(name=_code(name), value=float(value), unit=_code(UNITS[unit]),
+                             finding_sites=list(sites) or None)
+
+
+def _measurements(result: dict[str, Any]) -> list:
+    """TID 300 measurements of ``result``, each with its UCUM unit and, where it has one, its finding site."""
+    found = {f.get("name"): f for f in result["findings"] if isinstance(f, dict)}
+    out = []
+    sides = {"right": RIGHT, "left": LEFT}
+    for side, laterality in sides.items():
+        if f"{side} lung" in found:
+            out.append(_measurement(VOLUME, found[f"{side} lung"]["volume_ml"], "ml", [_site(LUNG, laterality)]))
+    if "lungs" in found:
+        out.append(_measurement(VOLUME, found["lungs"]["total_volume_ml"], "ml", [_site(LUNG, BOTH)]))
+    for row in (found.get("opacity by lung") or {}).get("rows") or []:
+        site = [_site(LUNG, sides.get(row.get("lung"), BOTH))]
+        for name, key in ((OPACITY, "opacity_percent"), (GROUND_GLASS, "ground_glass_percent"),
+                          (CONSOLIDATION, "consolidation_percent")):
+            if row.get(key) is not None:
+                out.append(_measurement(name, row[key], "%", site))
+    if "emphysema" in found:
+        e = found["emphysema"]
+        out += [_measurement(LAA[t], e[f"laa{-t}_percent"], "%", [_site(LUNG, BOTH)]) for t in LAA
+                if e.get(f"laa{-t}_percent") is not None]
+        if e.get("mean_lung_hu") is not None:
+            out.append(_measurement(MEAN_LUNG_DENSITY, e["mean_lung_hu"], "HU", [_site(LUNG, BOTH)]))
+    if "air calibration" in found and "air_hu" in found["air calibration"]:
+        out += [_measurement(AIR_ATTENUATION, found["air calibration"]["air_hu"], "HU"),
+                _measurement(IMAGE_NOISE, found["air calibration"]["noise_hu"], "HU")]
+    if "coverage" in found:
+        out.append(_measurement(SCAN_LENGTH, found["coverage"]["length_mm"], "mm"))
+    if "pancreas (localised)" in found:
+        out.append(_measurement(VOLUME, found["pancreas (localised)"]["volume_ml"], "ml", [_site(PANCREAS)]))
+    lesion = found.get("lesion candidate") or found.get("most suspicious region")
+    if lesion is not None:
+        site = [_site(_pancreas_part(result, lesion))]
+        out.append(_measurement(PROBABILITY, lesion["probability"], "1", site))
+        if lesion.get("diameter_mm"):
+            out.append(_measurement(DIAMETER, lesion["diameter_mm"], "mm", site))
+    if result.get("score") is not None and result.get("threshold") is not None:
+        unit = SCORE_UNITS.get(result["model"], "1")
+        out += [_measurement(SCORE, result["score"], unit), _measurement(THRESHOLD, result["threshold"], unit)]
+    return out
+
+
+def _pancreas_part(result: dict[str, Any], lesion: dict[str, Any]):
+    """The SCT code of the part of the pancreas the lesion lies in (the same rule as the sentence)."""
+    from appliance.outputs.findings_text import pancreas_part
+
+    part = pancreas_part(result, lesion.get("centre_mm") or [0.0], lambda text, **kw: text)
+    return PANCREAS_PARTS.get(part.removeprefix("pancreatic "), PANCREAS)
+
+
+def _evaluations(result: dict[str, Any], review: dict[str, Any] | None) -> list:
+    """Flagged or not, validated or not, and the radiologist's decision, as coded qualitative evaluations."""
+    import highdicom as hd
+
+    out = [hd.sr.QualitativeEvaluation(_code(FLAGGED), _code(YES if result["flagged"] else NO)),
+           hd.sr.QualitativeEvaluation(_code(VALIDATED), _code(YES if result["validated"] else NO))]
+    if not is_reviewed(result):
+        return out  # a measurement carries no decision to confirm or reject
+    decision = (review or {}).get("decision")
+    out.append(hd.sr.QualitativeEvaluation(_code(REVIEW), _code(REVIEW_STATES.get(decision, REVIEW_STATES[None]))))
+    return out
+
+
+def _finding_type(model: str):
+    if model.startswith(("lung", "chest")):
+        return _code(LUNG)
+    return _code(PANCREAS) if model.startswith("abdomen-pancreas") else None
+
+
+def _group(result: dict[str, Any], review: dict[str, Any] | None):
+    """One TID 1501 group per model result: tracked by the model's id, its algorithm identified (TID 4019)."""
+    import highdicom as hd
+
+    model = f"{result['model']} {result['model_version']}"
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=model[:64]),
+        algorithm_id=hd.sr.AlgorithmIdentification(name=result["model"], version=result["model_version"],
+                                                   parameters=[f"{result['backend']} {result['precision']}"]),
+        finding_type=_finding_type(result["model"]), measurements=_measurements(result) or None,
+        qualitative_evaluations=_evaluations(result, review))
+
+
+def build_sr(evidence: list[pydicom.Dataset], results: list[dict[str, Any]],
+             reviews: dict[int, dict[str, Any]] | None = None) -> pydicom.Dataset:
+    """A Comprehensive SR holding a TID 1500 Measurement Report: one measurement group per model result with its
+    measurements (UCUM units, coded finding sites), flag, validation status and review state (``reviews``: the
+    latest review of each result, by result id)."""
+    import highdicom as hd
+    from highdicom.coding_schemes import CodingSchemeIdentificationItem
+    from pydicom.sr.codedict import codes
+
+    reviews = reviews or {}
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=DEVICE_OBSERVER_UID, name=MANUFACTURER, manufacturer_name=MANUFACTURER, model_name=__version__))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=_code(CT_PROCEDURE),
+        imaging_measurements=[_group(r, reviews.get(r.get("id", -1))) for r in results])
+    scheme = CodingSchemeIdentificationItem(designator=PRIVATE_SCHEME, name="CT screening appliance concepts",
+                                                  responsible_organization=MANUFACTURER)
     return hd.sr.ComprehensiveSR(
-        evidence=evidence, content=root, series_instance_uid=hd.UID(), series_number=SR_SERIES_NUMBER,
+        evidence=evidence, content=report[0], series_instance_uid=hd.UID(), series_number=SR_SERIES_NUMBER,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
-        series_description="AI screening results", software_versions=__version__)
-
-
-def _items(result: dict[str, Any]) -> list:
-    import highdicom as hd
-
-    items = [
-        _text(ALGORITHM_NAME, result["model"]), _text(ALGORITHM_VERSION, result["model_version"]),
-        _text(COMMENT, f"backend {result['backend']} {result['precision']}; "
-                       + ("validated" if result["validated"] else "NOT VALIDATED: " + (result.get("notice") or ""))),
-    ]
-    if result["score"] is not None:
-        items.append(hd.sr.NumContentItem(name=_code(("C0449820", "UMLS", "Score")), value=float(result["score"]),
-                                          unit=codes.UCUM.NoUnits,
-                                          relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
-    flag = "FLAGGED for review" if result["flagged"] else "not flagged"
-    threshold = "" if result["threshold"] is None else f" at threshold {result['threshold']}"
-    items.append(_text(FINDING, f"{flag}{threshold}"))
-    for finding in result["findings"]:
-        items.append(_text(FINDING, json.dumps({k: v for k, v in finding.items() if k != "key_image"})))
-    return items
+        series_description="AI screening results", software_versions=__version__, coding_schemes=[scheme])
 
 
 def build_key_image(reference: pydicom.Dataset, png: Path, instance_number: int, series_uid: str) -> pydicom.Dataset:
@@ -112,7 +224,7 @@ def build_encapsulated_pdf(reference: pydicom.Dataset, pdf: bytes, title: str) -
     import datetime
 
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian
 
     now = datetime.datetime.now()
     ds = pydicom.Dataset()

@@ -14,7 +14,7 @@ from typing import Any
 
 from fpdf import FPDF
 
-from appliance.outputs import opacity_figures
+from appliance.outputs import findings_text, opacity_figures
 from appliance.store.datadir import DataDirectory
 
 Gettext = Callable[..., str]
@@ -68,7 +68,8 @@ def model_notice(result: dict[str, Any], _: Gettext) -> str | None:
     if result.get("validated"):
         return None
     warning = _("Not validated on clinical data: research use only. Do not use this result for diagnosis.")
-    return f"{warning} ({result['notice']})" if result.get("notice") else warning
+    note = findings_text.note_text(result.get("notice"), _)
+    return f"{warning} ({note})" if note else warning
 
 
 def format_date(value: str | None) -> str:
@@ -254,7 +255,10 @@ def render_pdf(study: dict[str, Any], reviews: dict[int, dict[str, Any]], site_n
         pdf.set_font(font, size=9)
         pdf.multi_cell(0, 5, t(value), new_x="LMARGIN", new_y="NEXT")
     pdf.ln(3)
+    _impression(pdf, font, t, findings_text.impression(study, reviews, _), _)
     _findings(pdf, font, t, study, reviews, _, key_image)
+    pdf.ln(3)
+    _appendix(pdf, font, t, study, _)
     pdf.ln(3)
     pdf.set_font(font, "B", 10)
     pdf.multi_cell(0, 6, t(_("Disclaimers")), new_x="LMARGIN", new_y="NEXT")
@@ -283,20 +287,55 @@ def _findings(pdf: FPDF, font: str, t: Callable[[Any], str], study: dict[str, An
             _result_block(pdf, font, t, result, result.get("review", reviews.get(result["id"])), _, key_image)
 
 
+def _lines(pdf: FPDF, t, heading: str, lines: list[str], font: str) -> None:
+    pdf.set_font(font, "B", 9)
+    pdf.multi_cell(0, 5, t(heading), new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font(font, size=9)
+    for line in lines:
+        pdf.multi_cell(0, 4.8, t(f"- {line}"), new_x="LMARGIN", new_y="NEXT")
+
+
+def _impression(pdf: FPDF, font: str, t, impression: findings_text.Impression, _: Gettext) -> None:
+    """What needs review, what was measured, what could not be assessed: the report opens with it."""
+    pdf.set_font(font, "B", 11)
+    pdf.multi_cell(0, 7, t(_("Impression")), new_x="LMARGIN", new_y="NEXT")
+    _lines(pdf, t, _("Needs review"), impression.needs_review or [_("No flagged result awaits review.")], font)
+    if impression.measured:
+        _lines(pdf, t, _("Measured"), impression.measured, font)
+    if impression.not_assessed:
+        _lines(pdf, t, _("Not assessed"), impression.not_assessed, font)
+    pdf.ln(3)
+
+
+def _appendix(pdf: FPDF, font: str, t, study: dict[str, Any], _: Gettext) -> None:
+    """Each model's identity, version, backend, validation notice and threshold, after the findings."""
+    pdf.set_font(font, "B", 11)
+    pdf.multi_cell(0, 7, t(_("Models")), new_x="LMARGIN", new_y="NEXT")
+    for result in (r for series in study["series"] for r in series["results"]):
+        line = f"{result['model']}: {model_identity(result, _)}"
+        if result.get("threshold") is not None:
+            line += "; " + _("decision threshold %(threshold)s", threshold=result["threshold"])
+        pdf.set_font(font, size=8)
+        pdf.multi_cell(0, 4.5, t(line), new_x="LMARGIN", new_y="NEXT")
+        notice = model_notice(result, _)
+        if notice:
+            pdf.set_text_color(160, 0, 0)
+            pdf.set_font(font, "B", 8)
+            pdf.multi_cell(0, 4.5, t(notice), new_x="LMARGIN", new_y="NEXT")
+            pdf.set_text_color(0, 0, 0)
+
+
 def _result_block(pdf: FPDF, font: str, t, result: dict[str, Any], review, _: Gettext, key_image) -> None:
     pdf.set_font(font, "B", 9)
-    pdf.multi_cell(0, 5, t(f"{result['model']}: {result_summary(result, _)}"), new_x="LMARGIN", new_y="NEXT")
+    title = findings_text.model_name(result["model"], _)
+    if is_reviewed(result):
+        title = f"{title}: {result_summary(result, _)}"
+    pdf.multi_cell(0, 5, t(title), new_x="LMARGIN", new_y="NEXT")
     pdf.set_font(font, size=8)
-    pdf.multi_cell(0, 4.5, t(model_identity(result, _)), new_x="LMARGIN", new_y="NEXT")
-    notice = model_notice(result, _)
-    if notice:
-        pdf.set_text_color(160, 0, 0)
-        pdf.set_font(font, "B", 8)
-        pdf.multi_cell(0, 4.5, t(notice), new_x="LMARGIN", new_y="NEXT")
-        pdf.set_text_color(0, 0, 0)
-        pdf.set_font(font, size=8)
     if is_reviewed(result):
         pdf.multi_cell(0, 4.5, t(review_line(review, _)), new_x="LMARGIN", new_y="NEXT")
+    for sentence in findings_text.result_sentences(result, _):
+        pdf.multi_cell(0, 4.5, t(f"- {sentence.text}"), new_x="LMARGIN", new_y="NEXT")
     _opacity_block(pdf, font, t, result, _)
     images = [p for p in (key_image(result, n) for n in result["key_images"][:3]) if p is not None]
     if images:

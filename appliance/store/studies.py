@@ -28,6 +28,8 @@ def study(db: sqlite_utils.Database, study_uid: str) -> dict[str, Any] | None:
             "SELECT * FROM results WHERE analysis_id = ? ORDER BY model", [series["analysis_id"] or -1])]
         analysis = db.table("analyses").get(series["analysis_id"]) if series["analysis_id"] else None
         series["problems"] = json.loads(analysis["problems"]) if analysis and analysis["problems"] else []
+        record = json.loads(analysis["record"]) if analysis and analysis.get("record") else {}
+        series["skipped_models"] = record.get("skipped_models") or []  # models that did not run, and why
         series["job"] = next(db.query("SELECT state, progress, error, attempts FROM jobs WHERE series_instance_uid = ? "
                                       "AND kind = 'analyze' "
                                       "ORDER BY id DESC LIMIT 1", [series["series_instance_uid"]]), None)

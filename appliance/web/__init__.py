@@ -20,7 +20,7 @@ from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
 
 from appliance.config import Settings
-from appliance.outputs import opacity_figures
+from appliance.outputs import findings_text, opacity_figures
 from appliance.outputs.report import is_reviewed, score_and_threshold
 from appliance.store.database import open_database
 from appliance.store.datadir import DataDirectory
@@ -79,9 +79,9 @@ def create_app(settings: Settings, environ: dict[str, str] | None = None) -> Fla
 
 
 def _register(app: Flask) -> None:
-    from appliance.web import admin, auth, importing, pacs, report, study, worklist
+    from appliance.web import admin, auth, importing, models, pacs, report, study, worklist
 
-    for module in (auth, worklist, study, report, importing, admin, pacs):
+    for module in (auth, worklist, study, report, importing, admin, pacs, models):
         app.register_blueprint(module.bp)
     db.init_app(app)
     app.before_request(_open_request)
@@ -94,6 +94,8 @@ def _register(app: Flask) -> None:
                                    "research_notice": _research_notice,
                                    "opacity_zone_table": opacity_figures.zone_table,
                                    "score_and_threshold": score_and_threshold, "is_reviewed": is_reviewed,
+                                   "finding_sentences": lambda result: findings_text.result_sentences(result, _),
+                                   "model_name": lambda model: findings_text.model_name(model, _),
                                    "opacity_profile_svg": lambda result: opacity_figures.profile_svg(result, _)})
 
 
