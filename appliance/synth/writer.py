@@ -20,6 +20,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from appliance.store.database import SYNTHETIC_SERIES_DESCRIPTION
 from appliance.synth.phantom import REGIONS_MM, Phantom, make_head_phantom, make_phantom
 
 TRANSFER_SYNTAXES = {
@@ -32,7 +33,7 @@ FIELD_OF_VIEW_MM = 500.0
 HEAD_FIELD_OF_VIEW_MM = 250.0
 RESCALE_INTERCEPT = -1024
 GROUND_TRUTH_NAME = "ground_truth.json"
-SYNTHETIC_NOTICE = "SYNTHETIC PHANTOM - not a patient"
+SYNTHETIC_NOTICE = SYNTHETIC_SERIES_DESCRIPTION  # every series written here says so: the store marks it synthetic
 
 
 @dataclasses.dataclass(frozen=True)
