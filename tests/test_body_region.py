@@ -65,6 +65,12 @@ def test_the_synthetic_chest_abdomen_is_chest_above_abdomen(synthetic_chest):
     assert 250 < chest.from_mm < 350  # the lung bases of the phantom lie at 285 +- 10 mm
 
 
+def test_the_synthetic_abdomen_is_abdomen_only(tmp_path):
+    write_series(tmp_path / "abdomen", SynthOptions(slices=40, size=128, region="abdomen", seed=4))
+    regions = body_region.determine(_volume(tmp_path / "abdomen"))
+    assert regions.covered == ["abdomen"]
+
+
 @pytest.fixture(scope="module")
 def real_chest_abdomen() -> CTVolume:
     return _volume(need_data("ct", "tcia-pancreas-ct-chest-abdomen"))

@@ -10,13 +10,13 @@ by these rules in this order:
              a small cross-section and no lung; or a small cross-section that is largely bone (skull base, face)
 ``chest``    aerated lung (:data:`LUNG_HU`) over at least :data:`LUNG_FRACTION` of the cross-section
 ``pelvis``   a large bone part on each side of the midline (iliac wings, femoral heads), no lung
-``neck``     a small cross-section with an airway (gas below :data:`GAS_HU`) inside, no lung
+``neck``     a small cross-section with an airway (gas below :data:`GAS_HU` near the midline) inside, no lung
 ``abdomen``  a large cross-section with little or no lung
 
 A slice whose label differs from its two equal neighbours takes theirs; abdomen or pelvis above the lungs
-is the thoracic inlet and shoulders (neck), head or neck below them abdomen. Runs of one label become
-:class:`RegionExtent` s with their slice range and patient z range (LPS, +z is cranial). Pure numpy and
-scipy on sampled slices: a few hundred ms for a 300-slice 512 x 512 volume.
+is the thoracic inlet and shoulders (neck), head or neck below them abdomen (as is a neck below abdomen).
+Runs of one label become :class:`RegionExtent` s with their slice range and patient z range (LPS, +z is
+cranial). Pure numpy and scipy on sampled slices: a few hundred ms for a 300-slice 512 x 512 volume.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ BRAIN_FRACTION = 0.5
 HEAD_BONE_FRACTION = 0.12  # skull base and face: a small cross-section largely bone
 PELVIC_WING_CM2 = 6.0  # the largest bone part on each side of the midline
 AIRWAY_MIN_CM2 = 0.5
+MIDLINE_FRACTION = 0.25  # an airway lies within this share of the half-width from the midline; bowel gas anywhere
 MIN_EXTENT_MM = 20.0  # a region shorter than this along the body is not said to be covered
 ANGLE_BINS = 36
 
@@ -59,7 +60,7 @@ class SliceSigns:
 
     area_cm2: float
     lung_fraction: float
-    gas_cm2: float
+    gas_cm2: float  # gas (< GAS_HU) inside the body near its midline, as an airway lies
     skull_ring: float  # share of directions from the centre whose rim holds bone > SKULL_HU
     brain_fraction: float  # share of the inside (deeper than RIM_MM) at brain density
     bone_fraction: float  # share of the cross-section above SKULL_HU
@@ -165,12 +166,14 @@ def slice_signs(hu: np.ndarray, pixel_mm: tuple[float, float]) -> SliceSigns | N
     depth = ndimage.distance_transform_edt(body, sampling=pixel_mm)
     rim, core = body & (depth <= RIM_MM), depth > RIM_MM
     centre = ndimage.center_of_mass(body)
+    cols = np.nonzero(body.any(axis=0))[0]
+    midline = np.abs(np.arange(hu.shape[1]) - centre[1]) <= MIDLINE_FRACTION * (cols[-1] - cols[0]) / 2
     core_hu = hu[core]
     brain = float(np.mean((core_hu >= BRAIN_HU[0]) & (core_hu <= BRAIN_HU[1]))) if core_hu.size else 0.0
     return SliceSigns(
         area_cm2=area,
         lung_fraction=float(np.mean((inside > LUNG_HU[0]) & (inside < LUNG_HU[1]))),
-        gas_cm2=float(np.sum(inside <= GAS_HU)) * pixel_cm2,
+        gas_cm2=float(np.sum(body[:, midline] & (hu[:, midline] <= GAS_HU))) * pixel_cm2,
         skull_ring=_skull_ring(rim & (hu > SKULL_HU), (float(centre[0]), float(centre[1]))),
         brain_fraction=brain,
         bone_fraction=float(np.mean(inside > SKULL_HU)),
@@ -230,13 +233,17 @@ def _smooth(labels: list[str | None]) -> list[str | None]:
 
 def _in_order(labels: list[str | None], z_mm: np.ndarray) -> list[str | None]:
     """Anatomy in its order along the body, taking the lungs as the landmark: abdomen or pelvis cranial to every
-    lung slice is the thoracic inlet and shoulders (neck); head or neck caudal to them is abdomen."""
+    lung slice is the thoracic inlet and shoulders (neck); head or neck caudal to them is abdomen. Without lungs,
+    a neck caudal to abdomen slices is bowel gas in a small abdomen."""
     chest = [z for z, r in zip(z_mm, labels) if r == "chest"]
-    if not chest:
-        return labels
-    top, bottom = max(chest), min(chest)
-    out = ["neck" if r in ("abdomen", "pelvis") and z > top else r for z, r in zip(z_mm, labels)]
-    return ["abdomen" if r in ("head", "neck") and z < bottom else r for z, r in zip(z_mm, out)]
+    if chest:
+        top, bottom = max(chest), min(chest)
+        labels = ["neck" if r in ("abdomen", "pelvis") and z > top else r for z, r in zip(z_mm, labels)]
+        return ["abdomen" if r in ("head", "neck") and z < bottom else r for z, r in zip(z_mm, labels)]
+    abdomen = [z for z, r in zip(z_mm, labels) if r == "abdomen"]
+    if abdomen:
+        labels = ["abdomen" if r == "neck" and z < max(abdomen) else r for z, r in zip(z_mm, labels)]
+    return labels
 
 
 def _sampled(count: int) -> np.ndarray:
