@@ -82,14 +82,16 @@ def _series_qa(volume: CTVolume, ctx: StepContext) -> StepResult:
     return series_qa.run(volume, ctx.body_regions)
 
 
-def not_applicable(ctx: StepContext, model_id: str, region: str | None) -> bool:
+def not_applicable(ctx: StepContext, model_id: str, region: str | None, coverage: str | None = None) -> bool:
     """True, with the model recorded as skipped and the evidence, when the series does not cover the body region
-    the model reads. A series whose regions could not be told (not axial) is left to the model's own checks."""
+    the model reads (``coverage``: what it needs there, in words). A series whose regions could not be told
+    (not axial) is left to the model's own checks."""
     regions = ctx.body_regions
     if region is None or regions is None or not regions.determined or regions.covers(region):
         return False
+    needs = f" and needs {coverage}" if coverage and coverage != region else ""
     ctx.skipped.append({"model": model_id, "why": f"not applicable: this series covers {regions.describe()}; "
-                                                  f"the model reads the {region}"})
+                                                  f"the model reads the {region}{needs}"})
     return True
 
 
@@ -100,7 +102,7 @@ def _lungs(volume: CTVolume, ctx: StepContext) -> StepResult | None:
     """The learned lung mask measured and cross-checked against the classical one (at stride 4, cheap);
     the classical result in its place, with the reason, when the learned mask is unavailable."""
     learned = ctx.registry.pack(lung_segmentation.MODEL_ID)
-    if learned is not None and not_applicable(ctx, learned.id, learned.body_region):
+    if learned is not None and not_applicable(ctx, learned.id, learned.body_region, learned.required_coverage):
         return None
     if learned is None and not_applicable(ctx, lungs.MODEL, lungs.BODY_REGION):
         return None
@@ -158,7 +160,7 @@ def _chest_covid19(volume: CTVolume, ctx: StepContext) -> StepResult | None:
     if pack is None:
         ctx.skipped.append({"model": chest_covid19.MODEL_ID, "why": "model pack not installed or refused"})
         return None
-    if not_applicable(ctx, pack.id, pack.body_region):
+    if not_applicable(ctx, pack.id, pack.body_region, pack.required_coverage):
         return None
     if (why := why_off(pack, ctx.settings, ctx.db)) is not None:
         ctx.skipped.append({"model": pack.id, "why": why})
@@ -181,7 +183,7 @@ def _abdomen_pancreas(volume: CTVolume, ctx: StepContext) -> StepResult | None:
     if pack is None or localizer is None:
         ctx.skipped.append({"model": abdomen_pancreas.MODEL_ID, "why": "model packs not installed or refused"})
         return None
-    if not_applicable(ctx, pack.id, pack.body_region):
+    if not_applicable(ctx, pack.id, pack.body_region, pack.required_coverage):
         return None
     if (why := why_off(pack, ctx.settings, ctx.db)) is not None:
         ctx.skipped.append({"model": pack.id, "why": why})

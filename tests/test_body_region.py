@@ -123,8 +123,9 @@ def test_a_head_ct_gets_no_lung_result_and_no_flag(which, request, settings):
     why = {s["model"]: s["why"] for s in series["skipped_models"]}
     for model in (*CHEST_MODELS, "abdomen-pancreas"):
         assert why[model].startswith("not applicable: this series covers the head (")
-    assert why["chest-covid19"].endswith("the model reads the chest")
-    assert why["abdomen-pancreas"].endswith("the model reads the abdomen")
+    assert why["chest-opacity"].endswith("the model reads the chest")
+    assert why["chest-covid19"].endswith("reads the chest and needs lungs (at least 3 axial slices with lung)")
+    assert why["abdomen-pancreas"].endswith("the model reads the abdomen and needs upper abdomen (pancreas)")
     db = open_database(settings.home_path)
     assert db.execute("SELECT flagged FROM studies").fetchall() == [(0,)]
 
