@@ -92,7 +92,7 @@ def test_a_300_slice_512_volume_takes_a_few_hundred_ms(real_chest_abdomen):
     regions = body_region.determine(volume)
     seconds = time.perf_counter() - t0
     assert regions.covers("chest")
-    assert seconds < 1.5, f"{seconds:.2f} s"  # ~0.2 s measured alone; the box's CPUs are shared
+    assert seconds < 1.0, f"{seconds:.2f} s"  # ~0.1 s measured; the CPUs are shared with other work
 
 
 def test_series_qa_reports_the_regions_and_never_flags(head):

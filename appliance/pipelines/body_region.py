@@ -146,9 +146,10 @@ def _wings(hu: np.ndarray, body: np.ndarray, centre_col: float, pixel_cm2: float
     labels, count = ndimage.label(body & (hu > PELVIC_BONE_HU))
     if count == 0:
         return 0.0, 0.0
-    index = np.arange(1, count + 1)
-    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index) * pixel_cm2
-    cols = np.asarray(ndimage.center_of_mass(body, labels, index), dtype=float).reshape(-1, 2)[:, 1]
+    flat = labels.ravel()
+    pixels = np.bincount(flat, minlength=count + 1)[1:]
+    cols = np.bincount(flat, weights=np.tile(np.arange(labels.shape[1]), labels.shape[0]), minlength=count + 1)[1:]
+    cols, sizes = cols / pixels, pixels * pixel_cm2
     half_width = max(1.0, float(np.ptp(np.nonzero(body.any(axis=0))[0])) / 2)
     right = sizes[cols < centre_col - 0.3 * half_width]  # the patient's right is the image's left (LPS)
     left = sizes[cols > centre_col + 0.3 * half_width]
@@ -163,7 +164,7 @@ def slice_signs(hu: np.ndarray, pixel_mm: tuple[float, float]) -> SliceSigns | N
     if area < MIN_BODY_CM2:
         return None
     inside = hu[body]
-    depth = ndimage.distance_transform_edt(body, sampling=pixel_mm)
+    depth = ndimage.distance_transform_cdt(body, metric="chessboard") * min(pixel_mm)  # mm, a lower bound
     rim, core = body & (depth <= RIM_MM), depth > RIM_MM
     centre = ndimage.center_of_mass(body)
     cols = np.nonzero(body.any(axis=0))[0]
