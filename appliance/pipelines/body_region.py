@@ -148,8 +148,9 @@ def _wings(hu: np.ndarray, body: np.ndarray, centre_col: float, pixel_cm2: float
         return 0.0, 0.0
     flat = labels.ravel()
     pixels = np.bincount(flat, minlength=count + 1)[1:]
-    cols = np.bincount(flat, weights=np.tile(np.arange(labels.shape[1]), labels.shape[0]), minlength=count + 1)[1:]
-    cols, sizes = cols / pixels, pixels * pixel_cm2
+    column_sums = np.bincount(flat, weights=np.tile(np.arange(labels.shape[1]), labels.shape[0]),
+                              minlength=count + 1)[1:]
+    cols, sizes = column_sums / pixels, pixels * pixel_cm2
     half_width = max(1.0, float(np.ptp(np.nonzero(body.any(axis=0))[0])) / 2)
     right = sizes[cols < centre_col - 0.3 * half_width]  # the patient's right is the image's left (LPS)
     left = sizes[cols > centre_col + 0.3 * half_width]
