@@ -1,7 +1,9 @@
 """Run every analysis step on a stored series and keep the results.
 
-Called by the job runner (:mod:`appliance.jobs.runner`) only: assemble the series -> series QA and
-segmentation -> the screening models -> results in SQLite, the whole record kept with the analysis.
+Called by the job runner (:mod:`appliance.jobs.runner`) only: assemble the series -> series QA (with the body
+regions the series covers) and segmentation -> the screening models -> results in SQLite, the whole record kept
+with the analysis. A step runs only on a series covering the body region its model reads (a pack's
+``body_region``, a built-in step's ``BODY_REGION``); otherwise it is skipped as not applicable, with the evidence.
 A new analysis of a series supersedes the earlier one; both stay. Long steps report progress.
 """
 
@@ -27,6 +29,7 @@ from appliance.jobs import queue
 from appliance.pipelines import (
     StepResult,
     abdomen_pancreas,
+    body_region,
     chest_covid19,
     chest_opacity,
     lung_emphysema,
@@ -55,6 +58,7 @@ class StepContext:
     skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
     _segmentation: lungs.Segmentation | None = None
     lung_mask_fallback: str | None = None  # why the classical lung mask stands in for the learned one
+    body_regions: body_region.BodyRegions | None = None  # what the series covers, found by series QA (step one)
 
     def segmentation(self, volume: CTVolume) -> lungs.Segmentation:
         """The lung mask every chest step reads: the learned one, else the classical one (the reason kept)."""
@@ -75,15 +79,34 @@ Progress = Callable[[float, str], None]  # (fraction done 0..1, stage)
 
 
 def _series_qa(volume: CTVolume, ctx: StepContext) -> StepResult:
-    return series_qa.run(volume)
+    ctx.body_regions = body_region.determine(volume)
+    return series_qa.run(volume, ctx.body_regions)
+
+
+def not_applicable(ctx: StepContext, model_id: str, region: str | None, coverage: str | None = None) -> bool:
+    """True, with the model recorded as skipped and the evidence, when the series does not cover the body region
+    the model reads (``coverage``: what it needs there, in words). A series whose regions could not be told
+    (not axial) is left to the model's own checks."""
+    regions = ctx.body_regions
+    if region is None or regions is None or not regions.determined or regions.covers(region):
+        return False
+    needs = f" and needs {coverage}" if coverage and coverage != region else ""
+    ctx.skipped.append({"model": model_id, "why": f"not applicable: this series covers {regions.describe()}; "
+                                                  f"the model reads the {region}{needs}"})
+    return True
 
 
 NOT_AXIAL = "the series is not axial (a coronal or sagittal reformat); the models read axial slices"
 
 
-def _lungs(volume: CTVolume, ctx: StepContext) -> StepResult:
+def _lungs(volume: CTVolume, ctx: StepContext) -> StepResult | None:
     """The learned lung mask measured and cross-checked against the classical one (at stride 4, cheap);
     the classical result in its place, with the reason, when the learned mask is unavailable."""
+    learned = ctx.registry.pack(lung_segmentation.MODEL_ID)
+    if learned is not None and not_applicable(ctx, learned.id, learned.body_region, learned.required_coverage):
+        return None
+    if learned is None and not_applicable(ctx, lungs.MODEL, lungs.BODY_REGION):
+        return None
     seg = ctx.segmentation(volume)
     if seg.source != lung_segmentation.SOURCE:
         ctx.skipped.append({"model": lung_segmentation.MODEL_ID,
@@ -111,6 +134,8 @@ def _with_coverage(result: StepResult, volume: CTVolume, seg: lungs.Segmentation
 
 
 def _lung_measurement(module, volume: CTVolume, ctx: StepContext) -> StepResult | None:
+    if not_applicable(ctx, module.MODEL_ID, module.BODY_REGION):
+        return None
     seg = ctx.segmentation(volume)
     try:
         result = module.run(volume, seg, ctx.artefacts, site_threshold(ctx.db, module.MODEL_ID, module.VERSION))
@@ -136,6 +161,8 @@ def _chest_covid19(volume: CTVolume, ctx: StepContext) -> StepResult | None:
     if pack is None:
         ctx.skipped.append({"model": chest_covid19.MODEL_ID, "why": "model pack not installed or refused"})
         return None
+    if not_applicable(ctx, pack.id, pack.body_region, pack.required_coverage):
+        return None
     if (why := why_off(pack, ctx.settings, ctx.db)) is not None:
         ctx.skipped.append({"model": pack.id, "why": why})
         return None
@@ -156,6 +183,8 @@ def _abdomen_pancreas(volume: CTVolume, ctx: StepContext) -> StepResult | None:
     pack = ctx.registry.pack(abdomen_pancreas.MODEL_ID)
     if pack is None or localizer is None:
         ctx.skipped.append({"model": abdomen_pancreas.MODEL_ID, "why": "model packs not installed or refused"})
+        return None
+    if not_applicable(ctx, pack.id, pack.body_region, pack.required_coverage):
         return None
     if (why := why_off(pack, ctx.settings, ctx.db)) is not None:
         ctx.skipped.append({"model": pack.id, "why": why})

@@ -57,7 +57,8 @@ def _hub(tmp: Path, site_home: Path, url: str | None = None) -> tuple[Path, HubD
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, synthetic_chest):
-    """A site that received a real chest-abdomen CT and a synthetic study this month, with keys."""
+    """A site that received a real chest-abdomen CT and a synthetic study (left out of the export) this month,
+    with keys."""
     tmp = tmp_path_factory.mktemp("site")
     settings = config.load(environ={}, home=str(tmp / "home"), quiet_period_seconds=0.0)
     folders = [synthetic_chest]
@@ -80,9 +81,10 @@ def _appliance_results(settings: config.Settings) -> list[tuple]:
 
     db = open_database(settings.home_path)
     try:
-        return sorted(db.execute(
+        return sorted(db.execute(  # the synthetic study is in no export
             "SELECT r.model, r.flagged, r.score FROM results r JOIN analyses a ON a.id = r.analysis_id "
-            "WHERE a.superseded = 0").fetchall())
+            "JOIN studies st ON st.study_instance_uid = a.study_instance_uid "
+            "WHERE a.superseded = 0 AND st.synthetic = 0").fetchall())
     finally:
         db.conn.close()
 
@@ -154,7 +156,8 @@ def _review_one(settings: config.Settings, decision: str) -> None:
     with write_transaction(db):
         rid, series, model, study = db.execute(
             "SELECT r.id, r.series_instance_uid, r.model, s.study_instance_uid FROM results r JOIN series s "
-            "ON s.series_instance_uid = r.series_instance_uid ORDER BY r.id DESC LIMIT 1").fetchone()
+            "ON s.series_instance_uid = r.series_instance_uid JOIN studies st ON st.study_instance_uid = "
+            "s.study_instance_uid WHERE st.synthetic = 0 ORDER BY r.id DESC LIMIT 1").fetchone()
         db.table("reviews").insert({"result_id": rid, "study_instance_uid": study, "series_instance_uid": series,
                               "model": model, "decision": decision, "comment": "", "reviewer": "rad", "at": utcnow()})
     db.conn.close()

@@ -2,7 +2,8 @@
 inventory and an audit summary; results as FHIR R4 JSON and as CSV.
 
 Nothing here names a patient: studies and patients appear only as HMAC pseudonyms, dates are shifted
-per patient, and free text (descriptions, comments, names) stays on the box.
+per patient, and free text (descriptions, comments, names) stays on the box. Synthetic studies (the first-start
+sample, phantom series; ``studies.synthetic``) are in no result and no statistic; only their number is said.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import sqlite_utils
 
 from appliance.export.deid import Pseudonymizer
+from appliance.store.database import REAL_STUDIES_SQL
 
 SYSTEM = "urn:ct-screening"  # our code systems: models, pseudonyms
 FHIR_NAMESPACE = uuid.UUID("3f8a9c1e-6d1b-4c57-9a54-2f1c0b7e4d21")
@@ -51,8 +53,8 @@ def study_results(db: sqlite_utils.Database, month: str, pseudo: Pseudonymizer) 
             "FROM studies st JOIN series s ON s.study_instance_uid = st.study_instance_uid "
             "JOIN analyses a ON a.series_instance_uid = s.series_instance_uid AND a.superseded = 0 "
             "JOIN results r ON r.analysis_id = a.id "
-            "WHERE st.created_at >= ? AND st.created_at < ? ORDER BY st.study_instance_uid, s.series_instance_uid, "
-            "r.model", [start, end]):
+            "WHERE st.synthetic = 0 AND st.created_at >= ? AND st.created_at < ? "
+            "ORDER BY st.study_instance_uid, s.series_instance_uid, r.model", [start, end]):
         key = r["patient_key"]
         turnaround = _seconds(r["last_received_at"], r["analysed_at"])
         rows.append({"study": pseudo.uid(r["study_instance_uid"]), "patient": pseudo.patient(key),
@@ -75,21 +77,28 @@ def statistics_doc(db: sqlite_utils.Database, month: str) -> dict[str, Any]:
     def by(sql: str) -> dict[str, int]:
         return {code or "?": n for code, n in db.execute(sql, [start, end])}
 
+    real = f"study_instance_uid IN ({REAL_STUDIES_SQL})"
     turnarounds = [t for t in (_seconds(a, b) for a, b in db.execute(
-        "SELECT s.last_received_at, a.created_at FROM analyses a JOIN series s ON s.series_instance_uid = "
-        "a.series_instance_uid WHERE a.superseded = 0 AND a.created_at >= ? AND a.created_at < ?", [start, end]))
-        if t is not None]
+        "SELECT s.last_received_at, a.created_at FROM analyses a JOIN series s ON s.series_instance_uid = "  # nosec B608 - fixed SQL text; values bound
+        f"a.series_instance_uid WHERE a.superseded = 0 AND a.{real} AND a.created_at >= ? AND a.created_at < ?",
+        [start, end])) if t is not None]
     return {
         "month": month,
-        "studies_received": one("SELECT count(*) FROM studies WHERE created_at >= ? AND created_at < ?"),
-        "instances_received": one("SELECT count(*) FROM instances WHERE received_at >= ? AND received_at < ?"),
-        "series_analysed": one("SELECT count(*) FROM analyses WHERE superseded = 0 AND status = 'analyzed' "
-                               "AND created_at >= ? AND created_at < ?"),
-        "series_rejected_by_reason": by("SELECT reason_code, count(*) FROM analyses WHERE superseded = 0 AND "
-                                        "status = 'rejected' AND created_at >= ? AND created_at < ? GROUP BY 1"),
+        "studies_received": one("SELECT count(*) FROM studies WHERE synthetic = 0 AND created_at >= ? "
+                                "AND created_at < ?"),
+        "synthetic_studies_left_out": one("SELECT count(*) FROM studies WHERE synthetic = 1 AND created_at >= ? "
+                                          "AND created_at < ?"),
+        "instances_received": one(f"SELECT count(*) FROM instances WHERE {real} AND received_at >= ? "  # nosec B608 - fixed SQL text; values bound
+                                  "AND received_at < ?"),
+        "series_analysed": one(f"SELECT count(*) FROM analyses WHERE superseded = 0 AND status = 'analyzed' "  # nosec B608 - fixed SQL text; values bound
+                               f"AND {real} AND created_at >= ? AND created_at < ?"),
+        "series_rejected_by_reason": by("SELECT reason_code, count(*) FROM analyses WHERE superseded = 0 AND "  # nosec B608 - fixed SQL text; values bound
+                                        f"status = 'rejected' AND {real} AND created_at >= ? AND created_at < ? "
+                                        "GROUP BY 1"),
         "files_quarantined_by_reason": by("SELECT reason_code, count(*) FROM quarantine WHERE created_at >= ? "
                                           "AND created_at < ? GROUP BY 1"),
-        "jobs_failed": one("SELECT count(*) FROM jobs WHERE state = 'failed' AND updated_at >= ? AND updated_at < ?"),
+        "jobs_failed": one(f"SELECT count(*) FROM jobs WHERE state = 'failed' AND {real} AND updated_at >= ? "  # nosec B608 - fixed SQL text; values bound
+                           "AND updated_at < ?"),
         "turnaround_seconds": {
             "count": len(turnarounds),
             "median": round(statistics.median(turnarounds), 1) if turnarounds else None,

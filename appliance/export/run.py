@@ -86,7 +86,7 @@ def _hub_key(settings: Settings):
 
 def _key_images(db: sqlite_utils.Database, home: Path, month: str, which: str,
                 pseudo: Pseudonymizer) -> tuple[dict[str, bytes], int]:
-    """De-identified Secondary Capture key images of the month's (flagged) studies; images whose source
+    """De-identified Secondary Capture key images of the month's (flagged) real studies; images whose source
     CT declares burned-in annotation are left out (counted)."""
     if which == "none":
         return {}, 0
@@ -94,8 +94,8 @@ def _key_images(db: sqlite_utils.Database, home: Path, month: str, which: str,
     flag = " AND st.flagged = 1" if which == "flagged" else ""
     members, left_out = {}, 0
     for study_uid, patient_key in db.execute(
-            f"SELECT st.study_instance_uid, st.patient_key FROM studies st WHERE st.created_at >= ? "  # nosec B608 - a fixed flag clause; values bound
-            f"AND st.created_at < ?{flag}", [start, end]):
+            f"SELECT st.study_instance_uid, st.patient_key FROM studies st WHERE st.synthetic = 0 "  # nosec B608 - a fixed flag clause; values bound
+            f"AND st.created_at >= ? AND st.created_at < ?{flag}", [start, end]):
         for series_uid, first_path in db.execute(
                 "SELECT s.series_instance_uid, (SELECT path FROM instances i WHERE i.series_instance_uid = "
                 "s.series_instance_uid LIMIT 1) FROM series s WHERE s.study_instance_uid = ?", [study_uid]):

@@ -1,7 +1,8 @@
 """Model packs: ``engines/<model-id>/`` with ``model.onnx`` and ``manifest.toml``.
 
-The manifest names the model, its task, the series it needs, its input and
-outputs, its decision threshold and where that came from, whether it is
+The manifest names the model, its task, the body region it reads (``body_region``, one of
+:data:`BODY_REGIONS`; the analysis skips it on a series that does not cover that region), the series it
+needs, its input and outputs, its decision threshold and where that came from, whether it is
 validated, where its training data came from and under which licence, the
 precisions it may run in with their parity tolerances, the calibration set
 of its INT8 model (``[calibration] file``, the shipped inputs, with their
@@ -33,6 +34,7 @@ INT8_MODEL = "model.int8.onnx"  # symmetric QDQ: TensorRT and CPU
 INT8_CPU_MODEL = "model.int8-u8s8.onnx"  # UINT8 activations: faster on many CPUs
 PRECISIONS = ("fp32", "fp16", "int8")
 KINDS = ("measurement", "classifier")
+BODY_REGIONS = ("head", "neck", "chest", "abdomen", "pelvis")  # head to feet; a pack's body_region is one
 REQUIRED_KEYS = ("id", "version", "task", "body_region", "validated", "validation_note", "series", "input",
                  "outputs", "decision", "training", "precisions", "files")
 
@@ -79,6 +81,16 @@ class ModelPack:
         not hold across sources); manifests without ``kind`` take it from their task."""
         return str(self.manifest.get("kind") or ("classifier" if self.manifest["task"] == "classification"
                                                    else "measurement"))
+
+    @property
+    def body_region(self) -> str:
+        """The region the model reads (one of :data:`BODY_REGIONS`); a series must cover it for the model to run."""
+        return str(self.manifest["body_region"])
+
+    @property
+    def required_coverage(self) -> str:
+        """The coverage the model needs, in words (``[series] required_coverage``)."""
+        return str(self.manifest["series"].get("required_coverage", self.body_region))
 
     @property
     def notice(self) -> str:
@@ -144,6 +156,9 @@ def _check_consistent(manifest: dict[str, Any], folder: Path) -> None:
         raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: an unvalidated model must say why in validation_note.")
     if MODEL not in manifest["files"]:
         raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the manifest lists no checksum for {MODEL}.")
+    if manifest["body_region"] not in BODY_REGIONS:
+        raise PackRefused("PACK_INCONSISTENT",
+                          f"{folder.name}: body_region must be one of {', '.join(BODY_REGIONS)}.")
     if manifest.get("kind", "measurement") not in KINDS:
         raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: kind must be one of {', '.join(KINDS)}.")
     threshold = manifest["decision"].get("threshold")

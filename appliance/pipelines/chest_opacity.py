@@ -55,6 +55,7 @@ from appliance.series.volume import CTVolume
 
 MODEL_ID = "chest-opacity"
 VERSION = "1.0.0"
+BODY_REGION = "chest"  # the analysis runs it only on a series covering the chest
 NOTICE = ("Not validated: a Hounsfield-unit measurement of lung opacity, not validated on this site's patients; "
           "research use only.")
 KEY_NOTICE = "Not validated: HU opacity measurement, research use only"

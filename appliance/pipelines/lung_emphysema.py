@@ -41,6 +41,7 @@ from appliance.series.volume import CTVolume
 
 MODEL_ID = "lung-emphysema"
 VERSION = "1.0.0"
+BODY_REGION = "chest"  # the analysis runs it only on a series covering the chest
 NOTICE = ("Not validated: a Hounsfield-unit measurement of low-attenuation lung, not validated on this site's "
           "patients or scanners; research use only.")
 LAA_HU = (-950, -910)

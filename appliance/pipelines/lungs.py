@@ -20,6 +20,7 @@ from appliance.series.volume import CTVolume
 
 MODEL = "lungs-classical"
 VERSION = "1.0.0"
+BODY_REGION = "chest"  # the analysis runs it only on a series covering the chest
 IN_PLANE_STRIDE = 2
 LUNG_MEAN_HU = (-970.0, -600.0)  # mean density of aerated lung parenchyma
 MIN_LUNG_ML = 30.0

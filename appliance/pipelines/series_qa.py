@@ -1,20 +1,22 @@
-"""Series quality assurance measured on the volume: coverage, air calibration and noise.
+"""Series quality assurance measured on the volume: body region, coverage, air calibration and noise.
 
-Air outside the patient should read -1000 HU; a scanner whose air reading is
-off by more than ``AIR_CALIBRATION_TOLERANCE_HU`` needs its daily calibration
-checked before its images are trusted by any model. Noise is the standard
-deviation of HU in that air, a proxy of image noise.
+The body region (:mod:`appliance.pipelines.body_region`) says what the series covers, with the evidence;
+the analysis runs a model only on a series covering the region it reads. Air outside the patient should
+read -1000 HU; a scanner whose air reading is off by more than ``AIR_CALIBRATION_TOLERANCE_HU`` needs its
+daily calibration checked before its images are trusted by any model. Noise is the standard deviation of HU
+in that air, a proxy of image noise. Series QA is a measurement: it never flags a study, it says so in words.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from appliance.pipelines import StepResult
+from appliance.pipelines import StepResult, body_region
 from appliance.series.volume import CTVolume
 
 MODEL = "series-qa"
-VERSION = "1.0.0"
+VERSION = "1.1.0"
+BODY_REGION = None  # any region: series QA measures every series
 AIR_HU = -1000.0
 AIR_CALIBRATION_TOLERANCE_HU = 50.0
 AIR_WINDOW_HU = (-1100, -900)  # what counts as air when sampling it
@@ -32,12 +34,14 @@ def _air_samples(hu: np.ndarray) -> np.ndarray:
     return values[(values > AIR_WINDOW_HU[0]) & (values < AIR_WINDOW_HU[1])]
 
 
-def run(volume: CTVolume) -> StepResult:
-    """Measure coverage, air HU and noise of ``volume``."""
+def run(volume: CTVolume, regions: body_region.BodyRegions | None = None) -> StepResult:
+    """Measure body region (``regions`` when the caller determined them already), coverage, air HU and noise."""
     dz, dy, dx = volume.spacing_mm_zyx
     z, rows, cols = volume.hu.shape
+    regions = body_region.determine(volume) if regions is None else regions
     air = _air_samples(volume.hu)
-    findings = [{"name": "coverage", "length_mm": round(dz * (z - 1), 1),
+    findings = [regions.as_finding(),
+                {"name": "coverage", "length_mm": round(dz * (z - 1), 1),
                  "field_of_view_mm": [round(dy * rows, 1), round(dx * cols, 1)]}]
     for problem in volume.plan.problems:
         findings.append({"name": "geometry", **problem.as_dict()})
@@ -48,5 +52,9 @@ def run(volume: CTVolume) -> StepResult:
     deviation = abs(air_hu - AIR_HU)
     findings.append({"name": "air calibration", "air_hu": round(air_hu, 1), "noise_hu": round(noise, 1),
                      "samples": int(air.size)})
+    notice = None
+    if deviation > AIR_CALIBRATION_TOLERANCE_HU:
+        notice = (f"Air reads {air_hu:.0f} HU, {deviation:.0f} HU from {AIR_HU:.0f} HU (tolerance "
+                  f"{AIR_CALIBRATION_TOLERANCE_HU:.0f} HU): check the scanner's daily air calibration.")
     return StepResult(MODEL, VERSION, True, "numpy", "fp32", round(deviation, 1), AIR_CALIBRATION_TOLERANCE_HU,
-                      deviation > AIR_CALIBRATION_TOLERANCE_HU, findings)
+                      False, findings, notice=notice)

@@ -102,11 +102,22 @@ SEARCH_TEXT_SQL = """SELECT lower(replace(coalesce(p.patient_name, ''), '^', ' '
 FLAGGED_SQL = """SELECT EXISTS (SELECT 1 FROM analyses a CROSS JOIN results r ON r.analysis_id = a.id
   WHERE a.study_instance_uid = studies.study_instance_uid AND a.superseded = 0 AND r.flagged = 1)"""
 
+# a synthetic or phantom study: the first-start sample (imported with source "sample") or any series written by
+# appliance.synth (its Series Description). Kept, analysed and shown, but left out of every statistic.
+SAMPLE_SOURCE = "sample"
+SYNTHETIC_SERIES_DESCRIPTION = "SYNTHETIC PHANTOM - not a patient"
+SYNTHETIC_SQL = f"""SELECT EXISTS (SELECT 1 FROM series s WHERE s.study_instance_uid = studies.study_instance_uid
+  AND (s.series_description = '{SYNTHETIC_SERIES_DESCRIPTION}' OR EXISTS (SELECT 1 FROM instances i
+  WHERE i.series_instance_uid = s.series_instance_uid AND i.source = '{SAMPLE_SOURCE}')))"""
+# the studies every statistic counts (a clause on a table or alias named by the caller's study_instance_uid)
+REAL_STUDIES_SQL = "SELECT study_instance_uid FROM studies WHERE synthetic = 0"
+
 
 def refresh_study(db: sqlite_utils.Database, study_instance_uid: str) -> None:
-    """Recompute the study row's search text, flag and status (inside the caller's transaction)."""
+    """Recompute the study row's search text, flag, synthetic mark and status (inside the caller's transaction)."""
     db.execute(f"UPDATE studies SET search_text = ({SEARCH_TEXT_SQL}), flagged = ({FLAGGED_SQL}), "  # nosec B608 - fixed SQL text; values bound
-               f"status = ({STUDY_STATUS_SQL}) WHERE study_instance_uid = ?", [study_instance_uid])
+               f"synthetic = ({SYNTHETIC_SQL}), status = ({STUDY_STATUS_SQL}) WHERE study_instance_uid = ?",
+               [study_instance_uid])
 
 
 def refresh_study_status(db: sqlite_utils.Database, study_instance_uid: str) -> None:
@@ -117,7 +128,7 @@ def refresh_study_status(db: sqlite_utils.Database, study_instance_uid: str) -> 
 
 def refresh_all_studies(db: sqlite_utils.Database) -> None:
     db.execute(f"UPDATE studies SET search_text = ({SEARCH_TEXT_SQL}), flagged = ({FLAGGED_SQL}), "  # nosec B608 - fixed SQL text; values bound
-               f"status = ({STUDY_STATUS_SQL})")
+               f"synthetic = ({SYNTHETIC_SQL}), status = ({STUDY_STATUS_SQL})")
 
 
 @migrations()
@@ -261,6 +272,7 @@ def counts(db: sqlite_utils.Database) -> dict[str, Any]:
     return {
         "patients": one("SELECT count(*) FROM patients"),
         "studies": one("SELECT count(*) FROM studies"),
+        "synthetic_studies": one("SELECT count(*) FROM studies WHERE synthetic = 1"),
         "series": one("SELECT count(*) FROM series"),
         "series_by_status": series,
         "instances": one("SELECT count(*) FROM instances"),
@@ -289,6 +301,13 @@ def m009_model_switches(db: sqlite_utils.Database) -> None:
         "switched_by": str, "switched_at": str,
     }, pk="id")
     db.table("model_switches").create_index(["model", "model_version"])
+
+
+@migrations()
+def m010_synthetic_studies(db: sqlite_utils.Database) -> None:
+    """Studies say whether they are synthetic (the sample, any phantom series), so statistics leave them out."""
+    db.table("studies").add_column("synthetic", int, not_null_default=0)
+    db.execute(f"UPDATE studies SET synthetic = ({SYNTHETIC_SQL})")  # nosec B608 - fixed SQL text
 
 
 @migrations()

@@ -3,8 +3,9 @@
 Every structure is an ellipsoid or cylinder with a realistic density (HU);
 anatomy varies with the seed (size and position of body and organs). The
 phantom spans z = 0 mm (lower abdomen) to 560 mm (lung apices): abdomen
-below ``CHEST_START_MM``, chest above. Lesions are spheres with their own
-density, written as ground truth beside the series.
+below ``CHEST_START_MM``, chest above. :func:`make_head_phantom` is a head and neck (skull ring around
+brain, ventricles, sinuses, cervical spine and airway) from z = -40 mm (neck) to 190 mm (vertex). Lesions
+are spheres with their own density, written as ground truth beside the series.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import dataclasses
 
 import numpy as np
 
-REGIONS_MM = {"abdomen": (0.0, 260.0), "chest": (250.0, 560.0), "chest-abdomen": (0.0, 560.0)}
+REGIONS_MM = {"abdomen": (0.0, 260.0), "chest": (250.0, 560.0), "chest-abdomen": (0.0, 560.0),
+              "head": (-40.0, 190.0)}  # the head phantom (make_head_phantom) has its own space: neck to vertex
 CHEST_START_MM = 255.0
 AIR, FAT, MUSCLE, BONE, MARROW = -1000.0, -100.0, 45.0, 700.0, 250.0
 LUNG, BLOOD, LIVER, SPLEEN, KIDNEY, PANCREAS = -850.0, 40.0, 60.0, 50.0, 35.0, 45.0
+BRAIN, CSF, SKULL, SCALP = 35.0, 8.0, 1200.0, 30.0
 NOISE_HU = 12.0
 LESION_KINDS = {
     "pancreas-hypo": ("pancreas", -35.0),  # hypo-attenuating pancreatic lesion (HU relative to pancreas)
@@ -75,6 +78,15 @@ def _long(name: str, cx: float, cy: float, z0: float, z1: float, rx: float, ry: 
     return Ellipsoid(name, (cx, cy, (z0 + z1) / 2), (rx, ry, (z1 - z0) / 2), hu)
 
 
+def _upper_trunk(bx: float, by: float, lungs: list[Ellipsoid]) -> list[Ellipsoid]:
+    """Chest wall and shoulders around the lungs wherever the body ellipsoid tapers off or is narrower than the
+    lungs (painted first, so the body ellipsoid is unchanged where it reaches): lungs lie inside the body."""
+    rx = max([bx] + [abs(e.center[0]) + e.radii[0] + 25 for e in lungs])
+    ry = max([by] + [abs(e.center[1]) + e.radii[1] + 25 for e in lungs])
+    return [_long("upper trunk", 0, 0, 250, 760, rx, ry, FAT),
+            _long("upper trunk muscle", 0, 0, 250, 760, rx - 15, ry - 15, MUSCLE)]
+
+
 def make_phantom(seed: int = 0, lesions: tuple[str, ...] = ()) -> Phantom:
     """A phantom whose anatomy varies with ``seed``; ``lesions`` are keys of :data:`LESION_KINDS`."""
     rng = np.random.default_rng(seed)
@@ -108,6 +120,7 @@ def make_phantom(seed: int = 0, lesions: tuple[str, ...] = ()) -> Phantom:
         _long("spinal canal", 0, spine_y + 25, -40, 600, 8, 8, 10.0),
         _long("aorta", 18, spine_y - 30, -40, 520, 12, 12, BLOOD),
     ]
+    s[:0] = _upper_trunk(bx, by, [e for e in s if e.name.endswith(" lung")])
     for k in range(10):  # bowel gas pockets in the lower abdomen
         s.append(Ellipsoid(f"bowel gas {k}", (j(100), -40 + j(40), 40 + j(80)), (8 + j(4), 8 + j(4), 10), AIR))
     placed = []
@@ -121,3 +134,31 @@ def make_phantom(seed: int = 0, lesions: tuple[str, ...] = ()) -> Phantom:
         center = (cx + offset[0], cy + offset[1], cz + offset[2])
         placed.append(Ellipsoid(f"lesion {k}: {kind}", center, (radius,) * 3, delta, additive=True))
     return Phantom(body_radii=(bx, by), structures=tuple(s), lesions=tuple(placed), seed=seed)
+
+
+def make_head_phantom(seed: int = 0) -> Phantom:
+    """A head and neck whose size varies with ``seed``: scalp, a skull ring (cortical bone) around brain with
+    ventricles, air sinuses and mastoids at the skull base, and below it the neck with airway and spine."""
+    rng = np.random.default_rng(seed)
+    j = lambda scale: float(rng.uniform(-scale, scale))  # noqa: E731 - anatomical jitter, mm
+    hx, hy, hz, cz = 72.0 + j(5), 92.0 + j(6), 88.0 + j(4), 100.0  # skull outer radii and centre height, mm
+    s: list[Ellipsoid] = [
+        _long("neck", 0, 10, -40, 60, 58 + j(4), 62 + j(4), FAT),
+        _long("neck muscle", 0, 10, -40, 60, 50, 54, MUSCLE),
+        _long("cervical vertebrae", 0, 25, -40, 40, 13, 12, MARROW),
+        _long("cervical cortex", 0, 25, -40, 40, 15, 14, BONE),
+        _long("cervical marrow", 0, 25, -40, 40, 12, 11, MARROW),
+        _long("spinal canal", 0, 45, -40, 45, 7, 7, 10.0),
+        _long("airway", 0, -25, -40, 45, 9, 8, AIR),
+        Ellipsoid("face", (0, -35, 35), (55, 55, 40), MUSCLE),
+        Ellipsoid("scalp", (0, 0, cz), (hx + 6, hy + 6, hz + 6), SCALP),
+        Ellipsoid("skull", (0, 0, cz), (hx, hy, hz), SKULL),
+        Ellipsoid("brain", (0, 0, cz), (hx - 7, hy - 7, hz - 7), BRAIN),
+        Ellipsoid("right lateral ventricle", (-10, 5, cz + 10), (6, 25, 12), CSF),
+        Ellipsoid("left lateral ventricle", (10, 5, cz + 10), (6, 25, 12), CSF),
+        Ellipsoid("right maxillary sinus", (-25, -60, 20), (14, 15, 16), AIR),
+        Ellipsoid("left maxillary sinus", (25, -60, 20), (14, 15, 16), AIR),
+        Ellipsoid("right mastoid", (-55, 30, 20), (8, 10, 10), AIR),
+        Ellipsoid("left mastoid", (55, 30, 20), (8, 10, 10), AIR),
+    ]
+    return Phantom(body_radii=(hx + 6, hy + 6), structures=tuple(s), lesions=(), seed=seed)

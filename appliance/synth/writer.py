@@ -20,7 +20,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from appliance.synth.phantom import REGIONS_MM, Phantom, make_phantom
+from appliance.store.database import SYNTHETIC_SERIES_DESCRIPTION
+from appliance.synth.phantom import REGIONS_MM, Phantom, make_head_phantom, make_phantom
 
 TRANSFER_SYNTAXES = {
     "explicit": ExplicitVRLittleEndian,
@@ -29,9 +30,10 @@ TRANSFER_SYNTAXES = {
     "jpeg2000": JPEG2000Lossless,
 }
 FIELD_OF_VIEW_MM = 500.0
+HEAD_FIELD_OF_VIEW_MM = 250.0
 RESCALE_INTERCEPT = -1024
 GROUND_TRUTH_NAME = "ground_truth.json"
-SYNTHETIC_NOTICE = "SYNTHETIC PHANTOM - not a patient"
+SYNTHETIC_NOTICE = SYNTHETIC_SERIES_DESCRIPTION  # every series written here says so: the store marks it synthetic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +66,10 @@ def _base_dataset(opts: SynthOptions, study_uid: str, series_uid: str) -> Datase
     ds.StudyDescription = f"Synthetic {opts.region} CT"
     ds.SeriesDescription = SYNTHETIC_NOTICE
     ds.Modality, ds.SeriesNumber, ds.Manufacturer = "CT", 1, "ct-appliance synthetic phantom"
-    ds.BodyPartExamined = {"chest": "CHEST", "abdomen": "ABDOMEN"}.get(opts.region, "CHESTABDOMEN")
+    ds.BodyPartExamined = {"chest": "CHEST", "abdomen": "ABDOMEN", "head": "HEAD"}.get(opts.region, "CHESTABDOMEN")
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.Rows = ds.Columns = opts.size
-    spacing = FIELD_OF_VIEW_MM / opts.size
+    spacing = field_of_view_mm(opts) / opts.size
     ds.PixelSpacing = [f"{spacing:.6f}", f"{spacing:.6f}"]
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
@@ -75,6 +77,19 @@ def _base_dataset(opts: SynthOptions, study_uid: str, series_uid: str) -> Datase
     ds.WindowCenter, ds.WindowWidth = 40, 400
     ds.KVP, ds.GantryDetectorTilt = 120, f"{opts.tilt_deg:.2f}"
     return ds
+
+
+def field_of_view_mm(opts: SynthOptions) -> float:
+    """The reconstruction diameter: a head is reconstructed on a smaller field than a trunk."""
+    return HEAD_FIELD_OF_VIEW_MM if opts.region == "head" else FIELD_OF_VIEW_MM
+
+
+def _phantom(opts: SynthOptions) -> Phantom:
+    if opts.region == "head":
+        if opts.lesions:
+            raise ValueError("the head phantom has no lesion kinds")
+        return make_head_phantom(opts.seed)
+    return make_phantom(opts.seed, opts.lesions)
 
 
 def _kept_indices(count: int, missing: int) -> list[int]:
@@ -88,10 +103,11 @@ def _kept_indices(count: int, missing: int) -> list[int]:
 def write_series(out: Path, opts: SynthOptions) -> dict:
     """Write the series into ``out`` (created); returns the ground truth that is also written there."""
     out.mkdir(parents=True, exist_ok=True)
-    phantom: Phantom = make_phantom(opts.seed, opts.lesions)
+    phantom = _phantom(opts)
     z0, z1 = REGIONS_MM[opts.region]
     dz = (z1 - z0) / opts.slices
-    spacing = FIELD_OF_VIEW_MM / opts.size
+    fov = field_of_view_mm(opts)
+    spacing = fov / opts.size
     tilt = math.radians(opts.tilt_deg)
     row_dir = np.array([1.0, 0.0, 0.0])
     col_dir = np.array([0.0, math.cos(tilt), -math.sin(tilt)])  # gantry tilt about the patient's x axis
@@ -103,7 +119,7 @@ def write_series(out: Path, opts: SynthOptions) -> dict:
     base.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
     syntax = TRANSFER_SYNTAXES[opts.transfer_syntax]
     rng = np.random.default_rng(opts.seed + 1)
-    half = FIELD_OF_VIEW_MM / 2
+    half = fov / 2
     i = np.arange(opts.size)
     x = (-half + i * spacing)[None, :]
     for number, k in enumerate(_kept_indices(opts.slices, opts.missing_slices), start=1):
