@@ -55,7 +55,7 @@ class StepContext:
     registry: Registry
     artefacts: Path
     db: sqlite_utils.Database
-    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     _segmentation: lungs.Segmentation | None = None
     lung_mask_fallback: str | None = None  # why the classical lung mask stands in for the learned one
     body_regions: body_region.BodyRegions | None = None  # what the series covers, found by series QA (step one)
@@ -92,7 +92,8 @@ def not_applicable(ctx: StepContext, model_id: str, region: str | None, coverage
         return False
     needs = f" and needs {coverage}" if coverage and coverage != region else ""
     ctx.skipped.append({"model": model_id, "why": f"not applicable: this series covers {regions.describe()}; "
-                                                  f"the model reads the {region}{needs}"})
+                                                  f"the model reads the {region}{needs}",
+                        "not_applicable": {"reads": region, "covers": list(regions.covered)}})
     return True
 
 

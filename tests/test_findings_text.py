@@ -221,3 +221,15 @@ def test_key_image_banner_says_not_validated_in_every_language_and_fits(tmp_path
         assert (c == 60).all(), "a validated model's key image has no banner"
         assert " ".join(lines).count("VALID") == 3, "English, French and Spanish"
         assert all(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(line, font=font) <= size - 4 for line in lines)
+
+
+def test_a_model_outside_its_body_region_says_so_in_the_readers_language():
+    entry = {"model": "chest-opacity", "why": "not applicable: this series covers the head (z 0 to 180 mm, slices "
+             "0-59: a bone ring around brain density); the model reads the chest",
+             "not_applicable": {"reads": "chest", "covers": ["head", "neck"]}}
+    assert ft.skipped_sentence(entry, EN) == ("Lung opacity not applicable: this series covers head, neck; the model "
+                                              "reads the chest")
+    french = ft.skipped_sentence(entry, translations("fr"))
+    spanish = ft.skipped_sentence(entry, translations("es"))
+    assert "tête" in french and "thorax" in french and "covers" not in french
+    assert "cabeza" in spanish and "tórax" in spanish and "covers" not in spanish

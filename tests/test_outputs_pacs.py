@@ -127,7 +127,9 @@ def test_results_reach_orthanc_and_wait_while_it_is_down(tmp_path, synthetic_che
         proc.wait(timeout=30)
 
 
-def test_a_review_sends_the_reviewed_report_again(tmp_path, synthetic_chest):
+def test_a_review_sends_the_reviewed_report_and_sr_again(tmp_path, synthetic_chest):
+    import highdicom as hd
+
     from appliance.jobs import queue
     from appliance.store.database import utcnow
 
@@ -145,7 +147,11 @@ def test_a_review_sends_the_reviewed_report_again(tmp_path, synthetic_chest):
     assert worker.run_once()
     assert db.execute("SELECT state FROM jobs WHERE kind = 'report'").fetchone()[0] == "done"
     rows = db.execute("SELECT path FROM outbox ORDER BY id").fetchall()
-    assert len(rows) == before + 1
+    assert len(rows) == before + 2  # the SR with the review state, and the report
+    sr = hd.sr.srread(worker.store.home / rows[-2][0])
+    groups = {g.tracking_identifier.split()[0]: g for g in sr.content.get_image_measurement_groups()}
+    evaluations = {q.name.meaning: q.value.meaning for q in groups["chest-covid19"].get_qualitative_evaluations()}
+    assert evaluations["Radiologist review"] == "Confirmed by a radiologist"
     doc = pydicom.dcmread(worker.store.home / rows[-1][0])
     pdf = bytes(doc.EncapsulatedDocument)[:doc.EncapsulatedDocumentLength]
     text = " ".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)

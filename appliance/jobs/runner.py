@@ -24,7 +24,7 @@ from appliance.jobs import queue
 from appliance.jobs.notify import sd_notify
 from appliance.jobs.owner import WorkerLock, worker_alive
 from appliance.outputs import outbox
-from appliance.outputs.dicom_objects import write_outputs, write_report_object
+from appliance.outputs.dicom_objects import write_outputs, write_report_object, write_reviewed_sr
 from appliance.store.database import utcnow, write_transaction
 from appliance.store.datadir import DataDirectory
 from appliance.store.instances import InstanceStore, open_store, series_instances
@@ -149,17 +149,22 @@ class JobRunner:
             outbox.enqueue(db, self.destinations, paths, home, job["series_instance_uid"])
 
     def _send_report(self, job: dict[str, Any]) -> None:
-        """Send the study's report as it stands now (with its reviews) to every PACS."""
+        """Send the study's report and the series' SR as they stand now (with their reviews) to every PACS."""
         series_uid, db, home = job["series_instance_uid"], self.store.db, self.store.home
-        path = write_report_object(series_instances(db, home, series_uid)[0],
-                                   *report_pdf(db, home, self.settings, job["study_instance_uid"]),
-                                   artefact_dir(self.store, series_uid) / "dicom")
+        reference = series_instances(db, home, series_uid)[0]
+        out_dir = artefact_dir(self.store, series_uid) / "dicom"
+        paths = [write_report_object(reference, *report_pdf(db, home, self.settings, job["study_instance_uid"]),
+                                     out_dir)]
+        results = reviewed_results(db, job["study_instance_uid"], series_uid)
+        if results:
+            paths.insert(0, write_reviewed_sr(reference, results, out_dir))
         analysis = db.execute("SELECT id FROM analyses WHERE series_instance_uid = ? AND superseded = 0 "
                               "ORDER BY id DESC LIMIT 1", [series_uid]).fetchone()
-        record_outputs(db, home, analysis[0] if analysis else None, series_uid, [path])
+        record_outputs(db, home, analysis[0] if analysis else None, series_uid, paths)
         if self.destinations:
-            outbox.enqueue(db, self.destinations, [path], home, series_uid)
-        log.info("job %d: report of study %s written to %s", job["id"], job["study_instance_uid"], path.name)
+            outbox.enqueue(db, self.destinations, paths, home, series_uid)
+        log.info("job %d: report and SR of study %s written (%s)", job["id"], job["study_instance_uid"],
+                 ", ".join(p.name for p in paths))
 
     def forward(self) -> None:
         """Send what waits in the outbox; a misbehaving PACS never stops analyses (rows stay queued)."""
@@ -187,6 +192,14 @@ def report_pdf(db: sqlite_utils.Database, home: Path, settings: Settings, study_
     pdf = report.render_pdf(doc, latest_reviews(doc["reviews"]), settings.site_name, _,
                             report.key_image_finder(home))
     return pdf, _("CT screening report")
+
+
+def reviewed_results(db: sqlite_utils.Database, study_uid: str, series_uid: str) -> list[dict[str, Any]]:
+    """The series' current results with their review state, as the study page shows them."""
+    from appliance.store.studies import study
+
+    doc = study(db, study_uid) or {"series": []}
+    return next((s["results"] for s in doc["series"] if s["series_instance_uid"] == series_uid), [])
 
 
 def record_outputs(db: sqlite_utils.Database, home: Path, analysis_id: int | None, series_uid: str,

@@ -63,6 +63,7 @@ VALIDATED = _private("VALIDATED", "Validated on clinical data")
 REVIEW = _private("REVIEW", "Radiologist review")
 REVIEW_STATES = {"confirmed": _private("CONFIRMED", "Confirmed by a radiologist"),
                  "rejected": _private("REJECTED", "Rejected by a radiologist"),
+                 "needs re-review": _private("REREVIEW", "Needs re-review: the earlier review no longer applies"),
                  None: _private("NOTREVIEWED", "Not reviewed")}
 SCORE, THRESHOLD = _private("SCORE", "Model score"), _private("THRESHOLD", "Decision threshold")
 OPACITY = _private("OPACITY", "Lung opacity, percent of lung volume")
@@ -154,7 +155,7 @@ def _evaluations(result: dict[str, Any], review: dict[str, Any] | None) -> list:
            hd.sr.QualitativeEvaluation(_code(VALIDATED), _code(YES if result["validated"] else NO))]
     if not is_reviewed(result):
         return out  # a measurement carries no decision to confirm or reject
-    decision = (review or {}).get("decision")
+    decision = (review or {}).get("state") or (review or {}).get("decision")
     out.append(hd.sr.QualitativeEvaluation(_code(REVIEW), _code(REVIEW_STATES.get(decision, REVIEW_STATES[None]))))
     return out
 
@@ -324,6 +325,14 @@ def write_report_object(reference: StoredInstance, pdf: bytes, title: str, out_d
     """The study report alone as Encapsulated PDF (sent again after a review), in the study of the stored
     image ``reference``; returns its path."""
     return _write_and_check(build_encapsulated_pdf(reference_dataset(reference), pdf, title), out_dir,
+                            reference.study_instance_uid)
+
+
+def write_reviewed_sr(reference: StoredInstance, results: list[dict[str, Any]], out_dir: Path) -> Path:
+    """The series' SR again, its results as the store has them now (each with its ``id`` and ``review``, as
+    :func:`appliance.store.studies.study` gives them): every decision carries the radiologist's review state."""
+    states = {r["id"]: {"state": str(getattr(r.get("review"), "state", "") or "") or None} for r in results}
+    return _write_and_check(build_sr([reference_dataset(reference)], results, states), out_dir,
                             reference.study_instance_uid)
 
 

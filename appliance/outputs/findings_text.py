@@ -457,6 +457,13 @@ def _with(render: Callable[[re.Match[str], Gettext], str], _: Gettext) -> Callab
 
 def skipped_sentence(entry: dict[str, Any], _: Gettext) -> str:
     """One ``skipped_models`` entry of an analysis record: which model did not run and why."""
+    outside = entry.get("not_applicable")
+    if isinstance(outside, dict) and outside.get("reads"):
+        covers = [region_name(str(r), _) for r in outside.get("covers") or []]
+        return _("%(model)s not applicable: this series covers %(covers)s; the model reads the %(region)s",
+                 model=model_name(str(entry.get("model", "?")), _),
+                 covers=", ".join(covers) if covers else _("no body region that could be recognised"),
+                 region=region_name(str(outside["reads"]), _))
     return _("%(model)s not assessed: %(why)s", model=model_name(str(entry.get("model", "?")), _),
              why=note_text(str(entry.get("why", "")), _))
 
@@ -504,6 +511,14 @@ def result_line(result: dict[str, Any], _: Gettext) -> str:
     return f"{model_name(result['model'], _)}: {_verdict(result, _)}. {said}".strip()
 
 
+def _awaits_review(result: dict[str, Any], reviews: dict[int, dict[str, Any]]) -> bool:
+    """No review applies to ``result``: none was made, or the earlier one no longer applies (needs re-review)."""
+    state = getattr(result.get("review"), "state", None)
+    if state is not None:
+        return str(state) in ("not reviewed", "needs re-review")
+    return result.get("id") not in reviews
+
+
 def impression(study: dict[str, Any], reviews: dict[int, dict[str, Any]], _: Gettext) -> Impression:
     """The impression of ``study`` (as :func:`appliance.store.studies.study` returns it) given the latest review
     of each result."""
@@ -517,6 +532,6 @@ def impression(study: dict[str, Any], reviews: dict[int, dict[str, Any]], _: Get
             out.not_assessed.append(skipped_sentence(entry, _))
         for result in series.get("results") or []:
             waiting = result.get("flagged") and result.get("model") not in MEASUREMENTS and \
-                result.get("id") not in reviews
+                _awaits_review(result, reviews)
             (out.needs_review if waiting else out.measured).append(result_line(result, _))
     return out
