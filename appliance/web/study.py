@@ -12,7 +12,7 @@ from flask_babel import gettext as _
 
 from appliance.jobs import queue
 from appliance.outputs import report
-from appliance.pipelines import overlays
+from appliance.pipelines import overlays, viewer_volume
 from appliance.store.database import audit, utcnow, write_transaction
 from appliance.store.datadir import DataDirectory
 from appliance.store.studies import latest_reviews, study
@@ -24,6 +24,7 @@ from appliance.web.params import bounded_int
 bp = Blueprint("study", __name__)
 DECISIONS = ("confirmed", "rejected")
 MAX_COMMENT = 2000
+MAX_SLICE_BATCH = 32  # slices in one answer: 16 MiB of 512 x 512 int16 at most
 
 
 def _inside(root: Path, path: Path) -> Path:
@@ -101,31 +102,46 @@ def _viewer_index(series_uid: str) -> dict:
 
 @bp.route("/series/<uid>/viewer.json")
 def viewer_index(uid: str):
+    """What the viewer needs before the first image: frame count and size, each frame's volume slice
+    index and position (mm), and the reduced volume's geometry when reformatted planes can be cut."""
     doc = _viewer_index(uid)
     folder = _series_artefacts(uid)
     models = sorted(p.stem.removeprefix("overlay-") for p in folder.glob("overlay-*.npz"))
-    return {"slices": len(doc["frames"]), "rows": doc["frames"][0]["rows"] if doc["frames"] else 0,
-            "columns": doc["frames"][0]["columns"] if doc["frames"] else 0,
-            "pixel_spacing_mm": doc["pixel_spacing_mm"], "overlays": models}
+    frames = doc["frames"]
+    volume = doc.get("volume")
+    return {"slices": len(frames), "rows": frames[0]["rows"] if frames else 0,
+            "columns": frames[0]["columns"] if frames else 0,
+            "pixel_spacing_mm": doc["pixel_spacing_mm"], "overlays": models,
+            "volume_index": [f["volume_index"] for f in frames],
+            "z_mm": [f.get("z_mm") for f in frames],
+            "volume": volume if volume and (folder / viewer_volume.VOLUME_FILE).is_file() else None}
+
+
+def _frame_hu(frame: dict) -> np.ndarray:
+    """One stored frame decoded to HU as little-endian int16 (rows x columns)."""
+    from pydicom.pixels import pixel_array
+
+    home = settings_of().home_path
+    path = _inside(DataDirectory(home).instances, home / frame["path"])
+    pixels = pixel_array(str(path), index=frame["frame"]) if frame["frame"] is not None else pixel_array(str(path))
+    hu = pixels.astype(np.float32) * frame["slope"] + frame["intercept"]
+    return np.clip(hu, -32768, 32767).astype("<i2")
+
+
+def _int16_response(data: bytes, rows: int, columns: int) -> Response:
+    response = Response(data, mimetype="application/octet-stream")
+    response.headers["X-Rows"], response.headers["X-Columns"] = str(rows), str(columns)
+    return response
 
 
 @bp.route("/series/<uid>/slice/<int:k>")
 def slice_pixels(uid: str, k: int):
     """Slice ``k`` (stacking order) in HU as little-endian int16, rows x columns; the browser windows it."""
-    from pydicom.pixels import pixel_array
-
     frames = _viewer_index(uid)["frames"]
     if not 0 <= k < len(frames):
         abort(404)
-    frame = frames[k]
-    home = settings_of().home_path
-    path = _inside(DataDirectory(home).instances, home / frame["path"])
-    pixels = pixel_array(str(path), index=frame["frame"]) if frame["frame"] is not None else pixel_array(str(path))
-    hu = pixels.astype(np.float32) * frame["slope"] + frame["intercept"]
-    data = np.clip(hu, -32768, 32767).astype("<i2").tobytes()
-    response = Response(data, mimetype="application/octet-stream")
-    response.headers["X-Rows"], response.headers["X-Columns"] = str(hu.shape[0]), str(hu.shape[1])
-    return response
+    hu = _frame_hu(frames[k])
+    return _int16_response(hu.tobytes(), hu.shape[0], hu.shape[1])
 
 
 @bp.route("/series/<uid>/overlay/<model>/<int:k>.png")
@@ -145,3 +161,42 @@ def overlay(uid: str, model: str, k: int):
     out = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(out, format="PNG")
     return Response(out.getvalue(), mimetype="image/png")
+
+
+@bp.route("/series/<uid>/slices/<int:k>/<int:count>")
+def slice_batch(uid: str, k: int, count: int):
+    """Up to ``count`` consecutive slices from ``k`` (stacking order) in one answer, int16 HU one after
+    the other; ``X-Count`` says how many (fewer at the end of the series or where the frame size
+    changes), so the viewer fetches a neighbourhood in one round trip instead of one per slice."""
+    frames = _viewer_index(uid)["frames"]
+    if not 0 <= k < len(frames) or not 1 <= count <= MAX_SLICE_BATCH:
+        abort(404)
+    first = _frame_hu(frames[k])
+    parts = [first.tobytes()]
+    for frame in frames[k + 1:k + count]:
+        if (frame["rows"], frame["columns"]) != first.shape:
+            break
+        parts.append(_frame_hu(frame).tobytes())
+    response = _int16_response(b"".join(parts), first.shape[0], first.shape[1])
+    response.headers["X-Count"] = str(len(parts))
+    return response
+
+
+@bp.route("/series/<uid>/reformat/<plane>/<int:k>")
+def reformat(uid: str, plane: str, k: int):
+    """Coronal or sagittal plane ``k`` (index along y or x of the reduced volume) as int16 HU, head at the
+    top; ``X-Pixel-Spacing`` gives row and column spacing in mm (``row\\column``), for true proportions."""
+    if plane not in viewer_volume.PLANES:
+        abort(404)
+    folder = _series_artefacts(uid)
+    geometry = _viewer_index(uid).get("volume")
+    volume = viewer_volume.load(folder / viewer_volume.VOLUME_FILE) if geometry else None
+    if geometry is None or volume is None:
+        abort(404)  # analysed before reformats were kept: analysing the series again makes them
+    cut = viewer_volume.plane(volume, plane, k, superior_first=geometry["superior_first"])
+    if cut is None:
+        abort(404)
+    dz, dy, dx = geometry["spacing_mm_zyx"]
+    response = _int16_response(np.ascontiguousarray(cut, dtype="<i2").tobytes(), cut.shape[0], cut.shape[1])
+    response.headers["X-Pixel-Spacing"] = f"{dz}\\{dx if plane == 'coronal' else dy}"
+    return response

@@ -1,0 +1,71 @@
+"""The volume the web viewer cuts coronal and sagittal planes from: int16 HU, reduced in-plane.
+
+Written once per analysis beside ``viewer.json`` as ``volume-int16.npy`` and memory-mapped by the web
+process, so a reformatted plane costs one strided read instead of decoding every stored frame. The
+in-plane size is reduced to at most :data:`REFORMAT_MAX_SIZE` pixels by averaging blocks: a 300-slice
+512 x 512 series is 39 MB on disk instead of 157 MB, and a coronal plane (300 x 256) still has finer
+pixels than its slice spacing. Slices are kept whole, so plane rows are volume slice indices, the
+index the findings and overlays use.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from appliance.durable import durable_rename
+
+VOLUME_FILE = "volume-int16.npy"
+REFORMAT_MAX_SIZE = 256  # pixels along the longer in-plane side of the stored volume
+PLANES = ("coronal", "sagittal")
+SLAB = 16  # slices reduced at a time, to bound the float copy on a large series
+
+
+def reduction(rows: int, columns: int, max_size: int = REFORMAT_MAX_SIZE) -> int:
+    """The whole-number factor that brings ``rows`` x ``columns`` to at most ``max_size`` pixels a side."""
+    return max(1, math.ceil(max(rows, columns) / max_size))
+
+
+def reduce_in_plane(hu: np.ndarray, factor: int) -> np.ndarray:
+    """``hu[z, y, x]`` with each ``factor`` x ``factor`` block averaged (edges cropped), int16."""
+    if factor == 1:
+        return np.ascontiguousarray(hu, dtype=np.int16)
+    z, y, x = hu.shape[0], hu.shape[1] // factor, hu.shape[2] // factor
+    out = np.empty((z, y, x), dtype=np.int16)
+    for start in range(0, z, SLAB):
+        block = hu[start:start + SLAB, :y * factor, :x * factor].reshape(-1, y, factor, x, factor)
+        out[start:start + SLAB] = np.rint(block.mean(axis=(2, 4), dtype=np.float32))
+    return out
+
+
+def save(hu: np.ndarray, path: Path) -> None:
+    """Write ``hu`` as ``.npy`` durably (temporary name, fsync, rename): readers never see a part."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+    with open(tmp, "xb") as out:
+        np.save(out, hu, allow_pickle=False)
+        out.flush()
+        os.fsync(out.fileno())
+    durable_rename(tmp, path)
+
+
+def load(path: Path) -> np.ndarray | None:
+    """The stored volume memory-mapped read-only, or None when the series has none."""
+    if not path.is_file():
+        return None
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def plane(volume: np.ndarray, name: str, k: int, *, superior_first: bool) -> np.ndarray | None:
+    """Plane ``k`` of ``volume[z, y, x]`` as rows x columns with the head at the top, or None if out of range.
+
+    Coronal: rows along z, columns along x (index ``k`` along y); sagittal: rows along z, columns along y.
+    """
+    axis = {"coronal": 1, "sagittal": 2}[name]
+    if not 0 <= k < volume.shape[axis]:
+        return None
+    cut = np.asarray(volume[:, k, :] if axis == 1 else volume[:, :, k])
+    return cut if superior_first else cut[::-1]
