@@ -9,7 +9,8 @@
   const TOOL_KEYS = { s: "scroll", w: "wl", p: "pan", z: "zoom", d: "distance", r: "roi" };
   const PLANE_KEYS = { 1: "axial", 2: "coronal", 3: "sagittal" };
   const MOVES = { ArrowDown: 1, ArrowUp: -1, ArrowRight: 1, ArrowLeft: -1, PageDown: 10, PageUp: -10 };
-  const BATCH = 8;                    // slices per request when prefetching
+  // slices per request when prefetching; bench/viewer_speed.py sets window.viewerFetchBatch = 1 to compare
+  const BATCH = Math.max(1, Math.min(32, Number(window.viewerFetchBatch) || 8));
   const CACHE_BYTES = 96 * 2 ** 20;   // decoded slices kept in the browser
   const DRAG_PX_PER_SLICE = 4;
   const ZOOM_STEP = 1.25;
