@@ -105,6 +105,16 @@ def test_the_viewer_sits_beside_the_findings_and_shows_the_first_image_quickly(p
     assert page.evaluate("getComputedStyle(document.querySelector('.study-viewer')).position") == "sticky"
     first = page.evaluate("window.viewerStats.firstDrawMs")
     assert 0 < first < 5000, first  # the 1 s target is measured by bench/viewer_speed.py
+    # a narrow window: one column, the viewer after the findings and not sticky, its image square; a key
+    # image click brings it into view
+    page.set_viewport_size({"width": 800, "height": 900})
+    page.wait_for_function("() => getComputedStyle(document.querySelector('.study-viewer')).position === 'static'")
+    stage = page.locator(STAGE).bounding_box()
+    assert abs(stage["width"] - stage["height"]) < 2 and stage["width"] > 600
+    assert page.locator(".study-viewer").bounding_box()["y"] > page.locator(".study-findings").bounding_box()["y"]
+    page.locator(".keys img[data-slice]").first.click()
+    page.wait_for_function("() => { const r = document.querySelector('.viewer').getBoundingClientRect();"
+                           " return r.top < innerHeight && r.bottom > 0; }")
     # the printed page leaves the viewer out and lets the findings take the width
     page.emulate_media(media="print")
     assert page.locator(".study-viewer").is_hidden()
