@@ -209,6 +209,8 @@ def test_coronal_reformat_shows_a_picture_of_the_right_size(page, web):
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         const seen = new Set(); for (let i = 0; i < d.length; i += 4) seen.add(d[i]); return seen.size; }}""")
     assert levels > 50
+    page.select_option("[data-overlay-model]", "lungs-classical")  # the lung mask, cut along the plane too
+    page.wait_for_function(f"() => document.querySelector('{STAGE}').dataset.overlay === 'lungs-classical'")
     page.locator(STAGE).focus()
     page.keyboard.press("3")
     page.wait_for_function(f"() => document.querySelector('{STAGE}').dataset.plane === 'sagittal'")

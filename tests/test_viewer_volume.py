@@ -40,6 +40,16 @@ def test_planes_put_the_head_at_the_top(tmp_path):
     assert viewer_volume.load(tmp_path / "missing.npy") is None
 
 
+def test_an_overlay_drawn_on_every_few_slices_reads_whole_along_a_plane():
+    maps = np.zeros((3, 8, 8), dtype=np.uint8)
+    maps[:, 3, 5] = 200  # row 3 (y), column 5 (x) of each overlay map: where planes 1 and 2 of 4 cross it
+    slices = np.array([10, 4, 7])  # every third slice, in any order; slice 20 far from them
+    coronal = viewer_volume.overlay_plane(slices, maps, "coronal", 1, (21, 4, 4), superior_first=True)
+    assert coronal.shape == (21, 8) and coronal[:, 5].tolist() == [0] * 3 + [200] * 9 + [0] * 9
+    sagittal = viewer_volume.overlay_plane(slices, maps, "sagittal", 2, (21, 4, 4), superior_first=False)
+    assert sagittal[::-1][:, 3].tolist() == coronal[:, 5].tolist()
+
+
 def test_the_analysis_writes_the_volume_and_the_routes_cut_it(tmp_path, synthetic_chest, app_settings):
     record = analyze_paths([synthetic_chest], app_settings)
     study = record["studies"][0]
@@ -62,5 +72,8 @@ def test_the_analysis_writes_the_volume_and_the_routes_cut_it(tmp_path, syntheti
     assert batch.headers["X-Count"] == "2" and len(batch.data) == 2 * 128 * 128 * 2
     single = client.get(f"/series/{series}/slice/39")
     assert batch.data[128 * 128 * 2:] == single.data
-    for bad in ("reformat/axial/1", "reformat/coronal/128", "slices/0/33", "slices/40/1"):
+    mask = client.get(f"/series/{series}/overlay/lungs-classical/coronal/64.png")
+    assert mask.status_code == 200 and mask.mimetype == "image/png"
+    for bad in ("reformat/axial/1", "reformat/coronal/128", "slices/0/33", "slices/40/1",
+                "overlay/lungs-classical/axial/1.png", "overlay/no-such-model/coronal/1.png"):
         assert client.get(f"/series/{series}/{bad}").status_code == 404, bad

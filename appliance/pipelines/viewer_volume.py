@@ -69,3 +69,33 @@ def plane(volume: np.ndarray, name: str, k: int, *, superior_first: bool) -> np.
         return None
     cut = np.asarray(volume[:, k, :] if axis == 1 else volume[:, :, k])
     return cut if superior_first else cut[::-1]
+
+
+def overlay_plane(slices: np.ndarray, maps: np.ndarray, name: str, k: int, shape_zyx: tuple[int, int, int], *,
+                  superior_first: bool) -> np.ndarray:
+    """A model's overlay along plane ``k`` of the reduced volume: (slices x overlay size) uint8, head at the top.
+
+    ``slices``/``maps`` are an overlay file's volume slice indices and per-slice maps (square, stretched
+    over the slice). A model that drew its map on every few slices only is filled in between, up to half
+    its usual step, so a sampled mask reads as a mask rather than stripes; real gaps stay empty.
+    """
+    nz, ny, nx = shape_zyx
+    size = maps.shape[1]
+    axis_length = ny if name == "coronal" else nx
+    line = min(size - 1, int((k + 0.5) * size / axis_length))
+    profiles = maps[:, line, :] if name == "coronal" else maps[:, :, line]
+    out = np.zeros((nz, size), dtype=np.uint8)
+    order = np.argsort(slices)
+    slices, profiles = slices[order], profiles[order]
+    inside = (slices >= 0) & (slices < nz)
+    slices, profiles = slices[inside], profiles[inside]
+    if len(slices) == 0:
+        return out
+    reach = int(np.median(np.diff(slices))) // 2 if len(slices) > 1 else 0
+    z = np.arange(nz)
+    nearest = np.clip(np.searchsorted(slices, z), 0, len(slices) - 1)
+    before = np.clip(nearest - 1, 0, len(slices) - 1)
+    pick = np.where(np.abs(slices[before] - z) < np.abs(slices[nearest] - z), before, nearest)
+    near = np.abs(slices[pick] - z) <= reach
+    out[near] = profiles[pick[near]]
+    return out if superior_first else out[::-1]

@@ -144,23 +144,32 @@ def slice_pixels(uid: str, k: int):
     return _int16_response(hu.tobytes(), hu.shape[0], hu.shape[1])
 
 
-@bp.route("/series/<uid>/overlay/<model>/<int:k>.png")
-def overlay(uid: str, model: str, k: int):
-    """The model's map over slice ``k`` as a red PNG whose alpha is the map (transparent where none)."""
+def _red_png(alpha: np.ndarray) -> Response:
+    """A red PNG whose alpha is ``alpha`` (uint8, rows x columns)."""
     from PIL import Image
 
-    frames = _viewer_index(uid)["frames"]
-    if not 0 <= k < len(frames) or not model.replace("-", "").replace("_", "").isalnum():
-        abort(404)
-    heat = overlays.load_slice(_series_artefacts(uid) / f"overlay-{model}.npz", frames[k]["volume_index"])
-    size = overlays.OVERLAY_SIZE
-    rgba = np.zeros((size, size, 4), dtype=np.uint8)
-    rgba[..., 0], rgba[..., 1] = 255, 40
-    if heat is not None:
-        rgba[..., 3] = heat
+    rgba = np.zeros((*alpha.shape, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 3] = 255, 40, alpha
     out = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(out, format="PNG")
     return Response(out.getvalue(), mimetype="image/png")
+
+
+def _model_name(model: str) -> str:
+    if not model.replace("-", "").replace("_", "").isalnum():
+        abort(404)
+    return model
+
+
+@bp.route("/series/<uid>/overlay/<model>/<int:k>.png")
+def overlay(uid: str, model: str, k: int):
+    """The model's map over slice ``k`` as a red PNG whose alpha is the map (transparent where none)."""
+    frames = _viewer_index(uid)["frames"]
+    if not 0 <= k < len(frames):
+        abort(404)
+    heat = overlays.load_slice(_series_artefacts(uid) / f"overlay-{_model_name(model)}.npz", frames[k]["volume_index"])
+    size = overlays.OVERLAY_SIZE
+    return _red_png(heat if heat is not None else np.zeros((size, size), dtype=np.uint8))
 
 
 @bp.route("/series/<uid>/slices/<int:k>/<int:count>")
@@ -200,3 +209,22 @@ def reformat(uid: str, plane: str, k: int):
     response = _int16_response(np.ascontiguousarray(cut, dtype="<i2").tobytes(), cut.shape[0], cut.shape[1])
     response.headers["X-Pixel-Spacing"] = f"{dz}\\{dx if plane == 'coronal' else dy}"
     return response
+
+
+@bp.route("/series/<uid>/overlay/<model>/<plane>/<int:k>.png")
+def reformat_overlay(uid: str, model: str, plane: str, k: int):
+    """The model's map along coronal or sagittal plane ``k``, as the reformat route cuts it (head at the top),
+    a red PNG stretched over that plane; transparent where the model drew nothing."""
+    geometry = _viewer_index(uid).get("volume")
+    if plane not in viewer_volume.PLANES or geometry is None:
+        abort(404)
+    shape = tuple(geometry["shape_zyx"])
+    if not 0 <= k < shape[1 if plane == "coronal" else 2]:
+        abort(404)
+    path = _series_artefacts(uid) / f"overlay-{_model_name(model)}.npz"
+    if not path.is_file():
+        abort(404)
+    with np.load(path) as data:
+        alpha = viewer_volume.overlay_plane(data["slices"], data["maps"], plane, k, shape,
+                                            superior_first=geometry["superior_first"])
+    return _red_png(alpha)

@@ -209,8 +209,8 @@
     }
     function drawOverlay(img, t) {
       const model = modelSelect.value;
-      if (img.plane !== "axial" || !toggle.checked || !model) return "";
-      const src = base + "/overlay/" + encodeURIComponent(model) + "/" + img.k + ".png";
+      if (!toggle.checked || !model) return "";
+      const src = base + "/overlay/" + encodeURIComponent(model) + "/" + (img.plane === "axial" ? "" : img.plane + "/") + img.k + ".png";
       if (overlayImg.dataset.want !== src) { overlayImg.dataset.want = src; overlayImg.src = src; return ""; }
       if (overlayImg.dataset.loaded !== src) return "";
       ctx.save();
