@@ -248,7 +248,9 @@
         if (m.kind === "distance") { ctx.moveTo(ax, ay); ctx.lineTo(bx, by); }
         else ctx.ellipse((ax + bx) / 2, (ay + by) / 2, Math.abs(bx - ax) / 2, Math.abs(by - ay) / 2, 0, 0, 2 * Math.PI);
         ctx.stroke();
-        if (m.text) ctx.fillText(m.text, Math.max(ax, bx) + 4 * t.dpr, Math.min(ay, by));
+        if (!m.text) return;
+        const x = Math.min(Math.max(ax, bx) + 4 * t.dpr, canvas.width - ctx.measureText(m.text).width - 4 * t.dpr);
+        ctx.fillText(m.text, Math.max(4 * t.dpr, x), Math.max(16 * t.dpr, Math.min(ay, by)));
       });
       ctx.restore();
     }
