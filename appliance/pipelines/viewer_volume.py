@@ -36,9 +36,15 @@ def reduce_in_plane(hu: np.ndarray, factor: int) -> np.ndarray:
         return np.ascontiguousarray(hu, dtype=np.int16)
     z, y, x = hu.shape[0], hu.shape[1] // factor, hu.shape[2] // factor
     out = np.empty((z, y, x), dtype=np.int16)
+    total = np.empty((min(SLAB, z), y, x), dtype=np.int32)
     for start in range(0, z, SLAB):
-        block = hu[start:start + SLAB, :y * factor, :x * factor].reshape(-1, y, factor, x, factor)
-        out[start:start + SLAB] = np.rint(block.mean(axis=(2, 4), dtype=np.float32))
+        slab = hu[start:start + SLAB]
+        acc = total[:len(slab)]
+        acc.fill(0)
+        for i in range(factor):  # strided sums: several times faster than a mean over a reshaped view
+            for j in range(factor):
+                acc += slab[:, i:y * factor:factor, j:x * factor:factor]
+        out[start:start + SLAB] = np.floor_divide(acc + factor * factor // 2, factor * factor)
     return out
 
 
