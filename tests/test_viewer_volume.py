@@ -77,3 +77,27 @@ def test_the_analysis_writes_the_volume_and_the_routes_cut_it(tmp_path, syntheti
     for bad in ("reformat/axial/1", "reformat/coronal/128", "slices/0/33", "slices/40/1",
                 "overlay/lungs-classical/axial/1.png", "overlay/no-such-model/coronal/1.png"):
         assert client.get(f"/series/{series}/{bad}").status_code == 404, bad
+
+
+def test_a_series_analysed_before_the_volume_was_kept_gets_it_on_first_use(tmp_path, synthetic_chest, app_settings):
+    record = analyze_paths([synthetic_chest], app_settings)
+    study = record["studies"][0]
+    series = study["series"][0]["series_instance_uid"]
+    folder = DataDirectory(app_settings.home_path).series_artefacts(study["study_instance_uid"], series)
+    written = np.load(folder / viewer_volume.VOLUME_FILE)
+    doc = json.loads((folder / "viewer.json").read_text())
+    geometry = doc.pop("volume")
+    for frame in doc["frames"]:
+        del frame["z_mm"]
+    (folder / "viewer.json").write_text(json.dumps(doc))  # viewer.json as the previous version wrote it
+    (folder / viewer_volume.VOLUME_FILE).unlink()
+    client = create_app(app_settings, environ={}).test_client()
+    login(client, "rad")
+    answered = client.get(f"/series/{series}/viewer.json").json["volume"]
+    assert {k: answered[k] for k in geometry} == geometry
+    plane = client.get(f"/series/{series}/reformat/sagittal/30")
+    rows, columns = int(plane.headers["X-Rows"]), int(plane.headers["X-Columns"])
+    expected = written[:, :, 30] if geometry["superior_first"] else written[::-1, :, 30]
+    assert (np.frombuffer(plane.data, dtype="<i2").reshape(rows, columns) == expected).all()
+    assert (np.load(folder / viewer_volume.VOLUME_FILE) == written).all()
+    assert client.get(f"/series/{series}/viewer.json").json["volume"] == answered  # kept beside it

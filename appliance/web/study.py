@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 from flask import Blueprint, Response, abort, flash, g, redirect, render_template, request, send_file, url_for
 from flask_babel import gettext as _
 
+from appliance.durable import write_bytes_durably
 from appliance.jobs import queue
 from appliance.outputs import report
 from appliance.pipelines import overlays, viewer_volume
@@ -24,6 +26,7 @@ from appliance.web.params import bounded_int
 bp = Blueprint("study", __name__)
 DECISIONS = ("confirmed", "rejected")
 MAX_COMMENT = 2000
+LEGACY_GEOMETRY = "volume-int16.json"  # geometry of a volume the web built for an older analysis
 MAX_SLICE_BATCH = 32  # slices in one answer: 16 MiB of 512 x 512 int16 at most
 
 
@@ -108,13 +111,12 @@ def viewer_index(uid: str):
     folder = _series_artefacts(uid)
     models = sorted(p.stem.removeprefix("overlay-") for p in folder.glob("overlay-*.npz"))
     frames = doc["frames"]
-    volume = doc.get("volume")
     return {"slices": len(frames), "rows": frames[0]["rows"] if frames else 0,
             "columns": frames[0]["columns"] if frames else 0,
             "pixel_spacing_mm": doc["pixel_spacing_mm"], "overlays": models,
             "volume_index": [f["volume_index"] for f in frames],
             "z_mm": [f.get("z_mm") for f in frames],
-            "volume": volume if volume and (folder / viewer_volume.VOLUME_FILE).is_file() else None}
+            "volume": _volume_geometry(uid, doc, folder)}
 
 
 def _frame_hu(frame: dict) -> np.ndarray:
@@ -198,10 +200,13 @@ def reformat(uid: str, plane: str, k: int):
     if plane not in viewer_volume.PLANES:
         abort(404)
     folder = _series_artefacts(uid)
-    geometry = _viewer_index(uid).get("volume")
-    volume = viewer_volume.load(folder / viewer_volume.VOLUME_FILE) if geometry else None
-    if geometry is None or volume is None:
-        abort(404)  # analysed before reformats were kept: analysing the series again makes them
+    doc = _viewer_index(uid)
+    geometry = _volume_geometry(uid, doc, folder)
+    if geometry is None:
+        abort(404)  # resampled and analysed before reformats were kept: analysing it again makes them
+    volume = viewer_volume.load(folder / viewer_volume.VOLUME_FILE)
+    if volume is None:
+        volume = _build_volume(doc["frames"], folder, geometry)
     cut = viewer_volume.plane(volume, plane, k, superior_first=geometry["superior_first"])
     if cut is None:
         abort(404)
@@ -215,7 +220,7 @@ def reformat(uid: str, plane: str, k: int):
 def reformat_overlay(uid: str, model: str, plane: str, k: int):
     """The model's map along coronal or sagittal plane ``k``, as the reformat route cuts it (head at the top),
     a red PNG stretched over that plane; transparent where the model drew nothing."""
-    geometry = _viewer_index(uid).get("volume")
+    geometry = _volume_geometry(uid, _viewer_index(uid), _series_artefacts(uid))
     if plane not in viewer_volume.PLANES or geometry is None:
         abort(404)
     shape = tuple(geometry["shape_zyx"])
@@ -228,3 +233,64 @@ def reformat_overlay(uid: str, model: str, plane: str, k: int):
         alpha = viewer_volume.overlay_plane(data["slices"], data["maps"], plane, k, shape,
                                             superior_first=geometry["superior_first"])
     return _red_png(alpha)
+
+
+def _volume_geometry(uid: str, doc: dict, folder: Path) -> dict | None:
+    """The reduced volume's geometry: as the analysis wrote it, as the web process built it for a series
+    analysed before reformats were kept (``volume-int16.json``), or as it would build it now: only where
+    the stored frames are the volume's slices one to one (not resampled), else None."""
+    if doc.get("volume") and (folder / viewer_volume.VOLUME_FILE).is_file():
+        return doc["volume"]
+    built = folder / LEGACY_GEOMETRY
+    if built.is_file():
+        return json.loads(built.read_text())
+    frames = doc["frames"]
+    row = get_db().execute("SELECT record FROM analyses WHERE series_instance_uid = ? AND superseded = 0 "
+                           "ORDER BY id DESC LIMIT 1", [uid]).fetchone()
+    record = json.loads(row[0]) if row and row[0] else {}
+    shape, spacing = record.get("shape_zyx"), record.get("spacing_mm_zyx")
+    if (len(frames) < 2 or not shape or not spacing or shape[0] != len(frames)
+            or [f["volume_index"] for f in frames] != list(range(len(frames)))):
+        return None
+    factor = viewer_volume.reduction(shape[1], shape[2])
+    first, last = (_position_z(frames[i]) for i in (0, -1))
+    if first is None or last is None:
+        return None
+    return {"file": viewer_volume.VOLUME_FILE, "shape_zyx": [shape[0], shape[1] // factor, shape[2] // factor],
+            "spacing_mm_zyx": [spacing[0], round(spacing[1] * factor, 4), round(spacing[2] * factor, 4)],
+            "superior_first": bool(first > last), "factor": factor}
+
+
+def _position_z(frame: dict) -> float | None:
+    """The patient z (mm, LPS: head positive) of a stored frame, read from its header; None if unreadable."""
+    from pydicom import dcmread
+
+    home = settings_of().home_path
+    path = _inside(DataDirectory(home).instances, home / frame["path"])
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+        if frame["frame"] is not None and "PerFrameFunctionalGroupsSequence" in ds:
+            ds = ds.PerFrameFunctionalGroupsSequence[frame["frame"]].PlanePositionSequence[0]
+        return float(ds.ImagePositionPatient[2])
+    except (OSError, AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _build_volume(frames: list[dict], folder: Path, geometry: dict) -> np.ndarray:
+    """Decode every frame once and keep the reduced volume (a series analysed before the analysis kept it).
+    One builder at a time per series (flock); the others wait and then read what it wrote."""
+    lock_path = folder / ".volume-int16.lock"
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        volume = viewer_volume.load(folder / viewer_volume.VOLUME_FILE)
+        if volume is None:
+            factor = geometry.get("factor", 1)
+            reduced = np.empty(geometry["shape_zyx"], dtype=np.int16)
+            for k, frame in enumerate(frames):
+                reduced[k] = viewer_volume.reduce_in_plane(_frame_hu(frame)[None], factor)[0]
+            viewer_volume.save(reduced, folder / viewer_volume.VOLUME_FILE)
+            write_bytes_durably(json.dumps(geometry).encode(), folder / LEGACY_GEOMETRY)
+            volume = viewer_volume.load(folder / viewer_volume.VOLUME_FILE)
+    if volume is None:
+        abort(404)
+    return volume
