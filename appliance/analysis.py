@@ -36,6 +36,7 @@ from appliance.pipelines import (
     lung_segmentation,
     lungs,
     series_qa,
+    viewer_volume,
 )
 from appliance.pipelines.lung_regions import NotApplicable
 from appliance.series.volume import CTVolume, Problem, load_series
@@ -269,15 +270,24 @@ def _relative_key_images(results: list[dict[str, Any]], ddir: DataDirectory) -> 
 
 def write_viewer_index(volume: CTVolume, artefacts: Path, home: Path) -> None:
     """``viewer.json``: the frames in stacking order, where each lies, and the volume slice nearest to it,
-    so the web viewer shows the stored images themselves and puts a model's overlay on the right one."""
+    so the web viewer shows the stored images themselves and puts a model's overlay on the right one;
+    and ``volume-int16.npy``, the volume reduced in-plane, that coronal and sagittal planes are cut from."""
     plan = volume.plan
     nearest = np.abs(plan.source_z_mm[:, None] - plan.target_z_mm[None, :]).argmin(axis=1)
     frames = [{"path": str(f.path.relative_to(home)) if f.path.is_relative_to(home) else str(f.path),
                "frame": f.frame_index, "rows": f.rows, "columns": f.columns,
-               "slope": f.rescale_slope, "intercept": f.rescale_intercept, "volume_index": int(k)}
-              for f, k in zip(volume.frames, nearest)]
+               "slope": f.rescale_slope, "intercept": f.rescale_intercept, "volume_index": int(k),
+               "z_mm": round(float(z), 3)}
+              for f, k, z in zip(volume.frames, nearest, plan.source_z_mm)]
     artefacts.mkdir(parents=True, exist_ok=True)
-    doc = {"frames": frames, "pixel_spacing_mm": list(volume.frames[0].pixel_spacing) if volume.frames else None}
+    factor = viewer_volume.reduction(volume.hu.shape[1], volume.hu.shape[2])
+    reduced = viewer_volume.reduce_in_plane(volume.hu, factor)
+    viewer_volume.save(reduced, artefacts / viewer_volume.VOLUME_FILE)
+    dz, dy, dx = plan.spacing_mm_zyx
+    doc = {"frames": frames, "pixel_spacing_mm": list(volume.frames[0].pixel_spacing) if volume.frames else None,
+           "volume": {"file": viewer_volume.VOLUME_FILE, "shape_zyx": list(reduced.shape),
+                      "spacing_mm_zyx": [round(dz, 4), round(dy * factor, 4), round(dx * factor, 4)],
+                      "superior_first": bool(plan.direction[2, 2] < 0)}}
     write_bytes_durably(json.dumps(doc).encode(), artefacts / "viewer.json")
 
 

@@ -113,7 +113,7 @@ def _real_arguments(home: Path) -> dict[str, str]:
                 "row_id": first("SELECT id FROM quarantine ORDER BY id", "1"),
                 "model": first("SELECT model FROM results ORDER BY id", "chest-covid19"),
                 "model_id": first("SELECT model FROM results ORDER BY id", "chest-covid19"),
-                "n": "0", "k": "0", "filename": "app.css"}
+                "n": "0", "k": "0", "count": "4", "plane": "coronal", "filename": "app.css"}
     finally:
         db.conn.close()
 

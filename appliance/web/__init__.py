@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from appliance.config import Settings
 from appliance.outputs import findings_text, opacity_figures
-from appliance.outputs.report import is_reviewed, score_and_threshold
+from appliance.outputs.report import is_reviewed, score_and_threshold, verdict
 from appliance.store.database import open_database
 from appliance.store.datadir import DataDirectory
 from appliance.store.users import admin_count
@@ -96,6 +96,8 @@ def _register(app: Flask) -> None:
                                    "score_and_threshold": score_and_threshold, "is_reviewed": is_reviewed,
                                    "finding_sentences": lambda result: findings_text.result_sentences(result, _),
                                    "model_name": lambda model: findings_text.model_name(model, _),
+                                   "verdict": lambda result: verdict(result, _),
+                                   "skipped_sentence": lambda entry: findings_text.skipped_sentence(entry, _),
                                    "opacity_profile_svg": lambda result: opacity_figures.profile_svg(result, _)})
 
 
