@@ -40,7 +40,7 @@ def test_status_counts_what_was_stored(synthetic_chest, tmp_path):
     run = appliance("status", "--json", home=tmp_path / "home")
     doc = json.loads(run.stdout)
     assert doc["studies"] == 1 and doc["series"] == 1 and doc["instances"] == 40
-    assert doc["jobs"]["done"] == 1 and doc["outbox"] == {"queued": 0, "sent": 0}
+    assert doc["jobs"]["done"] == 1 and doc["outbox"] == {"queued": 0, "sent": 0, "set_aside": 0, "discarded": 0}
     assert doc["quarantined"] == 1  # the ground_truth.json beside the phantom is not DICOM
 
 

@@ -157,6 +157,45 @@ def test_a_finding_added_later_with_data_slice_also_jumps(page, web):
     assert page.input_value("[data-overlay-model]") == "lungs-classical"
 
 
+def test_a_finding_sentence_click_moves_the_viewer_to_its_slice(page, web):
+    url, study, _home = web
+    series = study["series"][0]["series_instance_uid"]
+    info = _viewer_json(page, url, series)
+    item = page.locator("article.result[data-model=chest-covid19] ul.findings li[data-slice]").first
+    volume_index = int(item.get_attribute("data-slice"))
+    frame = min(range(info["slices"]), key=lambda k: abs(info["volume_index"][k] - volume_index))
+    page.locator(STAGE).focus()
+    page.keyboard.press("End" if frame < info["slices"] // 2 else "Home")  # away from it first
+    item.click()
+    page.wait_for_function(f"""() => {{ const s = document.querySelector('{STAGE}').dataset;
+        return s.slice === '{frame}' && s.overlay === 'chest-covid19'; }}""")
+    assert item.inner_text().startswith("Key image: slice ")
+
+
+@pytest.mark.parametrize("language", ["fr", "es"])
+def test_french_and_spanish_pages_carry_no_english_model_text(browser, web, language):
+    from tests.test_findings_text import _english_model_text
+
+    url, study, _home = web
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    _login(page, url, "rad")
+    page.goto(f"{url}/study/{study['study_instance_uid']}")
+    with page.expect_navigation():
+        page.select_option("select[name=lang]", language)
+    english = _english_model_text(study)
+    try:
+        for path in (f"/study/{study['study_instance_uid']}", f"/study/{study['study_instance_uid']}/report"):
+            page.goto(url + path)
+            text = page.inner_text("main")
+            assert page.evaluate("document.documentElement.lang") == language
+            assert not sorted(t for t in english if t in text), (path, language)
+    finally:
+        with page.expect_navigation():
+            page.select_option("select[name=lang]", "en")
+        context.close()
+
+
 def test_window_level_drag_changes_the_values_shown(page):
     box = page.locator(STAGE).bounding_box()
     centre = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)

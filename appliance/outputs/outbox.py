@@ -118,7 +118,7 @@ def enqueue(db: sqlite_utils.Database, destinations: tuple[Destination, ...], pa
         for destination in destinations:
             for path, head in heads:
                 cursor = db.execute(
-                    "INSERT INTO outbox (destination, path, sop_instance_uid, series_instance_uid, modality, state, "
+                    "INSERT INTO outbox (destination, path, sop_instance_uid, series_instance_uid, modality, state, "  # nosec B608 - fixed SQL text; values bound
                     "attempts, refusals, not_before, created_at) VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?) "
                     f"ON CONFLICT (destination, sop_instance_uid) {conflict}",
                     [str(destination), str(path.relative_to(home)), str(head.SOPInstanceUID), series_uid,

@@ -106,9 +106,10 @@ FLAGGED_SQL = """SELECT EXISTS (SELECT 1 FROM analyses a CROSS JOIN results r ON
 # appliance.synth (its Series Description). Kept, analysed and shown, but left out of every statistic.
 SAMPLE_SOURCE = "sample"
 SYNTHETIC_SERIES_DESCRIPTION = "SYNTHETIC PHANTOM - not a patient"
-SYNTHETIC_SQL = f"""SELECT EXISTS (SELECT 1 FROM series s WHERE s.study_instance_uid = studies.study_instance_uid
-  AND (s.series_description = '{SYNTHETIC_SERIES_DESCRIPTION}' OR EXISTS (SELECT 1 FROM instances i
-  WHERE i.series_instance_uid = s.series_instance_uid AND i.source = '{SAMPLE_SOURCE}')))"""
+SYNTHETIC_SQL = """SELECT EXISTS (SELECT 1 FROM series s WHERE s.study_instance_uid = studies.study_instance_uid
+  AND (s.series_description = 'SYNTHETIC PHANTOM - not a patient' OR EXISTS (SELECT 1 FROM instances i
+  WHERE i.series_instance_uid = s.series_instance_uid AND i.source = 'sample')))"""
+assert SYNTHETIC_SERIES_DESCRIPTION in SYNTHETIC_SQL and f"'{SAMPLE_SOURCE}'" in SYNTHETIC_SQL
 # the studies every statistic counts (a clause on a table or alias named by the caller's study_instance_uid)
 REAL_STUDIES_SQL = "SELECT study_instance_uid FROM studies WHERE synthetic = 0"
 
@@ -279,7 +280,7 @@ def counts(db: sqlite_utils.Database) -> dict[str, Any]:
         "quarantined": one("SELECT count(*) FROM quarantine"),
         "results": one("SELECT count(*) FROM results"),
         "jobs": {s: jobs.get(s, 0) for s in ("queued", "running", "done", "failed")},
-        "outbox": {s: outbox.get(s, 0) for s in ("queued", "sent")},
+        "outbox": {s: outbox.get(s, 0) for s in ("queued", "sent", "set_aside", "discarded")},
     }
 
 
