@@ -348,7 +348,9 @@ def _engine_text(choice: Any, trt_ok: bool) -> tuple[str, str]:
 
 
 def check_packs(ctx: Context) -> list[Row]:
-    from appliance.inference import packs, registry, trust
+    import sqlite_utils
+
+    from appliance.inference import packs, policy, registry, trust
     from appliance.inference.backends import tensorrt as trt_backend
 
     s = ctx.settings
@@ -368,7 +370,9 @@ def check_packs(ctx: Context) -> list[Row]:
             continue
         choice = inventory[(pack.id, pack.version, pack.origin)]["choice"]
         engine, fix = _engine_text(choice, trt_ok)
-        detail = (f"{pack.version} ({pack.origin}), checksums ok, {signer}; runs on {choice.backend} "
+        off = policy.why_off(pack, s, sqlite_utils.Database(ctx.db())) if ctx.ddir.database.is_file() else None
+        runs = "off at this site until evaluated and switched on" if off else "runs"
+        detail = (f"{pack.version} ({pack.origin}), checksums ok, {signer}; {runs} on {choice.backend} "
                   f"{choice.precision}{engine}")
         rows.append(row(f"pack {pack.id}", WARNING if fix else OK, detail, fix))
     if not found and not refused:
