@@ -211,3 +211,24 @@ def test_everything_running_exits_zero(site, receiver, web, capsys):
     problems = [r for r in doc["checks"] if r["status"] == "problem"]
     assert problems == [] and rc == 0 and doc["ok"] is True
     assert by_name(doc, "web")["detail"] == f"listening on 127.0.0.1:{site.web_port}"
+
+
+def test_an_imported_pack_changed_after_its_import_is_a_problem(site, tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from appliance import signing
+    from appliance.inference import pack_import, trust
+
+    from .test_packs_import import make_pack
+
+    key = Ed25519PrivateKey.generate()
+    (tmp_path / "partner.pub").write_text(signing.public_text(key.public_key()))
+    trust.trust_key(site.home_path, tmp_path / "partner.pub")
+    done = pack_import.import_pack(make_pack(tmp_path / "usb", "lung-segmentation", "1.1.0", key),
+                                   site.home_path, site.engines_path)
+    row = by_name(doctor.run_checks(site), "pack lung-segmentation")
+    assert row["status"] == doctor.OK and "1.1.0 (imported)" in row["detail"] and "Partner" in row["detail"]
+    with open(done.pack.path / "LICENSE", "a") as f:
+        f.write("changed on the box")
+    row = by_name(doctor.run_checks(site), "pack lung-segmentation 1.1.0")
+    assert row["status"] == doctor.PROBLEM and "PACK_TAMPERED" in row["detail"]

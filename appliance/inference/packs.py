@@ -262,8 +262,8 @@ def load_imported(packs_dir: Path) -> tuple[list[ModelPack], list[PackRefused]]:
                     raise PackRefused("PACK_INCONSISTENT", f"{id_dir.name}/{folder.name}: the manifest names "
                                                            f"version {pack.version!r}.")
                 packs.append(pack)
-            except PackRefused as exc:
-                refused.append(exc)
+            except PackRefused as exc:  # its reason names the version folder: say which pack too
+                refused.append(PackRefused(exc.reason_code, f"{id_dir.name} {exc.reason}"))
     return packs, refused
 
 
