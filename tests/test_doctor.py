@@ -232,3 +232,21 @@ def test_an_imported_pack_changed_after_its_import_is_a_problem(site, tmp_path):
         f.write("changed on the box")
     row = by_name(doctor.run_checks(site), "pack lung-segmentation 1.1.0")
     assert row["status"] == doctor.PROBLEM and "PACK_TAMPERED" in row["detail"]
+
+
+def test_the_install_prefix_of_a_bundle_layout_is_found_from_the_venv(tmp_path):
+    venv = tmp_path / "opt" / "versions" / "0.2.0" / "venv"
+    venv.mkdir(parents=True)
+    (tmp_path / "opt" / "current").symlink_to("versions/0.2.0")
+    assert doctor.install_prefix(tmp_path / "opt" / "current" / "venv") == tmp_path / "opt"
+    assert doctor.install_prefix(venv) == tmp_path / "opt"
+    assert doctor.install_prefix(REPO / ".venv") is None
+
+
+def test_listening_sockets_are_read_with_their_addresses(site):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert doctor.bound_addresses(port, doctor.listening_sockets()) == ["127.0.0.1"]
+    assert doctor.bound_addresses(port, doctor.listening_sockets()) == []

@@ -266,3 +266,32 @@ def test_a_key_file_that_is_not_a_key_is_refused(site, tmp_path, capsys):
 def test_pack_versions_sort_as_numbers():
     assert packs.version_key("1.10.0") > packs.version_key("1.9.2") > packs.version_key("1.9")
     assert packs.version_key("2.0.0") > packs.version_key("1.0.0")
+
+
+def test_the_admin_switches_on_the_new_classifier_version_only_after_its_evaluation(site, partner, tmp_path):
+    from appliance.store.database import utcnow
+    from appliance.web import create_app
+    from tests.web_helpers import csrf, login, make_accounts
+
+    key, pub = partner
+    trust.trust_key(site.home_path, pub)
+    pack_import.import_pack(make_pack(tmp_path / "usb", "chest-covid19", "2.0.0", key), site.home_path,
+                            site.engines_path)
+    make_accounts(site.home_path)
+    client = create_app(site).test_client()
+    login(client, "admin")
+    page = client.get("/admin/").get_data(as_text=True)
+    assert "2.0.0" in page and "1.0.0" in page
+
+    def switch_on() -> str:
+        form = {"model": "chest-covid19", "version": "2.0.0", "enabled": "1", "csrf_token": csrf(client, "/admin/")}
+        return client.post("/admin/models/switch", data=form, follow_redirects=True).get_data(as_text=True)
+
+    assert "Not switched on" in switch_on()
+    db = open_database(site.home_path)
+    db.table("operating_points").insert({"model": "chest-covid19", "model_version": "2.0.0", "threshold": 0.5,
+                                         "target_sensitivity": 0.9, "evaluation": "{}", "recorded_by": "admin",
+                                         "recorded_at": utcnow()})
+    assert "switched on" in switch_on()
+    new = registry.Registry(site).pack("chest-covid19")
+    assert new is not None and new.version == "2.0.0" and policy.why_off(new, site, db) is None
