@@ -470,7 +470,7 @@ def _packs_import(args: argparse.Namespace, settings: config.Settings) -> int:
     print(f"{pack.id} {pack.version} signed by {done.signer} ({done.fingerprint}) {state}")
     if pack.kind == "classifier":
         print(f"it stays OFF until evaluated here: appliance evaluate --model {pack.id} DATA --record, "
-              "then switch it on in Admin -> Models")
+              "then switch it on in Admin -> Model packs and engines")
     else:
         print("a measurement: used from the next analysis (run appliance build-engines for its INT8 model)")
     return 0
