@@ -42,6 +42,10 @@ EXAMPLES = {
     "evaluate": ("examples:\n  appliance evaluate --model chest-covid19 /media/usb/site-cases --json\n"
                  "  appliance evaluate --model chest-covid19 labels.csv --sensitivity 0.95 --record"),
     "build-engines": "examples:\n  appliance build-engines\n  python build_engines.py",
+    "packs": ("examples:\n  appliance packs trust /media/usb/partner.pub\n"
+              "  appliance packs import /media/usb/chest-covid19-2.0.0.tar.gz\n"
+              "  appliance packs import /media/usb/chest-covid19/\n  appliance packs list --json"),
+    "doctor": "examples:\n  appliance doctor\n  appliance doctor --json",
 }
 
 
@@ -430,6 +434,80 @@ def cmd_hub(args: argparse.Namespace, settings: config.Settings) -> int:
         db.close()
 
 
+def _packs_trust(args: argparse.Namespace, settings: config.Settings) -> int:
+    from appliance import signing
+    from appliance.inference import trust
+    from appliance.store.database import audit, open_database
+
+    try:
+        key = trust.trust_key(settings.home_path, args.path)
+    except (signing.SignatureProblem, OSError) as exc:
+        print(f"refused {args.path}: {getattr(exc, 'reason_code', 'UNREADABLE')}: {exc}", file=sys.stderr)
+        return 1
+    audit(open_database(settings.home_path), getpass.getuser(), "pack_key_trusted", key.fingerprint,
+          source=str(args.path))
+    print(f"trusted key {key.fingerprint}: model packs it signs can now be imported (appliance packs import PATH)")
+    return 0
+
+
+def _packs_import(args: argparse.Namespace, settings: config.Settings) -> int:
+    from appliance.inference import pack_import
+    from appliance.inference.packs import PackRefused
+    from appliance.store.database import audit, open_database
+
+    db = open_database(settings.home_path)
+    try:
+        done = pack_import.import_pack(args.path, settings.home_path, settings.engines_path)
+    except PackRefused as exc:
+        audit(db, getpass.getuser(), "pack_refused", str(args.path), reason_code=exc.reason_code, reason=exc.reason)
+        print(f"refused {args.path}: {exc.reason_code}: {exc.reason}", file=sys.stderr)
+        return 1
+    pack = done.pack
+    if not done.already:
+        audit(db, getpass.getuser(), "pack_imported", pack.id, version=pack.version, signer=done.signer,
+              fingerprint=done.fingerprint, source=str(args.path), model_sha256=pack.model_sha256)
+    state = "was already installed (identical)" if done.already else f"installed in {pack.path}"
+    print(f"{pack.id} {pack.version} signed by {done.signer} ({done.fingerprint}) {state}")
+    if pack.kind == "classifier":
+        print(f"it stays OFF until evaluated here: appliance evaluate --model {pack.id} DATA --record, "
+              "then switch it on in Admin -> Model packs and engines")
+    else:
+        print("a measurement: used from the next analysis (run appliance build-engines for its INT8 model)")
+    return 0
+
+
+def _packs_list(args: argparse.Namespace, settings: config.Settings) -> int:
+    from appliance.inference.registry import pack_list
+    from appliance.store.database import open_database
+
+    rows = pack_list(settings, open_database(settings.home_path))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        validated = "validated" if r["validated"] else "not validated"
+        print(f"{r['id']} {r['version']} ({r['kind']}, {r['origin']}{', in use' if r['in_use'] else ''}): "
+              f"{validated}; {r['enabled']}; signer: {r['signer']}\n    {r['path']}")
+    return 1 if any(r["signature_problem"] for r in rows) else 0
+
+
+def cmd_packs(args: argparse.Namespace, settings: config.Settings) -> int:
+    """``packs trust KEYFILE``, ``packs import PATH``, ``packs list [--json]``."""
+    if args.action != "list" and args.path is None:
+        print(f"error: packs {args.action} needs a PATH", file=sys.stderr)
+        return 2
+    return {"trust": _packs_trust, "import": _packs_import, "list": _packs_list}[args.action](args, settings)
+
+
+def cmd_doctor(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Check everything a technician can be asked about over the phone; exit 1 when something must be fixed."""
+    from appliance import doctor
+
+    report = doctor.run_checks(settings)
+    print(json.dumps(report, indent=2) if args.json else doctor.as_text(report, settings))
+    return 0 if report["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Offline CT screening appliance.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -505,6 +583,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", cmd_serve, "Run the appliance: DICOM receiver, worker, web UI and the incoming drop folder.")
     p.add_argument("--once", action="store_true", help="import the incoming folder once, run every job, and exit")
     p.add_argument("--poll-seconds", type=float, default=2.0)
+    p = add("packs", cmd_packs, "Model packs: trust KEYFILE (a partner's public key), import PATH (a signed pack "
+                                "folder or .tar.gz), list.")
+    p.add_argument("action", choices=("trust", "import", "list"))
+    p.add_argument("path", type=Path, nargs="?", metavar="PATH", help="the key file (trust) or the pack (import)")
+    p.add_argument("--json", action="store_true", help="list as JSON")
+    p = add("doctor", cmd_doctor, "Check the appliance and say what to fix: disk, database, clock, services, "
+                                  "ports, PACS, model packs, GPU, export, outbox.")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
     return parser
 
 

@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 import stat
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -110,15 +110,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _walk(root: Path) -> list[Path]:
-    """Every entry under ``root`` except the signature itself, sorted; a link or special file is refused."""
+def _walk(root: Path, ignore: Collection[str] = ()) -> list[Path]:
+    """Every entry under ``root`` except the signature itself and ``ignore``, sorted; a link or special file
+    is refused."""
     out = []
     for path in sorted(root.rglob("*")):
         mode = path.lstat().st_mode
         if stat.S_ISDIR(mode):
             continue
         relative = path.relative_to(root).as_posix()
-        if relative == SIGNATURE:
+        if relative == SIGNATURE or relative in ignore:
             continue
         if not stat.S_ISREG(mode):
             raise SignatureProblem(NOT_REGULAR_FILE, f"{relative} is not a regular file (links are not signed)")
@@ -126,9 +127,9 @@ def _walk(root: Path) -> list[Path]:
     return out
 
 
-def digest_tree(root: Path) -> dict[str, str]:
-    """``{relative path: SHA-256}`` of every regular file under ``root`` but the signature."""
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in _walk(root)}
+def digest_tree(root: Path, ignore: Collection[str] = ()) -> dict[str, str]:
+    """``{relative path: SHA-256}`` of every regular file under ``root`` but the signature and ``ignore``."""
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in _walk(root, ignore)}
 
 
 def _signed_bytes(doc: dict[str, Any]) -> bytes:
@@ -136,10 +137,13 @@ def _signed_bytes(doc: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
-def sign_tree(root: Path, key: Ed25519PrivateKey, signer: str) -> Path:
-    """Write ``root/SIGNATURE.json`` listing and signing every file under ``root``; returns its path."""
+def sign_tree(root: Path, key: Ed25519PrivateKey, signer: str, ignore: Collection[str] = ()) -> Path:
+    """Write ``root/SIGNATURE.json`` listing and signing every file under ``root``; returns its path.
+
+    ``ignore``: relative paths left out of the signature (files the device itself writes there later).
+    """
     doc: dict[str, Any] = {"format": FORMAT, "signer": signer, "key": public_text(key.public_key()),
-                           "files": digest_tree(root)}
+                           "files": digest_tree(root, ignore)}
     doc["signature"] = base64.b64encode(key.sign(_signed_bytes(doc))).decode()
     path = root / SIGNATURE
     path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
@@ -168,8 +172,11 @@ def signer_key(doc: dict[str, Any]) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(base64.b64decode(doc["key"]))
 
 
-def verify_tree(root: Path, trusted: Iterable[Ed25519PublicKey]) -> Verified:
+def verify_tree(root: Path, trusted: Iterable[Ed25519PublicKey], ignore: Collection[str] = ()) -> Verified:
     """Check ``root``'s signature with a trusted key, then every file; returns who signed it.
+
+    ``ignore``: relative paths outside the signature, neither required nor checked, listed or not (files the
+    device writes into the folder after it was installed, such as a model pack's build outputs).
 
     Raises :class:`SignatureProblem` (UNSIGNED, UNTRUSTED_SIGNER, BAD_SIGNATURE, FILE_CHANGED, FILE_MISSING,
     EXTRA_FILE, NOT_REGULAR_FILE) at the first thing that does not hold.
@@ -185,8 +192,8 @@ def verify_tree(root: Path, trusted: Iterable[Ed25519PublicKey]) -> Verified:
     except InvalidSignature as exc:
         raise SignatureProblem(BAD_SIGNATURE, f"the signature of {root.name} does not match its list of files "
                                               "(changed after signing)") from exc
-    listed: dict[str, str] = doc["files"]
-    present = {p.relative_to(root).as_posix(): p for p in _walk(root)}
+    listed: dict[str, str] = {k: v for k, v in doc["files"].items() if k not in ignore}
+    present = {p.relative_to(root).as_posix(): p for p in _walk(root, ignore)}
     extra = sorted(set(present) - set(listed))
     if extra:
         raise SignatureProblem(EXTRA_FILE, f"{extra[0]} in {root.name} was not signed")

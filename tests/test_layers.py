@@ -45,6 +45,7 @@ LAYERS = {
     "appliance.cli": 4,
     "appliance.serve": 4,
     "appliance.systemd_units": 4,  # unit files for the processes the CLI starts
+    "appliance.doctor": 4,  # `appliance doctor`: every check a technician reads over the phone
 }
 
 @dataclasses.dataclass(frozen=True)

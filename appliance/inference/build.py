@@ -37,7 +37,7 @@ from appliance.inference.backends import onnxruntime as ort_backend
 from appliance.inference.backends import tensorrt as trt_backend
 from appliance.inference.engine_cache import TIMING_CACHE_NAME, BuilderSettings, stale_engines
 from appliance.inference.quantize import quantize_qdq
-from appliance.inference.registry import engine_key
+from appliance.inference.registry import available_packs, engine_key
 from appliance.store.datadir import DataDirectory
 
 log = logging.getLogger(__name__)
@@ -210,12 +210,13 @@ def build_pack(pack: packs.ModelPack, settings: Settings, *, calibration: Mappin
 
 def build_all(settings: Settings, *, calibration: Mapping[str, CalibrationSet],
               say: Progress = print) -> list[dict[str, Any]]:
-    """Build every pack under the engines folder; refused packs are reported, never built.
+    """Build every pack: shipped under the engines folder and imported by the site (``<home>/packs``);
+    refused packs are reported, never built.
 
     ``calibration`` maps the calibration-set names manifests use to the functions making them
     (``appliance.calibration.CALIBRATION_SETS``), for packs that ship no calibration file.
     """
-    found, refused = packs.load_packs(settings.engines_path)
+    found, refused = available_packs(settings)
     for refusal in refused:
         say(f"REFUSED {refusal}")
     records = []

@@ -13,7 +13,14 @@ reason.
 
 Files made by ``build_engines.py`` (the QDQ INT8 model, the parity report)
 are recorded in ``build.json`` with the SHA-256 of the ``model.onnx`` they
-were made from, so a stale artefact is never used.
+were made from, so a stale artefact is never used. They are made on the device
+(:data:`DEVICE_MADE`), so a pack's signature leaves them out.
+
+Packs come from two places: the ``engines/`` folder shipped with the installed
+version (``engines/<id>/``) and the packs the site imported
+(``<home>/packs/<id>/<version>/``, :mod:`appliance.inference.pack_import`).
+Several versions of one pack may sit side by side; the newest is used
+(:func:`newest`), the older ones stay for a rollback.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +44,11 @@ INT8_CPU_MODEL = "model.int8-u8s8.onnx"  # UINT8 activations: faster on many CPU
 PRECISIONS = ("fp32", "fp16", "int8")
 KINDS = ("measurement", "classifier")
 BODY_REGIONS = ("head", "neck", "chest", "abdomen", "pelvis")  # head to feet; a pack's body_region is one
+# written into a pack by build_engines.py on the device: never part of a pack's signature
+DEVICE_MADE = (BUILD_RECORD, INT8_MODEL, INT8_CPU_MODEL, "parity.json", "parity.md")
+SHIPPED, IMPORTED = "shipped", "imported"  # where a pack came from (ModelPack.origin)
+PACK_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}\Z")  # used as a folder name: no dots, no slashes
+PACK_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+-]{0,31}\Z")
 REQUIRED_KEYS = ("id", "version", "task", "body_region", "validated", "validation_note", "series", "input",
                  "outputs", "decision", "training", "precisions", "files")
 
@@ -62,6 +76,7 @@ class ModelPack:
     path: Path
     manifest: dict[str, Any]
     model_sha256: str
+    origin: str = SHIPPED  # SHIPPED with the installed version, or IMPORTED by the site
 
     @property
     def id(self) -> str:
@@ -142,11 +157,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_consistent(manifest: dict[str, Any], folder: Path) -> None:
+def _check_consistent(manifest: dict[str, Any], folder: Path, expected_id: str) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the manifest lacks {', '.join(missing)}.")
-    if manifest["id"] != folder.name:
+    if manifest["id"] != expected_id:
         raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the manifest names model {manifest['id']!r}.")
     unknown = set(manifest["precisions"]["allowed"]) - set(PRECISIONS)
     if unknown or "fp32" not in manifest["precisions"]["allowed"]:
@@ -179,17 +194,38 @@ def _check_calibration_file(manifest: dict[str, Any], folder: Path) -> None:
         raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the calibration file {name} states no licence.")
 
 
-def load_pack(folder: Path) -> ModelPack:
-    """Read and verify the pack in ``folder``; raise :class:`PackRefused` with a reason otherwise."""
+def _check_file_names(manifest: dict[str, Any], folder: Path) -> None:
+    """Every file the manifest lists lies inside the pack: a plain relative path, no ``..``."""
+    for name, digest in manifest["files"].items():
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or not isinstance(digest, str):
+            raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the manifest lists {name!r}, which is not a "
+                                                   "file inside the pack.")
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of the pack in ``folder``, parsed but not checked."""
     manifest_path = folder / MANIFEST
-    if not manifest_path.exists():
+    if not manifest_path.is_file():
         raise PackRefused("PACK_MISSING_FILE", f"{folder.name}: no {MANIFEST}.")
     try:
-        manifest = tomlfile.loads(manifest_path.read_text())
-    except tomlfile.TOMLDecodeError as exc:
+        return tomlfile.loads(manifest_path.read_text())
+    except (tomlfile.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the manifest is not valid TOML ({exc}).") from exc
-    _check_consistent(manifest, folder)
-    _check_calibration_file(manifest, folder)
+
+
+def load_pack(folder: Path, expected_id: str | None = None, origin: str = SHIPPED) -> ModelPack:
+    """Read and verify the pack in ``folder``; raise :class:`PackRefused` with a reason otherwise.
+
+    The manifest's id must be ``expected_id`` (default: the folder's name, as in ``engines/<id>/``).
+    """
+    manifest = read_manifest(folder)
+    try:
+        _check_consistent(manifest, folder, expected_id or folder.name)
+        _check_calibration_file(manifest, folder)
+        _check_file_names(manifest, folder)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a field of the wrong shape
+        raise PackRefused("PACK_INCONSISTENT", f"{folder.name}: the manifest is malformed ({exc!r}).") from exc
     for name, expected in manifest["files"].items():
         path = folder / name
         if not path.exists():
@@ -197,7 +233,7 @@ def load_pack(folder: Path) -> ModelPack:
         if sha256_file(path) != expected:
             raise PackRefused("PACK_TAMPERED", f"{folder.name}: {name} does not match its SHA-256 in the manifest; "
                                                "the file was changed or damaged. Reinstall the model pack.")
-    return ModelPack(path=folder, manifest=manifest, model_sha256=manifest["files"][MODEL])
+    return ModelPack(path=folder, manifest=manifest, model_sha256=manifest["files"][MODEL], origin=origin)
 
 
 def load_packs(engines_dir: Path) -> tuple[list[ModelPack], list[PackRefused]]:
@@ -211,6 +247,40 @@ def load_packs(engines_dir: Path) -> tuple[list[ModelPack], list[PackRefused]]:
         except PackRefused as exc:
             refused.append(exc)
     return packs, refused
+
+
+def load_imported(packs_dir: Path) -> tuple[list[ModelPack], list[PackRefused]]:
+    """Every pack the site imported, ``<packs_dir>/<id>/<version>/``; refused ones are returned apart."""
+    packs, refused = [], []
+    for id_dir in sorted(p for p in packs_dir.iterdir() if p.is_dir()) if packs_dir.is_dir() else []:
+        if not PACK_ID.match(id_dir.name):
+            continue  # the import's staging folder, or something that is not a pack
+        for folder in sorted(p for p in id_dir.iterdir() if p.is_dir()):
+            try:
+                pack = load_pack(folder, expected_id=id_dir.name, origin=IMPORTED)
+                if pack.version != folder.name:
+                    raise PackRefused("PACK_INCONSISTENT", f"{id_dir.name}/{folder.name}: the manifest names "
+                                                           f"version {pack.version!r}.")
+                packs.append(pack)
+            except PackRefused as exc:  # its reason names the version folder: say which pack too
+                refused.append(PackRefused(exc.reason_code, f"{id_dir.name} {exc.reason}"))
+    return packs, refused
+
+
+def version_key(version: str) -> tuple[tuple[int, int, str], ...]:
+    """Sort key of a pack version: its parts split at ``.``, ``-`` and ``+``, numbers compared as numbers
+    (``1.10.0`` is newer than ``1.9.2``) and before words."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"[.+-]", version))
+
+
+def newest(found: Iterable[ModelPack]) -> list[ModelPack]:
+    """The newest version of each pack id, in id order; on a tie the shipped pack wins."""
+    best: dict[str, ModelPack] = {}
+    for pack in found:
+        held = best.get(pack.id)
+        if held is None or version_key(pack.version) > version_key(held.version):
+            best[pack.id] = pack
+    return [best[k] for k in sorted(best)]
 
 
 def write_pack(folder: Path, manifest: dict[str, Any], files: list[str]) -> ModelPack:

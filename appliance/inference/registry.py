@@ -16,8 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import sqlite_utils
+
+from appliance import signing
 from appliance.config import Settings
-from appliance.inference import packs
+from appliance.inference import packs, policy, trust
 from appliance.inference.backends import Availability, Session
 from appliance.inference.backends import onnxruntime as ort_backend
 from appliance.inference.backends import tensorrt as trt_backend
@@ -107,12 +110,24 @@ def _engine_lookup(pack: packs.ModelPack, record: dict, cache_dir: Path) -> Call
     return lookup
 
 
+def available_packs(settings: Settings) -> tuple[list[packs.ModelPack], list[packs.PackRefused]]:
+    """Every version of every pack: shipped with the installed version (``engines_dir``) and imported by the
+    site (``<home>/packs/<id>/<version>/``); the refused ones apart."""
+    shipped, refused = packs.load_packs(settings.engines_path)
+    imported, refused_imported = packs.load_imported(DataDirectory(settings.home_path).packs)
+    return shipped + imported, refused + refused_imported
+
+
 class Registry:
-    """Loaded packs and their open sessions, for one process."""
+    """Loaded packs and their open sessions, for one process.
+
+    ``packs`` holds the version of each pack in use (the newest); ``all_packs`` every version found.
+    """
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.packs, self.refused = packs.load_packs(settings.engines_path)
+        self.all_packs, self.refused = available_packs(settings)
+        self.packs = packs.newest(self.all_packs)
         for refusal in self.refused:
             log.error("model pack refused: %s", refusal)
         self._sessions: dict[str, tuple[Session, Choice]] = {}
@@ -151,7 +166,8 @@ def _no_engine(precision: str) -> None:
 def inventory(settings: Settings) -> tuple[list[dict[str, Any]], list[packs.PackRefused], Availability]:
     """Every model pack with the backend and precision it would run on here, and its parity results
     (for the admin page and the monthly export); also the refused packs and TensorRT's availability."""
-    loaded, refused = packs.load_packs(settings.engines_path)
+    loaded, refused = available_packs(settings)
+    in_use = {(p.id, p.version, p.origin) for p in packs.newest(loaded)}
     availability = trt_backend.is_available()
     rows = []
     for pack in loaded:
@@ -164,7 +180,8 @@ def inventory(settings: Settings) -> tuple[list[dict[str, Any]], list[packs.Pack
                      "threshold": pack.threshold,
                      "model_sha256": pack.model_sha256, "precisions": ", ".join(pack.allowed_precisions),
                      "choice": choice, "parity": record.get("parity", {}).get("results", []),
-                     "built_at": record.get("built_at")})
+                     "built_at": record.get("built_at"), "origin": pack.origin,
+                     "in_use": (pack.id, pack.version, pack.origin) in in_use})
     return rows, refused, availability
 
 
@@ -181,13 +198,13 @@ def _switches(settings: Settings) -> tuple[Any, ...]:
             settings.min_cpu_int8_speedup, settings.inference_threads)
 
 
-def packs_fingerprint(engines_dir: Path) -> tuple[tuple[str, int, int], ...]:
+def packs_fingerprint(engines_dir: Path, pattern: str = "*/*") -> tuple[tuple[str, int, int], ...]:
     """Name, size and modification time of every file of every pack: changes when a pack is added,
-    replaced, rebuilt (its build record) or removed."""
+    replaced, rebuilt (its build record) or removed. ``pattern``: ``*/*/*`` for the imported packs."""
     if not engines_dir.is_dir():
         return ()
     found = []
-    for path in sorted(engines_dir.glob("*/*")):
+    for path in sorted(engines_dir.glob(pattern)):
         if path.is_file():
             st = path.stat()
             found.append((str(path.relative_to(engines_dir)), st.st_size, st.st_mtime_ns))
@@ -199,7 +216,8 @@ def shared_registry(settings: Settings) -> Registry:
 
     Model sessions (and their memory) are kept across jobs; two registries never sit in one process.
     """
-    key = (_switches(settings), packs_fingerprint(settings.engines_path))
+    key = (_switches(settings), packs_fingerprint(settings.engines_path),
+           packs_fingerprint(DataDirectory(settings.home_path).packs, "*/*/*"))
     with _shared_guard:
         if _shared["key"] != key:
             if _shared["registry"] is not None:
@@ -208,3 +226,36 @@ def shared_registry(settings: Settings) -> Registry:
             _shared["key"] = key
         registry: Registry = _shared["registry"]
         return registry
+
+
+# --- what `appliance packs list` and the doctor show ---------------------------------------------
+
+def signer_of(pack: packs.ModelPack, keys: list[trust.TrustedKey]) -> tuple[str, str | None]:
+    """(who signed ``pack``, in words; the reason code when its signature does not hold, else None)."""
+    if not trust.is_signed(pack.path):
+        if pack.origin == packs.SHIPPED:
+            return "unsigned (shipped with this version)", None
+        return "unsigned", signing.UNSIGNED
+    try:
+        verified = trust.verify_pack(pack.path, keys)
+    except signing.SignatureProblem as exc:
+        return f"signature does not hold: {exc.reason}", exc.reason_code
+    return f"{verified.signer} ({verified.fingerprint})", None
+
+
+def pack_list(settings: Settings, db: sqlite_utils.Database) -> list[dict[str, Any]]:
+    """Every version of every pack with its signer, validation, whether it runs here and where it came from."""
+    found, _ = available_packs(settings)
+    keys = trust.trusted_keys(settings.home_path, settings.engines_path)
+    in_use = {(p.id, p.version, p.origin) for p in packs.newest(found)}
+    rows = []
+    for pack in sorted(found, key=lambda p: (p.id, packs.version_key(p.version))):
+        signer, problem = signer_of(pack, keys)
+        used = (pack.id, pack.version, pack.origin) in in_use
+        why_not = policy.why_off(pack, settings, db)
+        enabled = ("not in use: a newer version is installed" if not used
+                   else "on" if why_not is None else "off: not switched on at this site")
+        rows.append({"id": pack.id, "version": pack.version, "kind": pack.kind, "signer": signer,
+                     "signature_problem": problem, "validated": pack.validated, "enabled": enabled,
+                     "in_use": used, "origin": pack.origin, "path": str(pack.path)})
+    return rows

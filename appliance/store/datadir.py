@@ -39,6 +39,8 @@ SAMPLES = "samples"
 UPLOADS = "uploads"
 CACHE = "cache"
 KEYS = "keys"
+TRUSTED_KEYS = "keys/trusted"  # public keys whose model packs the site accepts: <fingerprint>.pub
+PACKS = "packs"  # model packs the site imported: packs/<id>/<version>/
 EXPORTS = "exports"
 ENGINES_CACHE = "engines-cache"
 WORKERS = "run/workers"
@@ -100,6 +102,14 @@ class DataDirectory:
     @property
     def keys(self) -> Path:
         return self.home / KEYS
+
+    @property
+    def trusted_keys(self) -> Path:
+        return self.home / TRUSTED_KEYS
+
+    @property
+    def packs(self) -> Path:
+        return self.home / PACKS
 
     @property
     def exports(self) -> Path:
