@@ -125,7 +125,7 @@ def test_a_key_image_click_moves_the_viewer_to_its_slice_with_its_overlay(page, 
     url, study, _home = web
     series = study["series"][0]["series_instance_uid"]
     info = _viewer_json(page, url, series)
-    key = page.locator("article.result[data-model=chest-covid19] .keys img[data-slice]").last
+    key = page.locator("article.result[data-model=chest-covid19] .keys img[data-slice]").first  # the strongest map
     volume_index = int(key.get_attribute("data-slice"))
     frame = min(range(info["slices"]), key=lambda k: abs(info["volume_index"][k] - volume_index))
     page.locator(STAGE).focus()
