@@ -60,3 +60,18 @@ def synthetic_chest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "chest"
     write_series(out, SynthOptions(slices=40, size=128, seed=3))
     return out
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium through Playwright (skipped where it is not installed)."""
+    from tests.web_helpers import CHROMIUM, CHROMIUM_ARGS
+
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()

@@ -357,8 +357,7 @@ def test_the_admin_sees_a_refused_object_in_the_browser_and_retries_it(tmp_path,
     from waitress.server import create_server
 
     from appliance.web import create_app
-    from tests.test_web_browser import CHROMIUM_ARGS
-    from tests.web_helpers import PASSWORDS, make_accounts
+    from tests.web_helpers import CHROMIUM_ARGS, PASSWORDS, make_accounts
 
     pacs = scripted_pacs(0xA900, "refused by the test PACS")
     worker = _worker_for(tmp_path, synthetic_chest, pacs.destination, pacs_max_attempts=1)

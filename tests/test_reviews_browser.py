@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from appliance.store.database import open_database, utcnow, write_transaction
-from tests.test_web_browser import CHROMIUM, CHROMIUM_ARGS, _free_port, _login
-from tests.web_helpers import PASSWORDS, ROLES
+from tests.test_web_browser import _login
+from tests.web_helpers import CHROMIUM, PASSWORDS, ROLES, wait_until_listening
+from tests.web_helpers import free_port as _free_port
 
 pytestmark = pytest.mark.slow
 
@@ -43,28 +43,10 @@ def server(tmp_path_factory):
     with open(home / "serve.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
-        for _ in range(150):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            proc.kill()
-            pytest.fail("appliance serve did not open its web port: " + (home / "serve.log").read_text()[-2000:])
+        wait_until_listening(proc, port, home / "serve.log", "appliance serve")
         yield f"http://127.0.0.1:{port}", home
         proc.terminate()
         proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield instance
-        instance.close()
 
 
 def _drop(series: Path, home: Path, name: str) -> None:

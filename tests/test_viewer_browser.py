@@ -12,14 +12,13 @@ import math
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
 from appliance.jobs.intake import analyze_paths
-from tests.test_web_browser import CHROMIUM, CHROMIUM_ARGS, _free_port, _login
-from tests.web_helpers import make_accounts, web_settings
+from tests.test_web_browser import _login
+from tests.web_helpers import CHROMIUM, make_accounts, wait_until_listening, web_settings
+from tests.web_helpers import free_port as _free_port
 
 pytestmark = pytest.mark.slow
 STAGE = ".viewer-stage"
@@ -41,28 +40,10 @@ def web(tmp_path_factory, synthetic_chest):
         proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "web"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
-        for _ in range(150):
-            try:
-                urllib.request.urlopen(url + "/login", timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            proc.kill()
-            pytest.fail("appliance web did not answer: " + (settings.home_path / "web.log").read_text()[-2000:])
+        wait_until_listening(proc, port, settings.home_path / "web.log", "appliance web")
         yield url, study, settings.home_path
         proc.terminate()
         proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield instance
-        instance.close()
 
 
 @pytest.fixture

@@ -10,31 +10,21 @@ import http.server
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from pypdf import PdfReader
 
 from tests.conftest import need_data
-from tests.web_helpers import PASSWORDS, ROLES
+from tests.web_helpers import CHROMIUM, PASSWORDS, ROLES, wait_until_listening
+from tests.web_helpers import free_port as _free_port
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
 UPLOAD_LIMIT = 100 * 2**20
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -55,28 +45,10 @@ def server(tmp_path_factory):
         proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
-        for _ in range(150):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            proc.kill()
-            pytest.fail("appliance serve did not open its web port: " + (home / "serve.log").read_text()[-2000:])
+        wait_until_listening(proc, port, home / "serve.log", "appliance serve")
         yield url, home
         proc.terminate()
         proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield instance
-        instance.close()
 
 
 def _is_dicom(path: Path) -> bool:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 from appliance import config
@@ -35,3 +38,28 @@ def csrf(client, path: str = "/login") -> str:
 def login(client, name: str):
     token = csrf(client)
     return client.post("/login", data={"username": name, "password": PASSWORDS[name], "csrf_token": token})
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_listening(proc: subprocess.Popen, port: int, log: Path, what: str) -> None:
+    """Wait (30 s at most) for ``proc`` to accept connections on ``port``; fail with the end of its log."""
+    import pytest
+
+    for _ in range(150):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"{what} did not open its port: " + log.read_text()[-2000:])
