@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (optional extra: pip install torch==2.13.0)")
+pytestmark = pytest.mark.slow  # ONNX Runtime and PyTorch on real pack inputs: about 20 s in all
 
 REPO = Path(__file__).resolve().parents[1]
 PACK = REPO / "engines" / "abdomen-pancreas"
@@ -94,3 +95,18 @@ def test_the_table_is_printed_when_nothing_was_prepared(tmp_path):
     report, agreed = gpu_check.check_all(tmp_path, "cpu", 10.0)
     assert not agreed
     assert "gpu_check_prepare.sh" in report
+
+
+def test_without_onnx_runtime_the_prepared_reference_is_used_and_said(tmp_path, monkeypatch):
+    """The GPU machine without numpy/onnxruntime: outputs are compared with the reference made here."""
+    import onnxruntime as ort
+
+    entry = gpu_check.prepare_pack(ort, PACK)
+    torch.save({"onnxruntime": ort.__version__, "cpu": "test CPU", "threads": 2, "python": "3.x",
+                "created": "now", "packs": {entry["id"]: entry}}, tmp_path / gpu_check.REFERENCE_FILE)
+    monkeypatch.setattr(gpu_check, "load_onnxruntime", lambda carry: (None, "no onnxruntime wheel for this test"))
+    report, agreed = gpu_check.check_all(tmp_path, "cpu", 60.0)
+    assert agreed, report
+    assert "ORT-CPU: PREPARED, not measured here (no onnxruntime wheel for this test)" in report
+    row = next(line for line in report.splitlines() if line.startswith("abdomen-pancreas "))
+    assert row.split()[-1] == "yes" and f"{entry['ort_ms']:.1f}" in row
