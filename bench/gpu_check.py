@@ -524,7 +524,7 @@ def check_pack(entry: dict[str, Any], device: torch.device, ort: Any, seconds: f
 
 # ---- the table -----------------------------------------------------------------------------------------
 
-COLUMNS = ("pack", "input CxDxHxW", "batch", "ORT-CPU ms", "GPU FP32 ms", "GPU FP16 ms", "x FP32", "x FP16",
+COLUMNS = ("pack", "item shape", "batch", "ORT-CPU ms", "GPU FP32 ms", "GPU FP16 ms", "x FP32", "x FP16",
            "max|d| FP32", "max|d| FP16 (tol)", "agree")
 
 
