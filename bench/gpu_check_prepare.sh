@@ -8,14 +8,18 @@
 # above 64 MiB.
 #
 #   sh bench/gpu_check_prepare.sh [CARRY_DIR]     ORT_VERSION=1.23.2 PYTHON=.venv/bin/python
+#   ORT_PYTHONS=3.11 sh bench/gpu_check_prepare.sh     only that Python's wheel (25 MiB in all)
+#   ORT_PYTHONS= sh bench/gpu_check_prepare.sh         no wheels: the prepared reference only (9 MiB)
 set -eu
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 CARRY=${1:-gpu-carry}
 ORT_VERSION=${ORT_VERSION:-1.23.2}
+ORT_PYTHONS=${ORT_PYTHONS-3.10 3.11 3.12}
 LIMIT_MIB=64
 mkdir -p "$CARRY/wheels"
-for version in 3.10 3.11 3.12; do
+rm -f "$CARRY"/wheels/onnxruntime-*.whl
+for version in $ORT_PYTHONS; do
     "$PYTHON" -m pip download --quiet --disable-pip-version-check "onnxruntime==$ORT_VERSION" --no-deps \
         --only-binary=:all: --python-version "$version" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux2014_x86_64 \
