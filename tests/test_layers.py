@@ -21,8 +21,8 @@ LAYERS = {
     "appliance.tomlfile": 0,  # reading and writing the small TOML files
     "appliance.durable": 0,  # temporary name, fsync, rename, fsync the folder
     "appliance.dicomfile": 0,
-    "appliance.metrics": 0,
-    "appliance.signing": 0,  # Ed25519 signatures over a folder (bundles, model packs)  # sensitivity, specificity, AUC: pure functions used by inference and evaluate
+    "appliance.metrics": 0,  # sensitivity, specificity, AUC: pure functions used by inference and evaluate
+    "appliance.signing": 0,  # Ed25519 signatures over a folder (bundles, model packs)
     # 1: the data directory and its database
     "appliance.store": 1,
     # 2: ways in, series assembly, model packs and backends, the phantom generator
@@ -45,6 +45,7 @@ LAYERS = {
     "appliance.cli": 4,
     "appliance.serve": 4,
     "appliance.systemd_units": 4,  # unit files for the processes the CLI starts
+    "appliance.release": 4,  # update and rollback of versions installed from signed bundles
 }
 
 @dataclasses.dataclass(frozen=True)
