@@ -286,11 +286,11 @@ def study_uids(database: Path) -> set[str]:
     """Every StudyInstanceUID the database at ``database`` holds (none when it has no studies table)."""
     if not database.is_file():
         return set()
-    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    conn = sqlite3.connect(database)  # read only; a WAL database needs its -shm, so not mode=ro
     try:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'studies'").fetchone():
+            return set()
         return {row[0] for row in conn.execute("SELECT study_instance_uid FROM studies")}
-    except sqlite3.OperationalError:
-        return set()
     finally:
         conn.close()
 

@@ -161,9 +161,12 @@ def target_python(target: Target) -> str:
     """An interpreter of the target's Python version, so that pip reads environment markers as the box will."""
     if sys.version_info[:2] == tuple(int(p) for p in target.python_version.split(".")):
         return sys.executable
-    for candidate in (shutil.which(f"python{target.python_version}"),
-                      *sorted(Path.home().glob(f".pyenv/versions/{target.python_version}.*/bin/python3"))):
-        if candidate:
+    candidates = [*sorted(Path.home().glob(f".pyenv/versions/{target.python_version}.*/bin/python3")),
+                  shutil.which(f"python{target.python_version}"), f"/usr/bin/python{target.python_version}"]
+    for candidate in filter(None, candidates):
+        probe = subprocess.run([str(candidate), "-c", "import sys, pip; print('%d.%d' % sys.version_info[:2])"],  # nosec B603
+                               capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() == target.python_version:
             return str(candidate)
     raise SystemExit(f"bundle: Python {target.python_version} is needed to resolve the {target.arch} wheelhouse "
                      "(its dependency markers differ); install it (e.g. pyenv install 3.10)")
