@@ -244,11 +244,11 @@ def check_bundle(path: Path, into: Path, trusted: list, installed: str, allow_do
 # --- the database -----------------------------------------------------------------------------------------
 
 
-def _owned_like(path: Path, like: Path) -> None:
-    """Give ``path`` the owner of ``like`` (root updating a data directory the service user owns)."""
-    if os.geteuid() == 0:
-        st = like.stat()
-        os.chown(path, st.st_uid, st.st_gid)
+def _owned_like(path: Path, data: Path) -> None:
+    """Give ``path`` the owner of the database (root updating a data directory the service user owns)."""
+    owner = data_owner(data)
+    if os.geteuid() == 0 and owner:
+        os.chown(path, *owner)
 
 
 def backup_database(data: Path, label: str) -> Path | None:
@@ -311,11 +311,23 @@ def switch(inst: Installation, version: str) -> None:
     durable.fsync_dir(inst.prefix)
 
 
-def run_version(inst: Installation, version: str, args: tuple[str, ...], data: Path) -> subprocess.CompletedProcess:
-    """``<version>/venv/bin/appliance ARGS`` on the data directory."""
+def data_owner(data: Path) -> tuple[int, int] | None:
+    """Who owns the database (else the data directory): root runs the new version's commands as them."""
+    for path in (data / DATABASE, data):
+        if path.exists():
+            st = path.stat()
+            return st.st_uid, st.st_gid
+    return None
+
+
+def run_version(inst: Installation, version: str, args: tuple[str, ...], data: Path,
+                as_owner: bool = True) -> subprocess.CompletedProcess:
+    """``<version>/venv/bin/appliance ARGS`` on the data directory, as its owner when run by root."""
     env = {**os.environ, "APPLIANCE_HOME": str(data)}
-    return subprocess.run([str(inst.appliance(version)), *args], env=env,  # nosec B603
-                          capture_output=True, text=True, timeout=600)
+    owner = data_owner(data) if as_owner and os.geteuid() == 0 else None
+    user, group = owner or (None, None)
+    return subprocess.run([str(inst.appliance(version)), *args], env=env, user=user, group=group,  # nosec B603
+                          capture_output=True, text=True, timeout=600, cwd="/")
 
 
 def systemd_running() -> bool:
@@ -331,7 +343,7 @@ def restart_units(inst: Installation, version: str, data: Path) -> str:
 
     user = pwd.getpwuid(data.stat().st_uid).pw_name
     run_version(inst, version, ("install-systemd", "--install", "--user", user, "--home", str(data),
-                                "--venv", str(inst.current_link / "venv")), data)
+                                "--venv", str(inst.current_link / "venv")), data, as_owner=False)
     subprocess.run(["systemctl", "try-restart", *UNITS], check=False)  # nosec B603 B607
     return f"restarted {', '.join(UNITS)} (those that were running) on {version}"
 

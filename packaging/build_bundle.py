@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Build the offline bundles: ``dist/appliance-<version>-linux-<arch>.tar.gz`` (what ``make bundle`` runs).
 
+``<arch>`` is the kernel's machine name (x86_64, aarch64); each bundle is also linked under dpkg's name for it
+(``...-linux-amd64.tar.gz``, ``...-linux-arm64.tar.gz``).
+
 Each bundle holds everything a box with no network needs to install the appliance with ``sh install.sh``:
 
 ```
@@ -57,6 +60,7 @@ class Target:
     """A box the bundle installs on: its machine name, Python and the wheel platform tags it accepts."""
 
     arch: str
+    debian_arch: str  # dpkg's name for it: the bundle is linked under it too
     python_version: str  # the box's system Python, "3.11"
     glibc_minor: int  # newest manylinux_2_N the box's glibc runs
     system: str
@@ -80,8 +84,8 @@ class Target:
 
 
 TARGETS = {
-    "x86_64": Target("x86_64", "3.11", 36, "Debian 12 (bookworm), system Python 3.11", debs=True),
-    "aarch64": Target("aarch64", "3.10", 35, "NVIDIA Jetson, JetPack 6 (Ubuntu 22.04), system Python 3.10",
+    "x86_64": Target("x86_64", "amd64", "3.11", 36, "Debian 12 (bookworm), system Python 3.11", debs=True),
+    "aarch64": Target("aarch64", "arm64", "3.10", 35, "NVIDIA Jetson, JetPack 6 (Ubuntu 22.04), system Python 3.10",
                       debs=False),
 }
 
@@ -311,6 +315,9 @@ def build(target: Target, version: str, out: Path, work: Path, wheel: Path, key)
     with tarfile.open(partial, "w:gz") as tar:
         tar.add(stage, arcname=name, filter=_tar_filter)
     partial.replace(tarball)
+    alias = out / f"appliance-{version}-linux-{target.debian_arch}.tar.gz"
+    alias.unlink(missing_ok=True)
+    alias.symlink_to(tarball.name)
     digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
     say(f"wrote {tarball} ({tarball.stat().st_size / 1e6:.0f} MB, sha256 {digest})")
     return tarball

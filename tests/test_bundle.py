@@ -311,3 +311,10 @@ def test_the_jetson_wheelhouse_resolves_for_python_3_10_on_aarch64(tmp_path):
     names = {line.split("==")[0] for line in lines}
     assert {"onnxruntime", "numpy", "pydicom", "cryptography", "tomli"} <= names  # tomli: Python 3.10 only
     assert all("aarch64" in w.name or w.name.endswith("-none-any.whl") for w in (stage / "wheelhouse").iterdir())
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (Debian package)")
+def test_install_sh_is_posix_sh_that_shellcheck_passes():
+    result = subprocess.run(["shellcheck", "--shell=sh", str(REPO / "packaging" / "install.sh")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
