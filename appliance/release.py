@@ -64,6 +64,8 @@ INSTALL_FAILED = "INSTALL_FAILED"  # install.sh of the new version failed; nothi
 HEALTH_CHECK_FAILED = "HEALTH_CHECK_FAILED"  # the new version failed its check; rolled back
 NO_PREVIOUS = "NO_PREVIOUS"  # nothing to roll back to
 STUDIES_SINCE_BACKUP = "STUDIES_SINCE_BACKUP"  # rollback would drop studies received after the backup
+NO_BACKUP = "NO_BACKUP"  # the backup the last update took is missing
+WRITERS_RUNNING = "WRITERS_RUNNING"  # an appliance process still writes the data directory
 
 
 class ReleaseRefused(ApplianceError):
@@ -334,8 +336,8 @@ def systemd_running() -> bool:
     return Path("/run/systemd/system").is_dir() and shutil.which("systemctl") is not None
 
 
-def restart_units(inst: Installation, version: str, data: Path) -> str:
-    """Restart the appliance's units on ``version`` where systemd runs; otherwise say what to restart."""
+def restart_units(inst: Installation, version: str, data: Path, units: list[str]) -> str:
+    """Start ``units`` again on ``version`` (units rewritten from it) where systemd runs; else say what to restart."""
     if not systemd_running():
         return (f"systemd is not running here: restart the appliance's processes (appliance serve, or appliance "
                 f"dicom / worker / web) so that they run {version}")
@@ -344,18 +346,45 @@ def restart_units(inst: Installation, version: str, data: Path) -> str:
     user = pwd.getpwuid(data.stat().st_uid).pw_name
     run_version(inst, version, ("install-systemd", "--install", "--user", user, "--home", str(data),
                                 "--venv", str(inst.current_link / "venv")), data, as_owner=False)
-    subprocess.run(["systemctl", "try-restart", *UNITS], check=False)  # nosec B603 B607
-    return f"restarted {', '.join(UNITS)} (those that were running) on {version}"
+    if units:
+        subprocess.run(["systemctl", "restart", *units], check=False)  # nosec B603 B607
+    return f"units rewritten for {version}; restarted: {', '.join(units) or 'none were running'}"
 
 
-def stop_units() -> None:
-    if systemd_running():
-        subprocess.run(["systemctl", "stop", *UNITS], check=False)  # nosec B603 B607
+def stop_units() -> list[str]:
+    """Stop the appliance's running units (where systemd runs); returns those that were running."""
+    if not systemd_running():
+        return []
+    active = [unit for unit in UNITS
+              if subprocess.run(["systemctl", "is-active", "--quiet", unit]).returncode == 0]  # nosec B603 B607
+    if active:
+        subprocess.run(["systemctl", "stop", *active], check=False)  # nosec B603 B607
+    return active
 
 
-def check_version(inst: Installation, version: str, data: Path) -> str | None:
-    """Migrate the database with ``version`` and run its health check; the problem, or None."""
-    for args in (MIGRATE, HEALTH_CHECK):
+def require_no_writers(data: Path, doing: str) -> None:
+    """Refuse while a process holds the data directory's writer lock (the database is about to be replaced)."""
+    from appliance.store.datadir import DataDirectory, writers_alive
+
+    if data.is_dir() and writers_alive(DataDirectory(data)):
+        raise ReleaseRefused(WRITERS_RUNNING, f"an appliance process (serve, dicom, worker or import) still writes "
+                                              f"{data}: stop it, then {doing} again")
+
+
+def stop_for(inst: Installation, version: str, data: Path, doing: str) -> list[str]:
+    """Stop the units (returns those that ran); if a process still writes the data directory, restart and refuse."""
+    active = stop_units()
+    try:
+        require_no_writers(data, doing)
+    except ReleaseRefused:
+        restart_units(inst, version, data, active)
+        raise
+    return active
+
+
+def check_version(inst: Installation, version: str, data: Path, *commands: tuple[str, ...]) -> str | None:
+    """Run ``commands`` (MIGRATE, HEALTH_CHECK) of ``version`` in turn; the first problem, or None."""
+    for args in commands:
         result = run_version(inst, version, args, data)
         if result.returncode != 0:
             lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
@@ -390,6 +419,8 @@ def update(bundle: Path, prefix: Path | None = None, data: Path | None = None, a
     data = data_directory(inst, data)
     with tempfile.TemporaryDirectory(prefix="appliance-update-") as scratch:
         folder, doc = check_bundle(bundle, Path(scratch), trusted_keys(inst), old, allow_downgrade)
+        if not systemd_running():
+            require_no_writers(data, "update")
         new = doc["version"]
         say(f"{bundle.name}: version {new}, signed by the vendor; installing beside {old}")
         result = subprocess.run(["sh", str(folder / "install.sh"), "--prefix", str(inst.prefix),  # nosec B603 B607
@@ -399,27 +430,29 @@ def update(bundle: Path, prefix: Path | None = None, data: Path | None = None, a
             last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
             raise ReleaseRefused(INSTALL_FAILED, f"installing {new} failed ({last[0]}); {old} stays current")
     carried = carry_site_packs(inst, old, new)
-    stop_units()
+    active = stop_for(inst, old, data, "update")
     backup = backup_database(data, old)
     state = inst.read_state()
     state.update(current=new, previous=old, data=str(data), backup=str(backup) if backup else None,
                  history=_history(state, action="update", version=new, previous=old))
     switch(inst, new)
-    problem = check_version(inst, new, data)
+    problem = check_version(inst, new, data, MIGRATE)
+    if not problem:
+        restarted = restart_units(inst, new, data, active)
+        problem = check_version(inst, new, data, HEALTH_CHECK)  # with the new version's units running
     if problem:
-        _undo(inst, old, backup, data)
+        _undo(inst, old, backup, data, active)
         raise ReleaseRefused(HEALTH_CHECK_FAILED, f"{problem}; rolled back to {old}")
     inst.write_state(state)
-    restarted = restart_units(inst, new, data)
     return {"version": new, "previous": old, "backup": state["backup"], "carried_packs": carried,
             "restart": restarted}
 
 
-def _undo(inst: Installation, old: str, backup: Path | None, data: Path) -> None:
+def _undo(inst: Installation, old: str, backup: Path | None, data: Path, units: list[str]) -> None:
     switch(inst, old)
     if backup:
         restore_database(backup, data)
-    restart_units(inst, old, data)
+    restart_units(inst, old, data, units)
 
 
 def rollback(prefix: Path | None = None, data: Path | None = None, force: bool = False) -> dict[str, Any]:
@@ -432,6 +465,9 @@ def rollback(prefix: Path | None = None, data: Path | None = None, force: bool =
     data = data_directory(inst, data)
     backup = Path(state["backup"]) if state.get("backup") else None
     since: set[str] = set()
+    if backup is not None and not backup.is_file() and not force:
+        raise ReleaseRefused(NO_BACKUP, f"the database backup {backup} of the last update is gone; --force to roll "
+                                        f"back to {previous} with the database as it is now")
     if backup is not None and backup.is_file():
         since = study_uids(data / DATABASE) - study_uids(backup)
         if since and not force:
@@ -439,15 +475,18 @@ def rollback(prefix: Path | None = None, data: Path | None = None, force: bool =
                                  f"{len(since)} studies arrived after the backup of {backup.name}; the database of "
                                  f"{previous} does not know them (their files stay in {data / 'instances'}). "
                                  "--force to roll back anyway, then import those files again")
-    stop_units()
+    if not systemd_running():
+        require_no_writers(data, "roll back")
+    active = stop_for(inst, str(current), data, "roll back")
     switch(inst, previous)
     if backup is not None and backup.is_file():
         restore_database(backup, data)
-    problem = check_version(inst, previous, data)
+    problem = check_version(inst, previous, data, MIGRATE)
     state.update(current=previous, previous=None, backup=None,
                  history=_history(state, action="rollback", version=previous, previous=current))
     inst.write_state(state)
-    restarted = restart_units(inst, previous, data)
+    restarted = restart_units(inst, previous, data, active)
+    problem = problem or check_version(inst, previous, data, HEALTH_CHECK)
     return {"version": previous, "previous": current, "restored": str(backup) if backup else None,
             "studies_dropped": sorted(since), "problem": problem, "restart": restarted}
 

@@ -168,7 +168,7 @@ def flip_byte(path: Path, offset: int) -> None:
 
 
 def repack(folder: Path, out: Path) -> Path:
-    with tarfile.open(out, "w:gz") as tar:
+    with tarfile.open(out, "w:gz", compresslevel=1) as tar:
         tar.add(folder, arcname=folder.name)
     return out
 
@@ -211,6 +211,21 @@ def test_a_damaged_foreign_or_older_bundle_is_refused_and_changes_nothing(dist, 
         assert code in codes, (name, result.stderr)
         assert "Traceback" not in result.stderr
         assert snapshot(prefix, data) == before, name
+
+
+def test_update_waits_for_no_process_writing_the_data_directory(dist, installed):
+    from appliance.store.datadir import DataDirectory, hold_writer_lock, release_writer_lock
+
+    prefix, data = installed["prefix"], installed["data"]
+    ddir = DataDirectory(data)
+    hold_writer_lock(ddir)  # as a running receiver or worker does
+    try:
+        before = snapshot(prefix, data)
+        result = appliance(prefix, data, "update", str(dist["new"]))
+        assert result.returncode == 1 and release.WRITERS_RUNNING in result.stderr, result.stderr
+        assert snapshot(prefix, data) == before
+    finally:
+        release_writer_lock(ddir)
 
 
 def test_install_sh_refuses_a_changed_pack_before_running_anything(dist, tmp_path):
