@@ -41,12 +41,18 @@ OFFLINE = ["unshare", "-n"] if _offline_works() else []
 needs_offline = pytest.mark.skipif(not OFFLINE, reason="unshare -n (a network namespace, as root) is not available")
 
 
-def build(version: str, out: Path, key: Path, *platforms: str) -> Path:
-    env = {**os.environ, "APPLIANCE_VENDOR_KEY": str(key), "APPLIANCE_BUNDLE_VERSION": version}
-    args = [arg for p in platforms for arg in ("--platform", p)]
-    subprocess.run([sys.executable, str(REPO / "packaging" / "build_bundle.py"), "--out", str(out), *args],
-                   env=env, check=True, capture_output=True)
-    return out / f"appliance-{version}-linux-{MACHINE}.tar.gz"
+def build(versions: tuple[str, ...], out: Path, key: Path) -> list[Path]:
+    """The x86-64 bundle of each version, built side by side as `make bundle` builds one."""
+    runs = []
+    for version in versions:
+        env = {**os.environ, "APPLIANCE_VENDOR_KEY": str(key), "APPLIANCE_BUNDLE_VERSION": version}
+        runs.append(subprocess.Popen([sys.executable, str(REPO / "packaging" / "build_bundle.py"), "--out", str(out),
+                                      "--platform", "x86_64"], env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True))
+    for run in runs:
+        output, _ = run.communicate()
+        assert run.returncode == 0, output[-3000:]
+    return [out / f"appliance-{version}-linux-{MACHINE}.tar.gz" for version in versions]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +62,8 @@ def dist(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     key = Ed25519PrivateKey.generate()
     (out / "vendor.pem").write_bytes(signing.private_pem(key))
-    return {"key": key, "old": build(OLD, out, out / "vendor.pem", "x86_64"),
-            "new": build(NEW, out, out / "vendor.pem", "x86_64"), "out": out}
+    old, new = build((OLD, NEW), out, out / "vendor.pem")
+    return {"key": key, "old": old, "new": new, "out": out}
 
 
 def unpack(tarball: Path, into: Path) -> Path:
@@ -204,13 +210,16 @@ def damaged_bundles(dist, tmp: Path) -> dict[str, tuple[Path, set[str]]]:
 def test_a_damaged_foreign_or_older_bundle_is_refused_and_changes_nothing(dist, installed, tmp_path):
     prefix, data = installed["prefix"], installed["data"]
     before = snapshot(prefix, data)
+    state = (prefix / "state.json").read_bytes()
     for name, (bundle, codes) in damaged_bundles(dist, tmp_path).items():
         result = appliance(prefix, data, "update", str(bundle))
         assert result.returncode == 1, (name, result.stdout, result.stderr)
         code = result.stderr.strip().splitlines()[-1].split(":")[1].strip()
         assert code in codes, (name, result.stderr)
         assert "Traceback" not in result.stderr
-        assert snapshot(prefix, data) == before, name
+        assert os.readlink(prefix / "current") == f"versions/{OLD}" and (prefix / "state.json").read_bytes() == state
+        assert sorted(p.name for p in (prefix / "versions").iterdir()) == [OLD], name
+    assert snapshot(prefix, data) == before  # every file of the prefix and the data directory, byte for byte
 
 
 def test_update_waits_for_no_process_writing_the_data_directory(dist, installed):
