@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install bench clean engines reliability
+.PHONY: run test install bench clean engines reliability bundle
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,8 @@ reliability: $(STAMP)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
+
+# offline bundles for a USB stick: dist/appliance-<version>-linux-{x86_64,aarch64}.tar.gz, signed with the
+# vendor key in APPLIANCE_VENDOR_KEY (a throwaway key, with a warning, when it is not set)
+bundle: $(STAMP)
+	$(BIN)/python packaging/build_bundle.py

@@ -46,6 +46,9 @@ EXAMPLES = {
               "  appliance packs import /media/usb/chest-covid19-2.0.0.tar.gz\n"
               "  appliance packs import /media/usb/chest-covid19/\n  appliance packs list --json"),
     "doctor": "examples:\n  appliance doctor\n  appliance doctor --json",
+    "update": ("examples:\n  appliance update /media/usb/appliance-0.2.0-linux-x86_64.tar.gz\n"
+               "  appliance update bundle.tar.gz --prefix /opt/appliance --data /var/lib/appliance --allow-downgrade"),
+    "rollback": "examples:\n  appliance rollback\n  appliance rollback --prefix /opt/appliance --force",
 }
 
 
@@ -506,6 +509,36 @@ def cmd_doctor(args: argparse.Namespace, settings: config.Settings) -> int:
     report = doctor.run_checks(settings)
     print(json.dumps(report, indent=2) if args.json else doctor.as_text(report, settings))
     return 0 if report["ok"] else 1
+def cmd_update(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Install a signed bundle beside the current version, switch to it, and switch back if its check fails."""
+    from appliance import release
+
+    if not args.bundle.is_file():
+        print(f"error: NOT_A_BUNDLE: {args.bundle} is not a file", file=sys.stderr)
+        return 2
+    doc = release.update(args.bundle, args.prefix, args.data, args.allow_downgrade)
+    print(f"updated {doc['previous']} -> {doc['version']}; database backup: {doc['backup'] or 'none (no database)'}")
+    if doc["carried_packs"]:
+        print(f"model packs the site added, kept: {', '.join(doc['carried_packs'])}")
+    print(doc["restart"])
+    print("`appliance rollback` returns to the previous version and this backup")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Return to the version before the last update, with the database as it was before that update."""
+    from appliance import release
+
+    doc = release.rollback(args.prefix, args.data, args.force)
+    print(f"rolled back {doc['previous']} -> {doc['version']}; database restored from "
+          f"{doc['restored'] or 'nothing (there was no database)'}")
+    if doc["studies_dropped"]:
+        print(f"{len(doc['studies_dropped'])} studies that arrived after the backup are no longer in the database; "
+              "their files are still under the data directory's instances/ folder: import them again")
+    if doc["problem"]:
+        print(f"warning: the check of {doc['version']} failed: {doc['problem']}")
+    print(doc["restart"])
+    return 1 if doc["problem"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -591,6 +624,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("doctor", cmd_doctor, "Check the appliance and say what to fix: disk, database, clock, services, "
                                   "ports, PACS, model packs, GPU, export, outbox.")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p = add("update", cmd_update, "Install a signed offline bundle beside this version and switch to it "
+                                  "(database backed up; rolled back by itself if the new version fails its check).")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE", help="appliance-<version>-linux-<arch>.tar.gz")
+    p.add_argument("--prefix", type=Path, help="the installation (default: the one this appliance runs from)")
+    p.add_argument("--data", type=Path, help="data directory (default: APPLIANCE_HOME, else the one installed)")
+    p.add_argument("--allow-downgrade", action="store_true", help="install an older or the same version")
+    p = add("rollback", cmd_rollback, "Return to the previous version and the database backup its update took.")
+    p.add_argument("--prefix", type=Path, help="the installation (default: the one this appliance runs from)")
+    p.add_argument("--data", type=Path, help="data directory (default: APPLIANCE_HOME, else the one installed)")
+    p.add_argument("--force", action="store_true",
+                   help="roll back even though studies arrived after the backup (their rows leave the database)")
     return parser
 
 

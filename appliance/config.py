@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import os
+import sys
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -198,7 +199,11 @@ class Settings:
         """The folder of model packs, absolute."""
         if self.engines_dir:
             return Path(self.engines_dir).resolve()
-        return Path(__file__).resolve().parents[1] / "engines"
+        checkout = Path(__file__).resolve().parents[1] / "engines"
+        if checkout.is_dir():
+            return checkout
+        # installed from a bundle: the venv is <prefix>/versions/<version>/venv, that version's packs beside it
+        return Path(sys.prefix).resolve().parent / "engines"
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` (by setting name) checked and converted.
