@@ -227,3 +227,27 @@ def test_an_outcome_travels_deidentified_and_the_hub_reports_its_ppv(site, tmp_p
     assert doc["outcomes"] == json.loads(json.dumps(report.outcome_rates(db)))
     assert "positive predictive value" in out[0].read_text().lower()
     db.close()
+
+
+def test_the_hub_keeps_the_latest_row_of_each_recall_and_leaves_cancelled_ones_out(tmp_path):
+    """An outcome recorded in a later month arrives in that month's bundle and replaces the recall's earlier
+    row; a recall cancelled later counts as none; an open recall is in no PPV denominator."""
+    db = HubDB(default_url(tmp_path))
+    columns = ("site_id, month, revision, study, patient, model, model_version, screened_month, state, "
+               "outcome_code, outcome_system, diagnosis, malignant, days_to_outcome")
+    rows = [("s1", "2026-01", 1, "st1", "p1", COVID, "1", "2026-01", "open", None, None, 0, 0, None),
+            ("s1", "2026-02", 1, "st1", "p1", COVID, "1", "2026-01", "closed", "363346000", recalls.SNOMED, 1, 1, 30.0),
+            ("s1", "2026-01", 1, "st2", "p2", COVID, "1", "2026-01", "open", None, None, 0, 0, None),
+            ("s1", "2026-03", 1, "st2", "p2", COVID, "1", "2026-01", "cancelled", None, None, 0, 0, None),
+            ("s1", "2026-01", 1, "st3", "p3", COVID, "1", "2026-01", "open", None, None, 0, 0, None)]
+    with db.transaction():
+        for row in rows:
+            db.execute(f"INSERT INTO recalls ({columns}) VALUES ({', '.join('?' * len(row))})", row)  # nosec B608
+        for n in range(10):
+            db.execute("INSERT INTO results (site_id, month, revision, study, patient, series, model, flagged) "
+                       "VALUES (?, ?, 1, ?, ?, ?, ?, 0)", ["s1", "2026-01", f"st{n}", f"p{n}", f"se{n}", COVID])
+    (row,) = report.outcome_rates(db)
+    assert (row["screened"], row["recalls"], row["open"], row["diagnosed"], row["malignant"]) == (10, 2, 1, 1, 1)
+    assert (row["recall_rate_value"], row["recall_rate_ci_low"], row["recall_rate_ci_high"]) == (0.2, 0.0567, 0.5098)
+    assert (row["ppv_value"], row["detection_per_1000_value"]) == (1.0, 100.0)
+    db.close()
