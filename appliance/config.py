@@ -166,6 +166,11 @@ class Settings:
     web_language: str = _setting(
         "en", "Language of the UI and reports when the browser asks for none we have (en, fr, es).")
 
+    # recalls
+    recall_due_days: int = _setting(
+        14, "A confirmed flag puts the patient on the recall list, due this many days later; past it the recall "
+        "shows as overdue on the worklist.")
+
     # monthly export
     site_id: str = _setting(
         "", "This site's identifier in exports (empty = derived from its signing key's fingerprint).")

@@ -74,3 +74,21 @@ def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
         if j > best:
             best, best_t = j, float(t)
     return best_t
+
+
+Z_95 = 1.959963984540054  # the standard normal quantile of 0.975
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float] | None:
+    """The Wilson score interval of a proportion ``successes / n`` (95% by default); None when ``n`` is 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is usable for the small counts of one site
+    and month (0 of 3, 3 of 3).
+    """
+    if n <= 0:
+        return None
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -35,7 +35,7 @@ HOSTILE = ["9223372036854775808", "-9223372036854775809", "-1", "0", "1e309", "a
 PARAMETERS = ("page", "next", "q", "status", "flagged", "unreviewed", "from", "to", "study", "upload_id", "final",
               "result_id", "decision", "comment", "action", "username", "password", "current", "confirm", "role",
               "disabled", "name", "value", "month", "destination", "lang", "dicom_ae_title", "dicom_port",
-              "dicom_allowed_callers", "pacs_destinations", "outbox_id")
+              "dicom_allowed_callers", "pacs_destinations", "outbox_id", "recall", "outcome", "detail")
 ARGUMENT = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
 
@@ -111,6 +111,7 @@ def _real_arguments(home: Path) -> dict[str, str]:
                 "series": first("SELECT series_instance_uid FROM series", "1.2.3.4"),
                 "result_id": first("SELECT id FROM results ORDER BY id", "1"),
                 "row_id": first("SELECT id FROM quarantine ORDER BY id", "1"),
+                "recall_id": first("SELECT id FROM recalls ORDER BY id", "1"),
                 "model": first("SELECT model FROM results ORDER BY id", "chest-covid19"),
                 "model_id": first("SELECT model FROM results ORDER BY id", "chest-covid19"),
                 "n": "0", "k": "0", "count": "4", "plane": "coronal", "filename": "app.css"}

@@ -20,6 +20,7 @@ import sqlite_utils
 
 from appliance.export.deid import Pseudonymizer
 from appliance.store.database import REAL_STUDIES_SQL
+from appliance.store.recalls import BY_CODE
 
 SYSTEM = "urn:ct-screening"  # our code systems: models, pseudonyms
 FHIR_NAMESPACE = uuid.UUID("3f8a9c1e-6d1b-4c57-9a54-2f1c0b7e4d21")
@@ -188,3 +189,67 @@ def _observation(r: dict[str, Any], subject: dict[str, Any], study_ref: str) -> 
 
 def json_bytes(doc: Any) -> bytes:
     return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+
+RECALL_COLUMNS = ["study", "patient", "model", "model_version", "screened_month", "state", "outcome_code",
+                  "outcome_system", "outcome_display", "diagnosis", "malignant", "days_to_outcome"]
+
+
+def recall_rows(db: sqlite_utils.Database, month: str, pseudo: Pseudonymizer) -> list[dict[str, Any]]:
+    """One row per recall opened, closed or given an outcome in ``month``: its state now and its deciding
+    outcome (the one that closed it, else the latest), pseudonymised like the results. The hub keeps the
+    latest row of each recall. The outcome's free-text detail, dates and who recorded it stay on the box."""
+    start, end = month_bounds(month)
+    rows = []
+    for r in db.query(
+            "SELECT rc.*, st.created_at AS received_at FROM recalls rc JOIN studies st "
+            "ON st.study_instance_uid = rc.study_instance_uid WHERE st.synthetic = 0 AND ("
+            "(rc.created_at >= ? AND rc.created_at < ?) OR (rc.closed_at >= ? AND rc.closed_at < ?) OR EXISTS "
+            "(SELECT 1 FROM outcomes o WHERE o.recall_id = rc.id AND o.recorded_at >= ? AND o.recorded_at < ?)) "
+            "ORDER BY rc.id", [start, end] * 3):
+        last = db.execute("SELECT code, system, recorded_at FROM outcomes WHERE recall_id = ? AND recorded_at < ? "
+                          "ORDER BY id DESC LIMIT 1", [r["id"], end]).fetchone()
+        kind = BY_CODE.get((last[1], last[0])) if last else None
+        days = _seconds(r["created_at"], last[2]) if last else None
+        state = "open" if r["closed_at"] is None or r["closed_at"] >= end else (
+            "cancelled" if r["closed_reason"] == "flag rejected" else "closed")
+        rows.append({"study": pseudo.uid(r["study_instance_uid"]), "patient": pseudo.patient(r["patient_key"]),
+                     "model": r["model"], "model_version": r["model_version"],
+                     "screened_month": r["received_at"][:7], "state": state,
+                     "outcome_code": kind.code if kind else None, "outcome_system": kind.system if kind else None,
+                     "outcome_display": kind.display if kind else None,
+                     "diagnosis": bool(kind and kind.diagnosis), "malignant": bool(kind and kind.malignant),
+                     "days_to_outcome": None if days is None else round(max(days, 0.0) / 86400, 1)})
+    return rows
+
+
+def recalls_csv(rows: list[dict[str, Any]]) -> bytes:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=RECALL_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row[k] is None else row[k]) for k in RECALL_COLUMNS})
+    return out.getvalue().encode()
+
+
+def fhir_outcomes(rows: list[dict[str, Any]], site_id: str) -> list[dict[str, Any]]:
+    """Bundle entries: one Observation per recall with an outcome, its value the coded outcome, on the
+    pseudonymised patient and derived from the study's ImagingStudy (the same reference in every month)."""
+    entries = []
+    for r in rows:
+        if not r["outcome_code"]:
+            continue
+        ref = _ref("Observation", f"recall/{r['study']}/{r['model']}")
+        entries.append({"fullUrl": ref, "resource": {
+            "resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": f"{SYSTEM}:recall", "code": "recall-outcome",
+                                 "display": "Outcome of a recall after a confirmed screening flag"}]},
+            "subject": {"identifier": {"system": f"{SYSTEM}:patient-pseudonym:{site_id}", "value": r["patient"]}},
+            "derivedFrom": [{"reference": _ref("ImagingStudy", r["study"])}],
+            "method": {"text": f"{r['model']} {r['model_version']}"},
+            "valueCodeableConcept": {"coding": [{"system": r["outcome_system"], "code": r["outcome_code"],
+                                                 "display": r["outcome_display"]}]},
+            "component": [{"code": {"coding": [{"system": f"{SYSTEM}:recall", "code": "days-to-outcome"}]},
+                           "valueQuantity": {"value": r["days_to_outcome"], "unit": "d",
+                                             "system": "http://unitsofmeasure.org", "code": "d"}}]}})
+    return entries

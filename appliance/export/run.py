@@ -180,8 +180,12 @@ def _members(db, settings: Settings, month: str, sid: str, images: str, pseudo: 
                      "models": [{**{k: v for k, v in p.items() if k != "choice"}, "backend": p["choice"].backend,
                                  "precision": p["choice"].precision, "why": p["choice"].reason} for p in packs],
                      "refused": [str(r) for r in refused]}
-    members = {"results.fhir.json": content.json_bytes(content.fhir_bundle(rows, sid, month)),
+    recall_rows = content.recall_rows(db, month, pseudo)
+    fhir = content.fhir_bundle(rows, sid, month)
+    fhir["entry"] += content.fhir_outcomes(recall_rows, sid)
+    members = {"results.fhir.json": content.json_bytes(fhir),
                "results.csv": content.results_csv(rows),
+               "recalls.csv": content.recalls_csv(recall_rows),
                "statistics.json": content.json_bytes(content.statistics_doc(db, month)),
                "inventory.json": content.json_bytes(inventory_doc)}
     image_members, left_out = _key_images(db, settings.home_path, month, images, pseudo)

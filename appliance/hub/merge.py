@@ -62,8 +62,10 @@ def import_bundle(db: HubDB, hub_dir: Path, path: Path, now: datetime.datetime |
                                        f"revision {newest}")
         for table in ("results", "stats", "models"):
             db.execute(f"DELETE FROM {table} WHERE site_id = ? AND month = ?", [site, month])  # nosec B608 - table from a fixed tuple; values bound
+        db.execute("DELETE FROM recalls WHERE site_id = ? AND month = ?", [site, month])
         db.execute("UPDATE bundles SET superseded = 1 WHERE site_id = ? AND month = ?", [site, month])
         results = _merge_members(db, opened, site, month, revision)
+        _merge_recalls(db, opened, site, month, revision)
         db.execute("INSERT INTO bundles (sha256, site_id, month, revision, created_at, imported_at, superseded) "
                    "VALUES (?, ?, ?, ?, ?, ?, 0)", [opened.sha256, site, month, revision,
                                                     opened.header["created_at"], _now()])
@@ -96,4 +98,17 @@ def _merge_members(db: HubDB, opened: bundle.Opened, site: str, month: str, revi
                    "model_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                    [site, month, revision, m["id"], m["version"], int(bool(m["validated"])), m["backend"],
                     m["precision"], m["model_sha256"]])
+    return len(rows)
+
+
+def _merge_recalls(db: HubDB, opened: bundle.Opened, site: str, month: str, revision: int) -> int:
+    """The month's recall rows (``recalls.csv``; none in bundles from appliances before recalls)."""
+    rows = list(csv.DictReader(io.StringIO(opened.members.get("recalls.csv", b"").decode())))
+    for r in rows:
+        db.execute("INSERT INTO recalls (site_id, month, revision, study, patient, model, model_version, "
+                   "screened_month, state, outcome_code, outcome_system, diagnosis, malignant, days_to_outcome) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   [site, month, revision, r["study"], r["patient"], r["model"], r["model_version"],
+                    r["screened_month"], r["state"], r["outcome_code"] or None, r["outcome_system"] or None,
+                    int(r["diagnosis"] == "True"), int(r["malignant"] == "True"), _number(r["days_to_outcome"])])
     return len(rows)

@@ -25,6 +25,12 @@ SCHEMA = [
      "name TEXT NOT NULL, value DOUBLE PRECISION)"),
     ("CREATE TABLE IF NOT EXISTS models (site_id TEXT NOT NULL, month TEXT NOT NULL, revision INTEGER NOT NULL, "
      "model TEXT NOT NULL, version TEXT, validated INTEGER, backend TEXT, model_precision TEXT, model_sha256 TEXT)"),
+    # a recall's state as each month's bundle saw it (recalls.csv); the report keeps the latest row of each
+    ("CREATE TABLE IF NOT EXISTS recalls (site_id TEXT NOT NULL, month TEXT NOT NULL, revision INTEGER NOT NULL, "
+     "study TEXT NOT NULL, patient TEXT NOT NULL, model TEXT NOT NULL, model_version TEXT, "
+     "screened_month TEXT NOT NULL, state TEXT NOT NULL, outcome_code TEXT, outcome_system TEXT, "
+     "diagnosis INTEGER NOT NULL, malignant INTEGER NOT NULL, days_to_outcome DOUBLE PRECISION)"),
+    "CREATE INDEX IF NOT EXISTS recalls_site_month ON recalls (site_id, month)",
 ]
 
 

@@ -346,3 +346,21 @@ def m012_outbox_refusals(db: sqlite_utils.Database) -> None:
     }, pk="id")
     db.table("outputs").create_index(["analysis_id"])
     db.table("outputs").create_index(["study_instance_uid"])
+
+
+@migrations()
+def m014_recalls(db: sqlite_utils.Database) -> None:
+    """The recall list a confirmed flag puts a patient on, and the coded outcomes recorded on it
+    (``store.recalls``)."""
+    db.table("recalls").create({
+        "id": int, "study_instance_uid": str, "patient_key": str, "result_id": int, "model": str,
+        "model_version": str, "due_date": str, "created_at": str, "closed_at": str, "closed_reason": str,
+    }, pk="id")
+    db.table("recalls").create_index(["study_instance_uid", "model"])
+    db.table("recalls").create_index(["closed_at", "due_date"])
+    db.table("outcomes").create({
+        "id": int, "recall_id": int, "code": str, "system": str, "display": str, "detail": str,
+        "recorded_by": str, "recorded_at": str,
+    }, pk="id", foreign_keys=[("recall_id", "recalls")])
+    db.table("outcomes").create_index(["recall_id"])
+    db.table("outcomes").create_index(["recorded_at"])

@@ -21,6 +21,7 @@ from typing import Any
 
 import sqlite_utils
 
+from appliance.store import recalls
 from appliance.store.database import audit, inserted_id, utcnow
 
 DECISIONS = ("confirmed", "rejected")
@@ -165,9 +166,10 @@ def refresh_study_review(db: sqlite_utils.Database, study_uid: str) -> StudyRevi
 
 
 def add_review(db: sqlite_utils.Database, result_id: int, decision: str, comment: str, reviewer: str, *,
-               study_uid: str) -> int:
+               study_uid: str, recall_due_days: int = recalls.DEFAULT_DUE_DAYS) -> int:
     """Record a radiologist's decision on a current result of ``study_uid`` (inside the caller's
-    transaction), audit it and store the study's new review state; the new review's id.
+    transaction), audit it and store the study's new review state; the new review's id. A confirmed flag
+    opens a recall due in ``recall_due_days`` days, a rejected one cancels it (:mod:`store.recalls`).
 
     Raises :class:`ReviewRefused` for an unknown decision, a result of another study, or a result a
     re-analysis has replaced since the page was shown.
@@ -187,6 +189,7 @@ def add_review(db: sqlite_utils.Database, result_id: int, decision: str, comment
     review_id = inserted_id(reviews)
     audit(db, reviewer, "review", study_uid, result_id=result_id, model=row[1], decision=decision)
     refresh_study_review(db, study_uid)
+    recalls.on_review(db, review_id, due_days=recall_due_days)
     return review_id
 
 

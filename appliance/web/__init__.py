@@ -79,9 +79,9 @@ def create_app(settings: Settings, environ: dict[str, str] | None = None) -> Fla
 
 
 def _register(app: Flask) -> None:
-    from appliance.web import admin, auth, importing, models, pacs, report, study, worklist
+    from appliance.web import admin, auth, importing, models, pacs, recalls, report, study, worklist
 
-    for module in (auth, worklist, study, report, importing, admin, pacs, models):
+    for module in (auth, worklist, study, report, importing, admin, pacs, models, recalls):
         app.register_blueprint(module.bp)
     db.init_app(app)
     app.before_request(_open_request)

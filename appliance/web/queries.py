@@ -10,7 +10,7 @@ from typing import Any
 
 import sqlite_utils
 
-from appliance.store import reviews
+from appliance.store import recalls, reviews
 from appliance.store.states import StudyStatus
 
 PAGE_SIZE = 50
@@ -27,6 +27,7 @@ class WorklistFilter:
     status: str = ""
     flagged: bool = False
     unreviewed: bool = False  # flagged results no review applies to (never reviewed, or needing re-review)
+    recall_overdue: bool = False  # an open recall past its due date (store.recalls)
     date_from: str = ""  # YYYYMMDD, as StudyDate
     date_to: str = ""
     page: int = 1
@@ -48,6 +49,9 @@ class WorklistFilter:
             clauses.append("st.flagged = 1")
         if self.unreviewed:
             clauses.append("st.unreviewed_flags > 0")  # stored by store.reviews whenever results or reviews change
+        if self.recall_overdue:
+            clauses.append(recalls.OVERDUE_CLAUSE)
+            args.append(recalls.today().isoformat())
         if self.status in STATUSES:
             clauses.append("st.status = ?")  # stored on the row whenever its jobs or series change
             args.append(self.status)
@@ -136,8 +140,10 @@ def _decorate(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
         info[uid].flags.append({"model": model, "flagged": bool(flagged), "score": score,
                                 "validated": bool(validated)})
     _review_flags(db, uids, info)
+    overdue = recalls.overdue_since(db, uids)
     for row in rows:
         row.update(info[row["study_instance_uid"]].columns())
+        row["recall_overdue_since"] = overdue.get(row["study_instance_uid"])
 
 
 def _review_flags(db: sqlite_utils.Database, uids: list[str], info: dict[str, _StudyExtras]) -> None:

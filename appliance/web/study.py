@@ -63,7 +63,7 @@ def review(uid: str):
     try:
         with write_transaction(db):
             reviews.add_review(db, result_id, request.form.get("decision", ""), comment, g.user["username"],
-                               study_uid=uid)
+                               study_uid=uid, recall_due_days=settings_of().recall_due_days)
     except reviews.ReviewRefused as refused:
         if refused.reason_code != "RESULT_SUPERSEDED":
             abort(400)
