@@ -46,6 +46,7 @@ LAYERS = {
     "appliance.serve": 4,
     "appliance.systemd_units": 4,  # unit files for the processes the CLI starts
     "appliance.doctor": 4,  # `appliance doctor`: every check a technician reads over the phone
+    "appliance.https": 4,  # site certificate, nginx config and unit of the HTTPS proxy
 }
 
 @dataclasses.dataclass(frozen=True)
