@@ -538,6 +538,7 @@ def _https_setup(args: argparse.Namespace, settings: config.Settings) -> int:
     except https.CertificateRefused as exc:
         print(f"refused: {exc.reason_code}: {exc.reason}", file=sys.stderr)
         return 1
+    https.give_to_owner(settings.home_path)
     state = "new" if cert.issued else "kept"
     print(f"server certificate ({state}) for {', '.join(cert.names)}, valid until {cert.not_after:%Y-%m-%d}, "
           f"issued by {cert.issuer}")
@@ -550,7 +551,7 @@ def _https_setup(args: argparse.Namespace, settings: config.Settings) -> int:
         print(f"to install: appliance https setup --install (it also sets {', '.join(f'{k} = true' for k in changes)}"
               f" in {config.config_path(settings.home_path)} and restarts appliance-web)")
         return 0
-    config.save_overrides(changes, config.config_path(settings.home_path))
+    https.give_to_owner(settings.home_path, config.save_overrides(changes, config.config_path(settings.home_path)))
     print(f"set {', '.join(f'{k} = true' for k in changes)} in {config.config_path(settings.home_path)}")
     if shutil.which("systemctl"):
         for command in (["systemctl", "daemon-reload"], ["systemctl", "try-restart", "appliance-web.service"],

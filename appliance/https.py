@@ -277,6 +277,18 @@ def own_certificate(home: Path, cert_path: Path, key_path: Path) -> ServerCertif
                              site_ca=False, issued=True)
 
 
+def give_to_owner(home: Path, *paths: Path) -> None:
+    """Run as root, hand ``keys/https/`` (and ``paths``) to the data directory's owner: nginx and the web run
+    as that account and must read them. Otherwise nothing to do."""
+    if os.geteuid() != 0:
+        return
+    owner = home.stat()
+    folder = TLSFiles.of(home).folder
+    for path in (folder.parent, folder, *folder.iterdir(), *paths):
+        if path.exists():
+            os.chown(path, owner.st_uid, owner.st_gid)
+
+
 def site_ca_pem(home: Path) -> bytes | None:
     """The site CA certificate (PEM) for radiologists' computers to trust, or None before ``https setup``."""
     path = TLSFiles.of(home).ca_certificate
@@ -367,7 +379,7 @@ Wants=appliance-web.service
 Type=exec
 User={user}
 ExecStartPre=/usr/bin/mkdir -p {state}/logs {state}/temp
-ExecStart={nginx} -c {config_path} -p {state} -e stderr -g 'daemon off;'
+ExecStart={nginx} -c {config_path} -p {state} -g 'daemon off;'
 ExecReload=/bin/kill -HUP $MAINPID
 StateDirectory={state.name}
 StateDirectoryMode=0700
@@ -387,6 +399,9 @@ ProtectControlGroups=yes
 ProtectClock=yes
 ProtectHostname=yes
 ProtectProc=invisible
+ProcSubset=pid
+PrivateMounts=yes
+RemoveIPC=yes
 RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
 RestrictNamespaces=yes
 RestrictRealtime=yes

@@ -184,6 +184,33 @@ def test_generated_config_passes_nginx_t(tmp_path):
     assert check.returncode == 0, check.stderr
 
 
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (package systemd)")
+def test_the_proxy_unit_verifies_and_is_hardened(tmp_path):
+    unit = tmp_path / https.UNIT_NAME
+    unit.write_text(https.systemd_unit(https.SYSTEM_CONFIG, "appliance", Path("/var/lib/appliance")))
+    env = dict(os.environ, SYSTEMD_LOG_LEVEL="warning", SYSTEMD_COLORS="0")
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, env=env)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    review = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+                            capture_output=True, text=True, env=env)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", review.stdout + review.stderr)
+    if found is None:
+        pytest.skip("this systemd-analyze has no offline security review (systemd 250 or later)")
+    assert float(found.group(1)) <= 3.0  # as every other unit of the appliance (tests/test_systemd_and_usb.py)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing files to another account needs root")
+def test_as_root_the_keys_go_to_the_data_directorys_owner(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, 65534, 65534)
+    https.site_certificate(home, ["localhost"])
+    https.give_to_owner(home)
+    files = https.TLSFiles.of(home)
+    for path in (files.folder, files.key, files.ca_key, files.certificate):
+        assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534), path
+
+
 # --- the web UI behind the proxy (Flask test client) ------------------------------------------------------
 
 
