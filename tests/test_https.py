@@ -172,6 +172,21 @@ def test_setup_into_a_folder_touches_nothing_in_etc_nor_the_settings(tmp_path, m
     assert capsys.readouterr().out.startswith("-----BEGIN CERTIFICATE-----")
 
 
+def test_install_turns_on_the_proxy_settings(tmp_path, monkeypatch, capsys):
+    """--install writes where systemd and nginx read (here redirected to a folder) and saves the two settings."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("APPLIANCE_HOME", str(home))
+    monkeypatch.setattr(https, "SYSTEM_CONFIG", tmp_path / "etc" / "nginx-https.conf")
+    monkeypatch.setattr(https, "SYSTEM_UNIT", tmp_path / "etc" / https.UNIT_NAME)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no systemctl to call here
+    assert cli.main(["https", "setup", "--install", "--hostname", "localhost"]) == 0
+    assert https.SYSTEM_CONFIG.is_file() and https.SYSTEM_UNIT.is_file()
+    saved = config.load()
+    assert saved.web_behind_proxy and saved.web_secure_cookies
+    assert "systemctl enable --now appliance-https.service" in capsys.readouterr().out
+    assert cli.main(["https", "show"]) == 0 and "824 days left" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed (apt-get install nginx-light)")
 def test_generated_config_passes_nginx_t(tmp_path):
     https.site_certificate(tmp_path / "home", ["localhost"])
@@ -393,8 +408,9 @@ def test_chromium_logs_in_over_https_with_secure_cookies_and_hsts(proxied, chrom
     session = {c["name"]: c for c in context.cookies(url)}["appliance_session"]
     assert session["secure"] and session["httpOnly"] and session["sameSite"] == "Lax"
     assert all(c["secure"] for c in context.cookies(url))
-    security = page.evaluate("() => window.isSecureContext")
-    assert security is True
+    assert page.evaluate("() => window.isSecureContext") is True
+    page.goto(f"http://127.0.0.1:{proxied['ports']['http']}/")  # typed without https: sent there
+    assert page.url == url + "/"
     context.close()
 
 
