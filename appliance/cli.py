@@ -544,7 +544,13 @@ def _https_setup(args: argparse.Namespace, settings: config.Settings) -> int:
           f"issued by {cert.issuer}")
     opts = https.ProxyOptions(https.TLSFiles.of(settings.home_path), settings.web_port, settings.max_upload_bytes,
                               port=args.port, http_port=args.http_port, listen_address=args.listen)
-    for path in https.write_proxy(None if args.install else args.out, opts, user=args.user, home=settings.home_path):
+    try:
+        written = https.write_proxy(None if args.install else args.out, opts, user=args.user, home=settings.home_path)
+    except OSError as exc:
+        print(f"error: cannot write {exc.filename}: {exc.strerror}" + (" (--install needs root)" if args.install
+                                                                      else ""), file=sys.stderr)
+        return 1
+    for path in written:
         print(f"wrote {path}")
     changes = {"web_secure_cookies": True, "web_behind_proxy": True}
     if not args.install:

@@ -186,8 +186,13 @@ def issue_server_certificate(ca: x509.Certificate, ca_key: ec.EllipticCurvePriva
 def _site_ca(files: TLSFiles, site_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """The site CA of this data directory, made on first use; kept after, so radiologists trust it once."""
     if files.ca_certificate.is_file() and files.ca_key.is_file():
-        cert = x509.load_pem_x509_certificate(files.ca_certificate.read_bytes())
-        key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
+        try:
+            cert = x509.load_pem_x509_certificate(files.ca_certificate.read_bytes())
+            key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
+        except ValueError as exc:
+            raise CertificateRefused("SITE_CA_UNREADABLE", f"{files.ca_certificate} or its key does not parse "
+                                     f"({exc}); move both away to make a new site CA, which every radiologist's "
+                                     "computer must then trust again") from exc
         if isinstance(key, ec.EllipticCurvePrivateKey) and cert.not_valid_after_utc > _now():
             return cert, key
     cert, key = make_site_ca(site_name)
@@ -207,9 +212,9 @@ def certificate_names(cert: x509.Certificate) -> list[str]:
 
 def _current_is_fine(files: TLSFiles, ca: x509.Certificate, names: list[str]) -> x509.Certificate | None:
     """The server certificate in place, when the site CA issued it for exactly ``names`` and it is not near expiry."""
-    if not (files.certificate.is_file() and files.key.is_file()):
+    cert = _read_certificate(files.certificate)
+    if cert is None or not files.key.is_file():
         return None
-    cert = x509.load_pem_x509_certificates(files.certificate.read_bytes())[0]
     if cert.issuer != ca.subject or sorted(certificate_names(cert)) != sorted(names):
         return None
     if cert.not_valid_after_utc - _now() < datetime.timedelta(days=RENEW_WITHIN_DAYS):
@@ -428,9 +433,15 @@ def write_proxy(dest: Path | None, opts: ProxyOptions, *, user: str, home: Path)
 
 
 def days_left(path: Path) -> int | None:
-    """Whole days until the certificate at ``path`` expires (negative once expired), or None without one."""
-    if not path.is_file():
+    """Whole days until the certificate at ``path`` expires (negative once expired), or None without a readable one."""
+    cert = _read_certificate(path)
+    return None if cert is None else (cert.not_valid_after_utc - _now()).days
+
+
+def _read_certificate(path: Path) -> x509.Certificate | None:
+    """The first certificate in the PEM file at ``path``; None when there is none or it does not parse."""
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())[0]
+    except (OSError, ValueError):
         return None
-    cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
-    return (cert.not_valid_after_utc - _now()).days
 

@@ -76,6 +76,18 @@ def test_setup_again_keeps_the_site_ca_and_issues_a_new_certificate_only_for_new
     assert files.ca_certificate.read_bytes() == ca_before  # radiologists trust the CA once
 
 
+def test_a_damaged_site_ca_is_refused_and_a_damaged_server_certificate_replaced(tmp_path):
+    https.site_certificate(tmp_path, ["localhost"])
+    files = https.TLSFiles.of(tmp_path)
+    files.certificate.write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    assert https.days_left(files.certificate) is None  # the admin page says "not set up", no error
+    assert https.site_certificate(tmp_path, ["localhost"]).issued
+    files.ca_key.write_bytes(b"garbage")
+    with pytest.raises(https.CertificateRefused) as refused:
+        https.site_certificate(tmp_path, ["localhost", "ct.clinic.example"])
+    assert refused.value.reason_code == "SITE_CA_UNREADABLE"
+
+
 def _own(tmp_path: Path, *, days: int = 365, start_days: int = -1):
     ca, ca_key = https.make_site_ca("Hospital")
     now = datetime.datetime.now(datetime.timezone.utc)
