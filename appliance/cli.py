@@ -47,8 +47,8 @@ EXAMPLES = {
               "  appliance packs import /media/usb/chest-covid19/\n  appliance packs list --json"),
     "doctor": "examples:\n  appliance doctor\n  appliance doctor --json",
     "https": ("examples:\n  appliance https setup --out /tmp/https      # look before installing\n"
-              "  sudo appliance https setup --install --hostname ct.clinic.example --hostname 192.168.1.5\n"
-              "  sudo appliance https setup --install --cert /root/hospital.pem --key /root/hospital.key\n"
+              "  sudo APPLIANCE_HOME=/var/lib/appliance appliance https setup --install --hostname ct.clinic.example\n"
+              "  sudo APPLIANCE_HOME=/var/lib/appliance appliance https setup --install --cert ct.pem --key ct.key\n"
               "  appliance https ca > site-ca.pem          # for the radiologists' computers to trust\n"
               "  appliance https show"),
 }
