@@ -49,6 +49,11 @@ EXAMPLES = {
     "update": ("examples:\n  appliance update /media/usb/appliance-0.2.0-linux-x86_64.tar.gz\n"
                "  appliance update bundle.tar.gz --prefix /opt/appliance --data /var/lib/appliance --allow-downgrade"),
     "rollback": "examples:\n  appliance rollback\n  appliance rollback --prefix /opt/appliance --force",
+    "https": ("examples:\n  appliance https setup --out /tmp/https      # look before installing\n"
+              "  sudo APPLIANCE_HOME=/var/lib/appliance appliance https setup --install --hostname ct.clinic.example\n"
+              "  sudo APPLIANCE_HOME=/var/lib/appliance appliance https setup --install --cert ct.pem --key ct.key\n"
+              "  appliance https ca > site-ca.pem          # for the radiologists' computers to trust\n"
+              "  appliance https show"),
 }
 
 
@@ -541,6 +546,85 @@ def cmd_rollback(args: argparse.Namespace, settings: config.Settings) -> int:
     return 1 if doc["problem"] else 0
 
 
+def _https_certificate(args: argparse.Namespace, settings: config.Settings):
+    from appliance import https
+
+    if args.cert or args.key:
+        if not (args.cert and args.key):
+            raise https.CertificateRefused("USAGE", "--cert and --key go together")
+        return https.own_certificate(settings.home_path, args.cert, args.key)
+    return https.site_certificate(settings.home_path, args.hostname or https.default_names(), settings.site_name)
+
+
+def _https_setup(args: argparse.Namespace, settings: config.Settings) -> int:
+    import shutil
+    import subprocess  # nosec B404 - systemctl with fixed arguments, only with --install
+
+    from appliance import https
+
+    if args.install == (args.out is not None):
+        print(f"give --out DIR to write the proxy's files for review, or --install to write them into "
+              f"{https.SYSTEM_CONFIG.parent} and {https.SYSTEM_UNIT.parent}", file=sys.stderr)
+        return 2
+    try:
+        cert = _https_certificate(args, settings)
+    except https.CertificateRefused as exc:
+        print(f"refused: {exc.reason_code}: {exc.reason}", file=sys.stderr)
+        return 1
+    https.give_to_owner(settings.home_path)
+    state = "new" if cert.issued else "kept"
+    print(f"server certificate ({state}) for {', '.join(cert.names)}, valid until {cert.not_after:%Y-%m-%d}, "
+          f"issued by {cert.issuer}")
+    opts = https.ProxyOptions(https.TLSFiles.of(settings.home_path), settings.web_port, settings.max_upload_bytes,
+                              port=args.port, http_port=args.http_port, listen_address=args.listen)
+    try:
+        written = https.write_proxy(None if args.install else args.out, opts, user=args.user, home=settings.home_path)
+    except OSError as exc:
+        print(f"error: cannot write {exc.filename}: {exc.strerror}" + (" (--install needs root)" if args.install
+                                                                      else ""), file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    changes = {"web_secure_cookies": True, "web_behind_proxy": True}
+    if not args.install:
+        print(f"to install: appliance https setup --install (it also sets {', '.join(f'{k} = true' for k in changes)}"
+              f" in {config.config_path(settings.home_path)} and restarts appliance-web)")
+        return 0
+    https.give_to_owner(settings.home_path, config.save_overrides(changes, config.config_path(settings.home_path)))
+    print(f"set {', '.join(f'{k} = true' for k in changes)} in {config.config_path(settings.home_path)}")
+    if shutil.which("systemctl"):
+        for command in (["systemctl", "daemon-reload"], ["systemctl", "try-restart", "appliance-web.service"],
+                        ["systemctl", "try-reload-or-restart", https.UNIT_NAME]):
+            subprocess.run(command, check=False)  # nosec B603
+    print(f"then: systemctl disable --now nginx.service; systemctl enable --now {https.UNIT_NAME}")
+    return 0
+
+
+def cmd_https(args: argparse.Namespace, settings: config.Settings) -> int:
+    """``https setup``: certificate, nginx config and unit; ``https ca``: the site CA (PEM); ``https show``."""
+    from appliance import https
+
+    if args.action == "setup":
+        return _https_setup(args, settings)
+    files = https.TLSFiles.of(settings.home_path)
+    if args.action == "ca":
+        pem = https.site_ca_pem(settings.home_path)
+        if pem is None:
+            print("error: NO_SITE_CA: run `appliance https setup` first (or the site uses its own certificate)",
+                  file=sys.stderr)
+            return 1
+        sys.stdout.write(pem.decode())
+        return 0
+    left = https.days_left(files.certificate)
+    if left is None:
+        print("no server certificate: run `appliance https setup`")
+        return 1
+    print(f"server certificate {files.certificate}: {left} days left "
+          f"(renew with `appliance https setup --install` within {https.RENEW_WITHIN_DAYS} days of expiry)")
+    print(f"web_behind_proxy = {settings.web_behind_proxy}, web_secure_cookies = {settings.web_secure_cookies}")
+    return 0 if left > 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Offline CT screening appliance.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -635,6 +719,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="data directory (default: APPLIANCE_HOME, else the one installed)")
     p.add_argument("--force", action="store_true",
                    help="roll back even though studies arrived after the backup (their rows leave the database)")
+    p = add("https", cmd_https, "Serve the web UI over HTTPS for remote reading: setup (site certificate, nginx "
+                                "config and unit), ca (print the site CA to trust), show.")
+    p.add_argument("action", choices=("setup", "ca", "show"))
+    p.add_argument("--out", type=Path,
+                   help="setup: folder to write nginx.conf and the unit into (nothing in /etc is touched)")
+    p.add_argument("--install", action="store_true",
+                   help="setup: write them into /etc, turn on web_behind_proxy and web_secure_cookies, reload systemd")
+    p.add_argument("--hostname", action="append", metavar="NAME",
+                   help="setup: a host name or IP address radiologists use (repeat; default: this box's names)")
+    p.add_argument("--cert", type=Path, help="setup: the site's own certificate (PEM, chain after it) instead of "
+                                             "one from the site CA")
+    p.add_argument("--key", type=Path, help="setup: the private key of --cert (PEM, unencrypted)")
+    p.add_argument("--port", type=int, default=443, help="setup: HTTPS port (default 443)")
+    p.add_argument("--http-port", type=int, default=80, help="setup: plain HTTP port, redirecting only (default 80)")
+    p.add_argument("--user", default="appliance", help="setup: the account nginx runs as (owner of the data directory)")
+    p.add_argument("--listen", default="", metavar="ADDRESS",
+                   help="setup: the one address nginx listens on (default: every address of the box)")
     return parser
 
 

@@ -151,6 +151,10 @@ class Settings:
     web_threads: int = _setting(4, "Threads of the web server (waitress).")
     web_idle_timeout_minutes: float = _setting(15.0, "A web session idle for this long must log in again.")
     web_secure_cookies: bool = _setting(False, "Mark session cookies Secure (set when the UI is served behind TLS).")
+    web_behind_proxy: bool = _setting(
+        False, "The UI is served through the HTTPS proxy of `appliance https setup` (nginx on this box): it listens "
+        "on 127.0.0.1 only, takes the client's address and scheme from X-Forwarded-For/-Proto of loopback peers "
+        "and sends Strict-Transport-Security.")
     web_login_attempts_per_minute: int = _setting(
         5, "Wrong passwords allowed per minute for one account from one browser (a known device of the account, "
         "else one address); beyond it that browser gets 429 for the account.")
@@ -352,7 +356,8 @@ def save_overrides(changes: dict[str, Any], path: Path) -> Path:
 # The DICOM receiver's are taken up by restarting the receiver in its process (dicom_server.serve_receiver).
 FIXED_WHILE_RUNNING: dict[str, str] = {
     "home": "every service", "web_host": "the web UI", "web_port": "the web UI", "web_threads": "the web UI",
-    "web_secure_cookies": "the web UI", "max_upload_bytes": "the web UI", "decode_workers": "the worker",
+    "web_secure_cookies": "the web UI", "web_behind_proxy": "the web UI", "max_upload_bytes": "the web UI",
+    "decode_workers": "the worker",
 }
 RECEIVER_SETTINGS = ("dicom_ae_title", "dicom_port", "dicom_bind_address", "dicom_allowed_callers",
                      "dicom_max_associations", "dicom_max_associations_per_address", "dicom_first_pdu_timeout",

@@ -47,6 +47,7 @@ LAYERS = {
     "appliance.systemd_units": 4,  # unit files for the processes the CLI starts
     "appliance.doctor": 4,  # `appliance doctor`: every check a technician reads over the phone
     "appliance.release": 4,  # update and rollback of versions installed from signed bundles
+    "appliance.https": 4,  # site certificate, nginx config and unit of the HTTPS proxy
 }
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ from flask_babel import Babel, get_locale
 from flask_babel import gettext as _
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from appliance.config import Settings
 from appliance.outputs import findings_text, opacity_figures
@@ -72,10 +73,36 @@ def create_app(settings: Settings, environ: dict[str, str] | None = None) -> Fla
         BABEL_TRANSLATION_DIRECTORIES=str(compile_catalogues(DataDirectory(home).cache / "translations")),
     )
     app.url_map.converters["int"] = BoundedIntConverter  # before the blueprints' rules are made
+    if settings.web_behind_proxy:
+        app.wsgi_app = ForwardedByLoopbackProxy(app.wsgi_app)  # type: ignore[method-assign]
     CSRFProtect(app)
     Babel(app, locale_selector=select_locale)
     _register(app)
     return app
+
+
+HSTS = "max-age=31536000"  # a year, as the nginx proxy of `appliance https setup` sends it
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class ForwardedByLoopbackProxy:
+    """Take the client's address and scheme from X-Forwarded-For/-Proto (one proxy), but only when the peer
+    is the proxy on this box (a loopback address); any other peer's X-Forwarded-* headers are ignored."""
+
+    def __init__(self, wsgi_app):
+        self.direct = wsgi_app
+        self.proxied = ProxyFix(wsgi_app, x_for=1, x_proto=1)
+
+    def __call__(self, environ, start_response):
+        if _is_loopback(environ.get("REMOTE_ADDR", "")):
+            return self.proxied(environ, start_response)
+        return self.direct(environ, start_response)
 
 
 def _register(app: Flask) -> None:
@@ -116,6 +143,8 @@ def _security_headers(response):
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["X-Frame-Options"] = "DENY"
     response.headers["Referrer-Policy"] = "same-origin"
+    if request.is_secure and settings_of().web_behind_proxy:
+        response.headers["Strict-Transport-Security"] = HSTS
     if request.endpoint != "static":
         response.headers["Cache-Control"] = "no-store"  # patient data stays off shared caches and back buttons
     return response
@@ -160,12 +189,13 @@ def _research_notice(result: dict[str, Any]) -> str | None:
 
 
 def bind_address(settings: Settings) -> tuple[str, str | None]:
-    """Where the UI listens: ``web_host`` once an admin exists, else loopback (and why, for the log)."""
+    """Where the UI listens: ``web_host`` once an admin exists and no HTTPS proxy fronts it, else loopback
+    (and why, for the log)."""
     host = settings.web_host
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
+    loopback = _is_loopback(host) or host == "localhost"
+    if settings.web_behind_proxy and not loopback:
+        return "127.0.0.1", (f"web_host {host} is not used behind the HTTPS proxy (web_behind_proxy): "
+                             "browsers reach the UI through it, the UI listens on 127.0.0.1 only")
     if loopback:
         return host, None
     database = open_database(settings.home_path)

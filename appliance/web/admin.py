@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, url_for
+from flask import Blueprint, abort, current_app, flash, g, make_response, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 
-from appliance import config
+from appliance import config, https
 from appliance.errors import ApplianceError
 from appliance.export import keys
 from appliance.export import run as export_run
@@ -65,7 +65,21 @@ def index():
                                  "watermark": settings.disk_low_watermark_mb * 2**20, "instances_bytes": stored[0],
                                  "instances": stored[1]},
                            outbox=dict(db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()),
+                           site_ca=https.site_ca_pem(home) is not None,
+                           certificate_days=https.days_left(https.TLSFiles.of(home).certificate),
                            set_aside=outbox.set_aside_rows(db))
+
+
+@bp.route("/https/site-ca.pem")
+def site_ca():
+    """The site CA certificate (PEM), for the radiologists' computers to trust; 404 before `appliance https setup`."""
+    pem = https.site_ca_pem(settings_of().home_path)
+    if pem is None:
+        abort(404)
+    response = make_response(pem)
+    response.headers["Content-Type"] = "application/x-pem-file"
+    response.headers["Content-Disposition"] = "attachment; filename=site-ca.pem"
+    return response
 
 
 @bp.route("/outbox", methods=["POST"])
