@@ -448,6 +448,27 @@ def check_outbox(ctx: Context) -> list[Row]:
     return [row("outbox", OK, detail)]
 
 
+CERTIFICATE_WARNING_DAYS = 30
+
+
+def check_https(ctx: Context) -> list[Row]:
+    """The HTTPS proxy's server certificate, when one was set up: expired is a problem, near expiry a warning."""
+    from appliance import https
+
+    if not ctx.settings.web_behind_proxy:
+        return [row("https", OK, "not set up: the web UI is served over HTTP on this network only")]
+    left = https.days_left(https.TLSFiles.of(ctx.settings.home_path).certificate)
+    renew = "appliance https setup --install (makes a new certificate from the site CA, or give --cert/--key)"
+    if left is None:
+        return [row("https", PROBLEM, "the web UI is behind the HTTPS proxy but has no readable server certificate",
+                    renew)]
+    if left < 0:
+        return [row("https", PROBLEM, f"the server certificate expired {-left} days ago: browsers refuse it", renew)]
+    if left < CERTIFICATE_WARNING_DAYS:
+        return [row("https", WARNING, f"the server certificate expires in {left} days", renew)]
+    return [row("https", OK, f"server certificate valid for {left} more days")]
+
+
 CHECKS: tuple[tuple[str, Callable[[Context], list[Row]]], ...] = (
     ("version", check_version),
     ("data directory", check_data_directory),
@@ -460,6 +481,7 @@ CHECKS: tuple[tuple[str, Callable[[Context], list[Row]]], ...] = (
     ("gpu", check_gpu),
     ("export", check_export),
     ("outbox", check_outbox),
+    ("https", check_https),
 )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import shutil
 import socket
 import threading
@@ -250,3 +251,16 @@ def test_listening_sockets_are_read_with_their_addresses(site):
         port = s.getsockname()[1]
         assert doctor.bound_addresses(port, doctor.listening_sockets()) == ["127.0.0.1"]
     assert doctor.bound_addresses(port, doctor.listening_sockets()) == []
+
+
+def test_the_https_certificate_is_checked_once_the_proxy_is_set_up(site: config.Settings) -> None:
+    from appliance import https
+
+    assert by_name(doctor.run_checks(site, [("https", doctor.check_https)]), "https")["status"] == doctor.OK
+    proxied = site.replace(web_behind_proxy=True)
+    missing = by_name(doctor.run_checks(proxied, [("https", doctor.check_https)]), "https")
+    assert missing["status"] == doctor.PROBLEM and "appliance https setup" in missing["fix"]
+    https.site_certificate(site.home_path, ["localhost"], "Clinic A")
+    valid = by_name(doctor.run_checks(proxied, [("https", doctor.check_https)]), "https")
+    days = int(re.search(r"valid for (\d+) more days", valid["detail"])[1])
+    assert valid["status"] == doctor.OK and 823 <= days <= 825
