@@ -46,6 +46,11 @@ EXAMPLES = {
               "  appliance packs import /media/usb/chest-covid19-2.0.0.tar.gz\n"
               "  appliance packs import /media/usb/chest-covid19/\n  appliance packs list --json"),
     "doctor": "examples:\n  appliance doctor\n  appliance doctor --json",
+    "purge": "examples:\n  appliance purge --dry-run   # what would go now\n  appliance purge --json",
+    "backup": ("examples:\n  appliance backup --out /media/usb\n  appliance backup --out /media/usb --instances\n"
+               "  appliance backup --show-key      # the recovery code to write down, once"),
+    "restore": ("examples:\n  appliance restore /media/usb/site-1a2b-backup-20270101T020000Z.ctb "
+                "--home /var/lib/appliance\n  appliance restore BACKUP --key 'ABCD-EFGH-...' --expect-site 1a2b:..."),
 }
 
 
@@ -508,6 +513,28 @@ def cmd_doctor(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_purge(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Remove the images retention allows while free space is below the purge target (see store.retention)."""
+    from appliance.jobs.purge import run_purge
+    from appliance.store.instances import open_store
+    from appliance.store.retention import MIB
+
+    store = open_store(settings)  # hold the writer lock: recovery never runs beside a purge
+    report = run_purge(store.db, settings, dry_run=args.dry_run, actor=getpass.getuser())
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    verb = "would purge" if args.dry_run else "purged"
+    print(f"free space {report.free_before // MIB} MiB, purge target {report.target // MIB} MiB: {verb} "
+          f"{len(report.purged)} series ({report.bytes_freed // MIB} MiB); "
+          f"free space now {report.free_after // MIB} MiB")
+    for c in report.purged[:50]:
+        print(f"  {c.series_instance_uid} ({c.instances} images, eligible since {c.eligible_since[:10]})")
+    if report.skipped_reason:
+        print(report.skipped_reason)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Offline CT screening appliance.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -591,6 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("doctor", cmd_doctor, "Check the appliance and say what to fix: disk, database, clock, services, "
                                   "ports, PACS, model packs, GPU, export, outbox.")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p = add("purge", cmd_purge, "Remove the images of series analysed, sent and exported more than retention_days "
+                                "ago, oldest first, while free space is below purge_free_target_mb.")
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
