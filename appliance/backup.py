@@ -345,6 +345,8 @@ def write_backup(settings: Settings, out_dir: Path, *, instances: bool = False, 
                   "nonce_prefix": base64.b64encode(os.urandom(4)).decode()}
         raw = json.dumps(header, sort_keys=True).encode()
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(f".{sid}-backup-*{SUFFIX}.partial"):  # a killed backup's: never renamed
+            stale.unlink(missing_ok=True)
         partial = out_dir / f".{final.name}.partial"
         with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.write(MAGIC + struct.pack(">I", len(raw)) + raw)
