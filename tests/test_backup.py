@@ -192,3 +192,30 @@ def test_kill_9_during_a_backup_leaves_the_last_good_one(site, tmp_path):
     assert again.returncode == 0, again.stderr
     assert len(list(usb.glob("*.ctb"))) == 2 and not list(usb.glob(".*.partial"))
     assert [p.name for p in (home / backup.STAGING).iterdir() if p.is_dir()] == []
+
+
+def test_doctor_and_admin_page_say_how_old_the_last_backup_is(tmp_path):
+    import datetime
+
+    from appliance import doctor
+
+    settings = web_settings(tmp_path)
+    make_accounts(settings.home_path)
+
+    def backup_row() -> dict:
+        ctx = doctor.Context(settings)
+        return next(r for r in doctor.run_check("last backup", doctor.check_backup, ctx))
+
+    assert backup_row()["status"] == doctor.WARNING and "no backup" in backup_row()["detail"]
+    client = create_app(settings, environ={}).test_client()
+    login(client, "admin")
+    assert "No backup has been written" in client.get("/admin/").get_data(as_text=True)
+    result = backup.write_backup(settings, tmp_path / "usb")
+    assert backup_row()["status"] == doctor.OK and str(result.path) in backup_row()["detail"]
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    assert f"Last backup: {today}" in client.get("/admin/").get_data(as_text=True)
+    db = open_database(settings.home_path)
+    old = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=9)).isoformat()
+    db.execute("UPDATE backups SET finished_at = ?", [old])
+    db.conn.close()
+    assert backup_row()["status"] == doctor.WARNING and "overdue" in backup_row()["detail"]

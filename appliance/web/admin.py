@@ -10,7 +10,7 @@ from typing import Any
 from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 
-from appliance import config
+from appliance import backup, config
 from appliance.errors import ApplianceError
 from appliance.export import keys
 from appliance.export import run as export_run
@@ -65,7 +65,7 @@ def index():
                                  "watermark": settings.disk_low_watermark_mb * 2**20, "instances_bytes": stored[0],
                                  "instances": stored[1]},
                            outbox=dict(db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()),
-                           set_aside=outbox.set_aside_rows(db))
+                           set_aside=outbox.set_aside_rows(db), last_backup=backup.last_backup(db))
 
 
 @bp.route("/outbox", methods=["POST"])
