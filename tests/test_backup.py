@@ -219,3 +219,21 @@ def test_doctor_and_admin_page_say_how_old_the_last_backup_is(tmp_path):
     db.execute("UPDATE backups SET finished_at = ?", [old])
     db.conn.close()
     assert backup_row()["status"] == doctor.WARNING and "overdue" in backup_row()["detail"]
+
+
+def test_a_backup_without_images_restores_the_same_status_and_the_viewer_says_the_images_are_not_here(site, tmp_path):
+    home = site.home_path
+    result = backup.write_backup(site, tmp_path / "usb")
+    status = _run(home, "status", "--json").stdout
+    code = _code(home)
+    home.rename(tmp_path / "lost-disk")
+    restored = _run(home, "restore", str(result.path), "--home", str(home), "--key", code)
+    assert restored.returncode == 0 and "images were not in this backup" in restored.stdout, restored.stderr
+    assert _run(home, "status", "--json").stdout == status
+    assert not (home / "instances").exists()
+    series = _table(home, "SELECT series_instance_uid, study_instance_uid FROM series")[0]
+    client = create_app(site, environ={}).test_client()
+    login(client, "rad")
+    assert client.get(f"/study/{series['study_instance_uid']}").status_code == 200
+    gone = client.get(f"/series/{series['series_instance_uid']}/slice/0", headers={"Accept": "application/json"})
+    assert gone.status_code == 410 and "restored from a backup made without images" in gone.get_json()["message"]
