@@ -281,9 +281,6 @@ def _position_z(frame: dict) -> float | None:
 
     home = settings_of().home_path
     path = _inside(DataDirectory(home).instances, home / frame["path"])
-    if not path.is_file():  # restored from a backup made without its images
-        abort(410, description=_("The images of this series are not on this appliance (it was restored from a "
-                                 "backup made without images); its results, report and key images are kept."))
     try:
         ds = dcmread(path, stop_before_pixels=True)
         if frame["frame"] is not None and "PerFrameFunctionalGroupsSequence" in ds:
