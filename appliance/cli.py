@@ -54,6 +54,11 @@ EXAMPLES = {
               "  sudo APPLIANCE_HOME=/var/lib/appliance appliance https setup --install --cert ct.pem --key ct.key\n"
               "  appliance https ca > site-ca.pem          # for the radiologists' computers to trust\n"
               "  appliance https show"),
+    "purge": "examples:\n  appliance purge --dry-run   # what would go now\n  appliance purge --json",
+    "backup": ("examples:\n  appliance backup --out /media/usb\n  appliance backup --out /media/usb --instances\n"
+               "  appliance backup --show-key      # the recovery code to write down, once"),
+    "restore": ("examples:\n  appliance restore /media/usb/site-1a2b-backup-20270101T020000Z.ctb "
+                "--home /var/lib/appliance\n  appliance restore BACKUP --key 'ABCD-EFGH-...' --expect-site 1a2b:..."),
 }
 
 
@@ -625,6 +630,95 @@ def cmd_https(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0 if left > 0 else 1
 
 
+def cmd_purge(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Remove the images retention allows while free space is below the purge target (see store.retention)."""
+    from appliance.jobs.purge import run_purge
+    from appliance.store.instances import open_store
+    from appliance.store.retention import MIB
+
+    store = open_store(settings)  # hold the writer lock: recovery never runs beside a purge
+    report = run_purge(store.db, settings, dry_run=args.dry_run, actor=getpass.getuser())
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    verb = "would purge" if args.dry_run else "purged"
+    print(f"free space {report.free_before // MIB} MiB, purge target {report.target // MIB} MiB: {verb} "
+          f"{len(report.purged)} series ({report.bytes_freed // MIB} MiB); "
+          f"free space now {report.free_after // MIB} MiB")
+    for c in report.purged[:50]:
+        print(f"  {c.series_instance_uid} ({c.instances} images, eligible since {c.eligible_since[:10]})")
+    if report.skipped_reason:
+        print(report.skipped_reason)
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Write an encrypted, signed backup, read it back and verify it; say when the medium may be removed."""
+    from appliance import backup
+    from appliance.export import keys
+
+    home = settings.home_path
+    if args.show_key:
+        keys.init_site_keys(home)
+        code = backup.recovery_code(backup.backup_key(home, create=True))
+        print("backup recovery code (write it down once and keep it away from this box: without it a backup "
+              f"cannot be restored onto a new disk):\n  {code}")
+        return 0
+    out = args.out or (Path(settings.backup_dir) if settings.backup_dir else None)
+    if out is None:
+        print("error: NO_BACKUP_DIR: give --out DIR or set backup_dir (e.g. a USB disk's mount point)", file=sys.stderr)
+        return 1
+    first = not (DataDirectory(home).keys / backup.BACKUP_KEY).is_file()
+    try:
+        result = backup.write_backup(settings, out, instances=args.instances or settings.backup_instances)
+    except backup.BackupRefused as exc:
+        print(f"error: {exc.reason_code}: {exc.reason}", file=sys.stderr)
+        return 1
+    removed = backup.rotate(out, result.site_id, settings.backup_keep)
+    what = "database, keys, settings, artefacts" + (" and images" if result.instances else "")
+    print(f"wrote {result.path} ({what}; {result.files} files, {result.size_bytes / 2**20:.1f} MiB), "
+          f"sha256 {result.sha256}")
+    for path in removed:
+        print(f"removed the older backup {path.name} (backup_keep = {settings.backup_keep})")
+    if first:
+        print("a backup key was made for this site: run `appliance backup --show-key` now and write its recovery "
+              "code down; restoring needs it")
+    os.sync()
+    print(f"read back and verified; SAFE TO REMOVE the medium holding {result.path.parent}", flush=True)
+    return 0
+
+
+def _restore_key(args: argparse.Namespace) -> bytes:
+    from appliance import backup
+
+    if args.key_file:
+        data = args.key_file.read_bytes()
+        return data if len(data) == 32 else backup.parse_recovery_code(data.decode(errors="replace"))
+    code = args.key or os.environ.get("APPLIANCE_BACKUP_KEY") or getpass.getpass("backup recovery code: ")
+    return backup.parse_recovery_code(code)
+
+
+def cmd_restore(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Restore a backup into a new, empty data directory; a tampered or foreign backup is refused whole."""
+    from appliance import backup, signing
+
+    home = (args.home or settings.home_path).resolve()
+    try:
+        manifest = backup.restore(args.backup, home, _restore_key(args), expect_fingerprint=args.expect_site)
+    except (backup.BackupRefused, signing.SignatureProblem) as exc:
+        print(f"refused {args.backup}: {exc.reason_code}: {exc.reason}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"refused {args.backup}: UNREADABLE: {exc}", file=sys.stderr)
+        return 1
+    held = manifest["counts"]
+    print(f"restored the backup of {manifest['site_id']} made {manifest['created_at']} into {home}: "
+          f"{held['studies']} studies, {held['results']} results, {held['instances']} images"
+          f"{'' if manifest['instances'] else ' (images were not in this backup)'}")
+    print(f"start the services with APPLIANCE_HOME={home}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Offline CT screening appliance.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -736,6 +830,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default="appliance", help="setup: the account nginx runs as (owner of the data directory)")
     p.add_argument("--listen", default="", metavar="ADDRESS",
                    help="setup: the one address nginx listens on (default: every address of the box)")
+    p = add("purge", cmd_purge, "Remove the images of series analysed, sent and exported more than retention_days "
+                                "ago, oldest first, while free space is below purge_free_target_mb.")
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    p.add_argument("--json", action="store_true")
+    p = add("backup", cmd_backup, "Write an encrypted, signed backup of the database, keys, settings and artefacts "
+                                  "(images with --instances), read it back and verify it.")
+    p.add_argument("--out", type=Path, help="target folder, e.g. a USB disk (default: the backup_dir setting)")
+    p.add_argument("--instances", action="store_true", help="include the images (instances/)")
+    p.add_argument("--show-key", action="store_true", help="print the backup key's recovery code and exit")
+    p = add("restore", cmd_restore, "Restore a backup into a new, empty data directory (refuses a tampered or "
+                                    "foreign backup, and a data directory that is not empty).")
+    p.add_argument("backup", type=Path, metavar="BACKUP", help="the .ctb file")
+    p.add_argument("--home", type=Path, help="the data directory to restore into (default: APPLIANCE_HOME)")
+    p.add_argument("--key", help="the backup recovery code (default: $APPLIANCE_BACKUP_KEY, else asked for)")
+    p.add_argument("--key-file", type=Path, help="a file holding the recovery code, or the old box's keys/backup.key")
+    p.add_argument("--expect-site", metavar="FINGERPRINT",
+                   help="refuse (FOREIGN) unless the backup was signed by this site key fingerprint")
     return parser
 
 

@@ -185,6 +185,25 @@ class Settings:
     export_images: str = _setting(
         "none", "De-identified key images in exports: none, flagged (studies with a flag) or all.")
 
+    # retention and backup
+    retention_days: int = _setting(
+        0, "Days a series' images are kept at least after it was analysed, its results sent to every PACS in "
+        "pacs_destinations and its month exported; after that they may be purged, oldest first, when free space "
+        "falls below purge_free_target_mb. Results, reports, key images and the audit log are kept. "
+        "0 = keep images for ever (nothing is purged).")
+    purge_free_target_mb: int = _setting(
+        0, "The purge starts when free space (MiB) in the data directory falls below this and removes eligible "
+        "images until it is back above it; it must be above disk_low_watermark_mb (0, or a value not above it, "
+        "= twice disk_low_watermark_mb).")
+    backup_dir: str = _setting(
+        "", "Where the weekly backup timer writes backups (a USB disk's mount point); empty = the timer writes "
+        "none and `appliance doctor` warns.")
+    backup_instances: bool = _setting(
+        False, "Weekly backups include the images (instances/) as well as the database, keys, settings and "
+        "artefacts.")
+    backup_keep: int = _setting(4, "Backups kept in the backup folder; older ones are removed after a new one "
+                                   "was verified.")
+
     # segmentation
     body_threshold_hu: int = _setting(-500, "Voxels above this HU may belong to the body in segmentation.")
     lung_threshold_hu: int = _setting(-400, "Voxels inside the body below this HU may belong to the lungs.")

@@ -429,6 +429,26 @@ def check_export(ctx: Context) -> list[Row]:
     return [row("export", OK, detail)]
 
 
+BACKUP_OVERDUE_DAYS = 8  # the timer writes one a week
+
+
+def check_backup(ctx: Context) -> list[Row]:
+    """How old the last backup is (``backups`` rows, written by ``appliance backup``)."""
+    if missing := _no_database(ctx, "last backup"):
+        return missing
+    last = ctx.db().execute("SELECT finished_at, path FROM backups ORDER BY finished_at DESC LIMIT 1").fetchone()
+    fix = ("set backup_dir to a USB disk's mount point and systemctl enable --now appliance-backup.timer, "
+           "or appliance backup --out /media/usb")
+    if last is None:
+        return [row("last backup", WARNING, "no backup has been written", fix)]
+    finished = _parse_time(last[0])
+    age = (ctx.now - finished).days if finished else None
+    detail = f"last backup {last[0][:10]}, {age if age is not None else '?'} day(s) ago: {last[1]}"
+    if age is None or age > BACKUP_OVERDUE_DAYS:
+        return [row("last backup", WARNING, f"{detail}: overdue", fix)]
+    return [row("last backup", OK, detail)]
+
+
 def check_outbox(ctx: Context) -> list[Row]:
     if missing := _no_database(ctx, "outbox"):
         return missing
@@ -482,6 +502,7 @@ CHECKS: tuple[tuple[str, Callable[[Context], list[Row]]], ...] = (
     ("export", check_export),
     ("outbox", check_outbox),
     ("https", check_https),
+    ("last backup", check_backup),
 )
 
 

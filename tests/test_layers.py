@@ -34,6 +34,7 @@ LAYERS = {
     "appliance.pipelines": 3,
     "appliance.pipelines.lung_segmentation": 3,  # learned lung mask with the classical one as fallback
     "appliance.analysis": 3,
+    "appliance.backup": 3,  # backup and restore of the data directory (database, keys, settings, artefacts)
     "appliance.calibration": 3,
     "appliance.jobs": 3,
     "appliance.outputs": 3,

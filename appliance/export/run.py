@@ -99,8 +99,11 @@ def _key_images(db: sqlite_utils.Database, home: Path, month: str, which: str,
         for series_uid, first_path in db.execute(
                 "SELECT s.series_instance_uid, (SELECT path FROM instances i WHERE i.series_instance_uid = "
                 "s.series_instance_uid LIMIT 1) FROM series s WHERE s.study_instance_uid = ?", [study_uid]):
-            source = pydicom.dcmread(home / first_path, stop_before_pixels=True)
             outputs = sorted((DataDirectory(home).series_artefacts(study_uid, series_uid) / "dicom").glob("ot-*.dcm"))
+            if first_path is None:  # images purged: whether they carried burned-in text cannot be told any more
+                left_out += len(outputs)
+                continue
+            source = pydicom.dcmread(home / first_path, stop_before_pixels=True)
             if str(source.get("BurnedInAnnotation", "")).upper() == "YES":
                 left_out += len(outputs)
                 continue

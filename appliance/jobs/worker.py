@@ -8,13 +8,15 @@ import threading
 from appliance.config import LiveSettings, Settings
 from appliance.jobs import queue
 from appliance.jobs.notify import sd_notify
+from appliance.jobs.purge import PurgeWhenLow
 from appliance.jobs.runner import JobRunner
 
 log = logging.getLogger(__name__)
 
 
 class Worker:
-    """A loop over the job runner: forward the outbox, re-queue abandoned jobs, queue quiet series, run one."""
+    """A loop over the job runner: forward the outbox, re-queue abandoned jobs, queue quiet series, purge images
+    when free space is below the purge target, run one."""
 
     def __init__(self, settings: Settings, live: LiveSettings | None = None):
         self.live = live or LiveSettings.following(settings)
@@ -22,6 +24,7 @@ class Worker:
         self.runner = JobRunner(settings)
         self.store = self.runner.store
         self.runner.requeue_abandoned()
+        self.purge_when_low = PurgeWhenLow()
 
     def refresh(self) -> Settings:
         """Take up the settings saved since the last loop (one stat of the site's file when none changed)."""
@@ -43,6 +46,7 @@ class Worker:
         self.forward()
         self.runner.requeue_abandoned()
         queue.enqueue_ready(self.store.db, self.settings.quiet_period_seconds)
+        self.purge_when_low(self.store.db, self.settings)  # before the receiver's watermark is near
         return self.runner.run_next() is not None
 
     def run(self, stop: threading.Event, poll_seconds: float = 1.0) -> None:

@@ -349,6 +349,21 @@ def m012_outbox_refusals(db: sqlite_utils.Database) -> None:
 
 
 @migrations()
+def m013_retention(db: sqlite_utils.Database) -> None:
+    """A series whose images were purged (``store.retention``) says when, and how many and how large they were;
+    every backup written is recorded (``appliance backup``)."""
+    series = db.table("series")
+    series.add_column("purged_at", str)
+    series.add_column("purged_instances", int)
+    series.add_column("purged_bytes", int)
+    db.table("outbox").create_index(["series_instance_uid"])  # when a series' results were last sent
+    db.table("backups").create({
+        "id": int, "path": str, "sha256": str, "size_bytes": int, "instances": int, "signer_fingerprint": str,
+        "actor": str, "started_at": str, "finished_at": str,
+    }, pk="id")
+
+
+@migrations()
 def m014_recalls(db: sqlite_utils.Database) -> None:
     """The recall list a confirmed flag puts a patient on, and the coded outcomes recorded on it
     (``store.recalls``)."""

@@ -112,8 +112,10 @@ def _index(db: sqlite_utils.Database, header: InstanceHeader, path: Path, size: 
         "path": str(path.relative_to(home)), "size_bytes": size, "sha256": sha256, "source": source,
         "received_at": now, "original_uids": originals,
     })
+    # a series whose images were purged and that arrives again has its images again (purged_at cleared)
     db.execute("UPDATE series SET instance_count = instance_count + 1, last_received_at = ?, updated_at = ?,"
-               " status = 'received' WHERE series_instance_uid = ?", [now, now, header.series_instance_uid])
+               " status = 'received', purged_at = NULL WHERE series_instance_uid = ?",
+               [now, now, header.series_instance_uid])
     db.execute("UPDATE studies SET updated_at = ? WHERE study_instance_uid = ?", [now, header.study_instance_uid])
     if db.execute("SELECT search_text IS NULL FROM studies WHERE study_instance_uid = ?",
                   [header.study_instance_uid]).fetchone()[0]:

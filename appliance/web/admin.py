@@ -10,7 +10,7 @@ from typing import Any
 from flask import Blueprint, abort, current_app, flash, g, make_response, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 
-from appliance import config, https
+from appliance import backup, config, https
 from appliance.errors import ApplianceError
 from appliance.export import keys
 from appliance.export import run as export_run
@@ -67,7 +67,7 @@ def index():
                            outbox=dict(db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()),
                            site_ca=https.site_ca_pem(home) is not None,
                            certificate_days=https.days_left(https.TLSFiles.of(home).certificate),
-                           set_aside=outbox.set_aside_rows(db))
+                           set_aside=outbox.set_aside_rows(db), last_backup=backup.last_backup(db))
 
 
 @bp.route("/https/site-ca.pem")

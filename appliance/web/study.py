@@ -98,7 +98,16 @@ def _series_artefacts(series_uid: str) -> Path:
     return _inside(ddir.artefacts, ddir.series_artefacts(row[0], series_uid))
 
 
+def _not_purged(series_uid: str) -> None:
+    """410 Gone, in words, for a series whose images the retention purge removed (``store.retention``)."""
+    row = get_db().execute("SELECT purged_at FROM series WHERE series_instance_uid = ?", [series_uid]).fetchone()
+    if row is not None and row[0]:
+        abort(410, description=_("The images of this series were purged on %(date)s under the site's retention "
+                                 "rule; its results, report and key images are kept.", date=row[0][:10]))
+
+
 def _viewer_index(series_uid: str) -> dict:
+    _not_purged(series_uid)
     path = _series_artefacts(series_uid) / "viewer.json"
     if not path.is_file():
         abort(404)
@@ -127,6 +136,9 @@ def _frame_hu(frame: dict) -> np.ndarray:
 
     home = settings_of().home_path
     path = _inside(DataDirectory(home).instances, home / frame["path"])
+    if not path.is_file():  # restored from a backup made without its images
+        abort(410, description=_("The images of this series are not on this appliance (it was restored from a "
+                                 "backup made without images); its results, report and key images are kept."))
     pixels = pixel_array(str(path), index=frame["frame"]) if frame["frame"] is not None else pixel_array(str(path))
     hu = pixels.astype(np.float32) * frame["slope"] + frame["intercept"]
     return np.clip(hu, -32768, 32767).astype("<i2")
