@@ -180,7 +180,8 @@ def _members(db, settings: Settings, month: str, sid: str, images: str, pseudo: 
                      "models": [{**{k: v for k, v in p.items() if k != "choice"}, "backend": p["choice"].backend,
                                  "precision": p["choice"].precision, "why": p["choice"].reason} for p in packs],
                      "refused": [str(r) for r in refused]}
-    members = {"results.fhir.json": content.json_bytes(content.fhir_bundle(rows, sid, month)),
+    fhir = content.validate_fhir(content.fhir_bundle(rows, sid, month))  # FHIR_INVALID stops the export
+    members = {"results.fhir.json": content.json_bytes(fhir, compact=True),
                "results.csv": content.results_csv(rows),
                "statistics.json": content.json_bytes(content.statistics_doc(db, month)),
                "inventory.json": content.json_bytes(inventory_doc)}
