@@ -174,6 +174,9 @@ def test_concurrent_imports_into_sqlite_lose_no_month(programme, tmp_path):
     _check_hub(db, programme, _import_concurrently(programme, url))
     assert db.size_bytes() > 0
     db.close()
+    bad = subprocess.run(_cli("fhir", "--db", url, "--month", "2026-13", "--out", str(tmp_path / "x.json")),
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "BAD_MONTH" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_generated_bundles_are_refused_like_real_ones(programme, tmp_path):

@@ -29,7 +29,11 @@ def _site_rows(db: HubDB, month: str) -> dict[str, list[dict[str, Any]]]:
 
 
 def month_bundle(db: HubDB, month: str) -> dict[str, Any]:
-    """A validated FHIR R4 collection Bundle of ``month`` at every site (pseudonyms stay per site)."""
+    """A validated FHIR R4 collection Bundle of ``month`` at every site (pseudonyms stay per site);
+    BAD_MONTH for a month not written YYYY-MM, FHIR_INVALID for a Bundle FHIR R4 would not accept."""
+    from appliance.export.run import check_month
+
+    month = check_month(month)
     entries: list[dict[str, Any]] = []
     for site_id, rows in sorted(_site_rows(db, month).items()):
         entries.extend(content.fhir_bundle(rows, site_id, month)["entry"])
