@@ -214,6 +214,7 @@ def test_fhir_r4_validation_refuses_what_r4_does_not_accept():
         "bad date": _broken(doc, "ImagingStudy", lambda r: r.update(started="15/03/2026")),
         "text for a number": _broken(doc, "ImagingStudy", lambda r: r.update(numberOfSeries="2")),
         "dangling reference": _broken(doc, "DiagnosticReport", lambda r: r["result"].append({"reference": "urn:x"})),
+        "same fullUrl twice": {**doc, "entry": doc["entry"] + doc["entry"][:1]},
     }
     for what, broken in bad.items():
         with pytest.raises(content.FhirInvalid) as refused:

@@ -180,8 +180,8 @@ def fhir_bundle(rows: list[dict[str, Any]], site_id: str, month: str) -> dict[st
 
 
 def validate_fhir(doc: dict[str, Any]) -> dict[str, Any]:
-    """``doc`` when it is a valid FHIR R4 Bundle (every entry's resource parsed by its R4 model), else
-    :class:`FhirInvalid`; references inside the Bundle must resolve to an entry's fullUrl."""
+    """``doc`` when it is a valid FHIR R4 Bundle (every entry's resource parsed by its R4 model) whose
+    references resolve inside it, else :class:`FhirInvalid`."""
     from fhirclient.models.bundle import Bundle
     from fhirclient.models.fhirabstractbase import FHIRValidationError
 
@@ -189,12 +189,20 @@ def validate_fhir(doc: dict[str, Any]) -> dict[str, Any]:
         Bundle(doc, strict=True).as_json()
     except (FHIRValidationError, TypeError, ValueError, KeyError) as exc:
         raise FhirInvalid(" ".join(str(exc).split())[:2000]) from None
-    urls = {e.get("fullUrl") for e in doc.get("entry", [])}
+    return check_references(doc)
+
+
+def check_references(doc: dict[str, Any]) -> dict[str, Any]:
+    """Every entry's fullUrl is unique (bdl-7) and every reference we write resolves to one, else FhirInvalid."""
+    urls = [e.get("fullUrl") for e in doc.get("entry", [])]
+    if len(set(urls)) != len(urls):
+        raise FhirInvalid("two entries have the same fullUrl")
+    known = set(urls)
     for entry in doc.get("entry", []):
         resource = entry["resource"]
         for field in ("result", "derivedFrom", "imagingStudy"):
             for ref in resource.get(field, []):
-                if ref.get("reference") not in urls:
+                if ref.get("reference") not in known:
                     raise FhirInvalid(f"{resource['resourceType']}.{field} refers to {ref.get('reference')}, "
                                       "which is not in the Bundle")
     return doc

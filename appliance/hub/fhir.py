@@ -35,11 +35,13 @@ def month_bundle(db: HubDB, month: str) -> dict[str, Any]:
 
     month = check_month(month)
     entries: list[dict[str, Any]] = []
-    for site_id, rows in sorted(_site_rows(db, month).items()):
-        entries.extend(content.fhir_bundle(rows, site_id, month)["entry"])
+    for site_id, rows in sorted(_site_rows(db, month).items()):  # validated a site at a time: bounded memory
+        entries.extend(content.validate_fhir(content.fhir_bundle(rows, site_id, month))["entry"])
     doc = {"resourceType": "Bundle", "type": "collection",
-           "identifier": {"system": f"{content.SYSTEM}:hub-export", "value": month}, "entry": entries}
-    return content.validate_fhir(doc)
+           "identifier": {"system": f"{content.SYSTEM}:hub-export", "value": month}, "entry": []}
+    content.validate_fhir(doc)
+    doc["entry"] = entries
+    return content.check_references(doc)
 
 
 def write_month(db: HubDB, month: str, out: Path) -> int:
