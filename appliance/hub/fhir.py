@@ -37,8 +37,8 @@ def month_bundle(db: HubDB, month: str) -> dict[str, Any]:
     entries: list[dict[str, Any]] = []
     for site_id, rows in sorted(_site_rows(db, month).items()):  # validated a site at a time: bounded memory
         entries.extend(content.validate_fhir(content.fhir_bundle(rows, site_id, month))["entry"])
-    doc = {"resourceType": "Bundle", "type": "collection",
-           "identifier": {"system": f"{content.SYSTEM}:hub-export", "value": month}, "entry": []}
+    doc: dict[str, Any] = {"resourceType": "Bundle", "type": "collection",
+                           "identifier": {"system": f"{content.SYSTEM}:hub-export", "value": month}, "entry": []}
     content.validate_fhir(doc)
     doc["entry"] = entries
     return content.check_references(doc)
