@@ -29,7 +29,8 @@ EXAMPLES = {
               "  appliance export --month 2026-10 --out /media/usb",
     "hub": "examples:\n  appliance hub init --hub /srv/hub\n  appliance hub add-site BASE64KEY --name 'Clinic A'\n"
            "  appliance hub import /media/usb/*.ctx\n  appliance hub report --out /srv/hub/report\n"
-           "  appliance hub import --db postgresql://hub@db/screening bundle.ctx",
+           "  appliance hub import --db postgresql://hub@db/screening bundle.ctx\n"
+           "  appliance hub fhir --month 2026-05 --out /srv/hub/fhir/2026-05.json",
     "users": "examples:\n  appliance users add amina --role technician   (asks for the password)\n"
              "  echo \"$PASSWORD\" | appliance users add admin --role admin\n  appliance users list",
     "settings": "examples:\n  appliance settings",
@@ -429,6 +430,15 @@ def cmd_hub(args: argparse.Namespace, settings: config.Settings) -> int:
             for path in report.write_report(db, args.out or hub_dir / "report"):
                 print(path)
             return 0
+        if args.action == "fhir":
+            from appliance.hub import fhir
+
+            if not args.month:
+                print("error: hub fhir needs --month YYYY-MM", file=sys.stderr)
+                return 2
+            out = args.out or hub_dir / "fhir" / f"{args.month}.fhir.json"
+            print(f"{out}: FHIR R4 Bundle, {fhir.write_month(db, args.month, out)} entries, validated")
+            return 0
         refused = 0
         for item in args.items:
             try:
@@ -783,14 +793,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--month", help="YYYY-MM (default: last month)")
     p.add_argument("--out", type=Path, help="target folder, e.g. a USB stick (default: the export_dir setting)")
     p.add_argument("--images", choices=("none", "flagged", "all"), help="de-identified key images to include")
-    p = add("hub", cmd_hub, "The programme hub: init, add-site PUBKEY --name NAME, import BUNDLE..., report.")
-    p.add_argument("action", choices=("init", "add-site", "import", "report"))
+    p = add("hub", cmd_hub, "The programme hub: init, add-site PUBKEY --name NAME, import BUNDLE..., report, "
+                            "fhir --month M (the merged month as a FHIR R4 Bundle).")
+    p.add_argument("action", choices=("init", "add-site", "import", "report", "fhir"))
     p.add_argument("items", nargs="*", metavar="ITEM", help="the site's public key, or bundle files")
     p.add_argument("--hub", help="hub folder (keys, SQLite database, reports; default $APPLIANCE_HUB_HOME or ./hub)")
     p.add_argument("--db", help="database URL: sqlite:///PATH or postgresql://... (default: SQLite in the hub folder)")
     p.add_argument("--name", help="the site's name (add-site)")
     p.add_argument("--site-id", help="the site's id (add-site; default: from its key, as the site derives it)")
-    p.add_argument("--out", type=Path, help="report folder (default: HUB/report)")
+    p.add_argument("--out", type=Path, help="report folder (default: HUB/report); fhir: the JSON file "
+                                            "(default: HUB/fhir/MONTH.fhir.json)")
+    p.add_argument("--month", help="YYYY-MM (fhir)")
     p = add("serve", cmd_serve, "Run the appliance: DICOM receiver, worker, web UI and the incoming drop folder.")
     p.add_argument("--once", action="store_true", help="import the incoming folder once, run every job, and exit")
     p.add_argument("--poll-seconds", type=float, default=2.0)

@@ -22,7 +22,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
 from appliance import config
-from appliance.export import bundle, keys
+from appliance.export import bundle, content, keys
 from appliance.export.deid import Pseudonymizer, profile_keywords
 from appliance.export.run import export_month
 from appliance.hub import merge, report
@@ -30,6 +30,7 @@ from appliance.hub.store import HubDB, default_url
 from appliance.ingest.importer import import_paths
 from appliance.jobs.worker import Worker
 from tests.conftest import CT
+from tests.postgres import start_or_skip
 
 MONTH = datetime.date.today().strftime("%Y-%m")
 CANARY = "CANARY7"
@@ -111,6 +112,9 @@ def test_export_imported_at_the_hub_gives_the_same_counts_and_flags(hub, tmp_pat
     kinds = [e["resource"]["resourceType"] for e in fhir["entry"]]
     assert fhir["resourceType"] == "Bundle" and kinds.count("Observation") == result.results
     assert kinds.count("ImagingStudy") == kinds.count("DiagnosticReport") == result.studies
+    assert content.validate_fhir(fhir) == fhir  # FHIR R4 (4.0.1) models accept it as it is
+    assert all(isinstance(e["resource"]["modality"], list) for e in fhir["entry"]  # R4: Coding, not R5's concept
+               if e["resource"]["resourceType"] == "ImagingStudy")
     urls = {e["fullUrl"] for e in fhir["entry"]}
     for entry in fhir["entry"]:
         for ref in entry["resource"].get("result", []) + entry["resource"].get("derivedFrom", []):
@@ -189,6 +193,42 @@ def test_flipping_any_byte_or_truncating_is_refused_and_nothing_is_merged(hub, t
     assert db.rows("SELECT count(*) AS n FROM results")[0]["n"] == 0
     assert db.rows("SELECT count(*) AS n FROM bundles")[0]["n"] == 0
     merge.import_bundle(db, hub_dir, path)  # the intact bundle still merges
+
+
+def _broken(doc: dict, kind: str, change) -> dict:
+    doc = json.loads(json.dumps(doc))
+    change(next(e["resource"] for e in doc["entry"] if e["resource"]["resourceType"] == kind))
+    return doc
+
+
+def test_fhir_r4_validation_refuses_what_r4_does_not_accept():
+    from appliance.hub import generate
+
+    rows = generate.month_rows(random.Random(5), "2026-03", 12)
+    doc = content.fhir_bundle(rows, "site-a", "2026-03")
+    assert content.validate_fhir(doc) is doc
+    bad = {
+        "R5 modality": _broken(doc, "ImagingStudy", lambda r: r.update(modality=[{"coding": r["modality"]}])),
+        "no status": _broken(doc, "Observation", lambda r: r.pop("status")),
+        "unknown element": _broken(doc, "DiagnosticReport", lambda r: r.update(aiScore=1)),
+        "bad date": _broken(doc, "ImagingStudy", lambda r: r.update(started="15/03/2026")),
+        "text for a number": _broken(doc, "ImagingStudy", lambda r: r.update(numberOfSeries="2")),
+        "dangling reference": _broken(doc, "DiagnosticReport", lambda r: r["result"].append({"reference": "urn:x"})),
+        "same fullUrl twice": {**doc, "entry": doc["entry"] + doc["entry"][:1]},
+    }
+    for what, broken in bad.items():
+        with pytest.raises(content.FhirInvalid) as refused:
+            content.validate_fhir(broken)
+        assert refused.value.reason_code == "FHIR_INVALID", what
+
+
+def test_an_export_whose_fhir_does_not_validate_stops_with_a_reason(hub, tmp_path, monkeypatch):
+    _hub_dir, _db, settings = hub
+    made = content.fhir_bundle
+    monkeypatch.setattr(content, "fhir_bundle", lambda *a: _broken(made(*a), "Observation", lambda r: r.pop("code")))
+    with pytest.raises(content.FhirInvalid, match="FHIR_INVALID"):
+        export_month(settings, MONTH, tmp_path / "stick")
+    assert not list((tmp_path / "stick").glob("*.ctx"))
 
 
 def test_wrong_keys_and_future_dates_are_refused(hub, tmp_path):
@@ -322,41 +362,11 @@ def test_kill_9_during_export_then_rerun_gives_one_valid_bundle(hub, tmp_path):
     merge.import_bundle(db, hub_dir, bundles[0])
 
 
-def _start_postgres(tmp: Path) -> tuple[str, callable]:
-    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not binaries:
-        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
-    bindir = binaries[-1].parent
-    data, sock = tmp / "pgdata", tmp / "pgsock"
-    sock.mkdir(parents=True)
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_postgres:
-        tmp.chmod(0o755)
-        shutil.chown(sock, "postgres")
-        data.mkdir()
-        shutil.chown(data, "postgres")
-    subprocess.run(as_postgres + [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "hub"], check=True,
-                   capture_output=True)
-    import socket as _socket
-
-    with _socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run(as_postgres + [str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(data / "log"), "-o",
-                                  f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)
-
-    def stop() -> None:
-        subprocess.run(as_postgres + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
-    return f"postgresql://hub@127.0.0.1:{port}/postgres", stop
-
-
 def test_hub_on_postgresql(site, tmp_path):
     import tempfile
 
     pg_root = Path(tempfile.mkdtemp(prefix="hub-pg-"))  # outside pytest's 0700 folders: the server runs as postgres
-    url, stop = _start_postgres(pg_root)
+    url, stop = start_or_skip(pg_root)
     try:
         hub_dir, db, hub_key = _hub(tmp_path, site.home_path, url)
         settings = site.replace(hub_public_key=hub_key)

@@ -186,7 +186,8 @@ def _members(db, settings: Settings, month: str, sid: str, images: str, pseudo: 
     recall_rows = content.recall_rows(db, month, pseudo)
     fhir = content.fhir_bundle(rows, sid, month)
     fhir["entry"] += content.fhir_outcomes(recall_rows, sid)
-    members = {"results.fhir.json": content.json_bytes(fhir),
+    fhir = content.validate_fhir(fhir)  # FHIR_INVALID stops the export
+    members = {"results.fhir.json": content.json_bytes(fhir, compact=True),
                "results.csv": content.results_csv(rows),
                "recalls.csv": content.recalls_csv(recall_rows),
                "statistics.json": content.json_bytes(content.statistics_doc(db, month)),

@@ -4,6 +4,11 @@ Refusals carry a reason code and nothing is merged: NOT_A_BUNDLE, TRUNCATED, UNK
 WRONG_SITE_KEY, TAMPERED, WRONG_HUB_KEY, FUTURE_DATED, REPLAYED (this very bundle was merged before),
 STALE (a newer revision of the same site and month is merged). A later revision of a month replaces
 the earlier one's rows in one transaction.
+
+Imports may run in parallel (several processes, one database): decryption and checks happen outside any
+transaction, and the merge holds a lock on its own site and month only (:meth:`HubDB.lock`), so different
+sites never wait for each other and two imports of one month are merged one after the other, the second
+seeing the first (REPLAYED or STALE, or superseding it).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ def import_bundle(db: HubDB, hub_dir: Path, path: Path, now: datetime.datetime |
     bundle.check_dates(opened.header, now)
     site, month, revision = opened.header["site_id"], opened.header["month"], int(opened.header["revision"])
     with db.transaction():
+        db.lock(f"month:{site}/{month}")
         seen = db.rows("SELECT imported_at FROM bundles WHERE sha256 = ?", [opened.sha256])
         if seen:
             raise bundle.BundleRefused("REPLAYED", f"this bundle was already merged on {seen[0]['imported_at']}")
@@ -75,14 +81,13 @@ def import_bundle(db: HubDB, hub_dir: Path, path: Path, now: datetime.datetime |
 
 def _merge_members(db: HubDB, opened: bundle.Opened, site: str, month: str, revision: int) -> int:
     rows = list(csv.DictReader(io.StringIO(opened.members["results.csv"].decode())))
-    for r in rows:
-        db.execute("INSERT INTO results (site_id, month, revision, study, patient, study_date, series, model, "
+    db.executemany("INSERT INTO results (site_id, month, revision, study, patient, study_date, series, model, "
                    "model_version, validated, backend, model_precision, score, threshold, flagged, review, "
                    "turnaround_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                   [site, month, revision, r["study"], r["patient"], r["study_date_shifted"], r["series"], r["model"],
-                    r["model_version"], int(r["validated"] == "True"), r["backend"], r["precision"],
-                    _number(r["score"]), _number(r["threshold"]), int(r["flagged"] == "True"), r["review"],
-                    _number(r["turnaround_seconds"])])
+                   [[site, month, revision, r["study"], r["patient"], r["study_date_shifted"], r["series"], r["model"],
+                     r["model_version"], int(r["validated"] == "True"), r["backend"], r["precision"],
+                     _number(r["score"]), _number(r["threshold"]), int(r["flagged"] == "True"), r["review"],
+                     _number(r["turnaround_seconds"])] for r in rows])
     stats = json.loads(opened.members["statistics.json"])
     flat = {"studies_received": stats["studies_received"], "instances_received": stats["instances_received"],
             "series_analysed": stats["series_analysed"], "jobs_failed": stats["jobs_failed"],
@@ -90,14 +95,13 @@ def _merge_members(db: HubDB, opened: bundle.Opened, site: str, month: str, revi
             "turnaround_p90_seconds": stats["turnaround_seconds"]["p90"]}
     flat.update({f"rejected:{k}": v for k, v in stats["series_rejected_by_reason"].items()})
     flat.update({f"quarantined:{k}": v for k, v in stats["files_quarantined_by_reason"].items()})
-    for name, value in flat.items():
-        db.execute("INSERT INTO stats (site_id, month, revision, name, value) VALUES (?, ?, ?, ?, ?)",
-                   [site, month, revision, name, value])
-    for m in json.loads(opened.members["inventory.json"])["models"]:
-        db.execute("INSERT INTO models (site_id, month, revision, model, version, validated, backend, model_precision, "
-                   "model_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                   [site, month, revision, m["id"], m["version"], int(bool(m["validated"])), m["backend"],
-                    m["precision"], m["model_sha256"]])
+    db.executemany("INSERT INTO stats (site_id, month, revision, name, value) VALUES (?, ?, ?, ?, ?)",
+                   [[site, month, revision, name, value] for name, value in flat.items()])
+    models = json.loads(opened.members["inventory.json"])["models"]
+    db.executemany("INSERT INTO models (site_id, month, revision, model, version, validated, backend, "
+                   "model_precision, model_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   [[site, month, revision, m["id"], m["version"], int(bool(m["validated"])), m["backend"],
+                     m["precision"], m["model_sha256"]] for m in models])
     return len(rows)
 
 
