@@ -550,6 +550,8 @@ def _batch_progress(show: bool) -> Iterator[Callable[[str, int, int], None]]:
                                    unit="series" if stage == "screen" else "entry")
             bar = bars[stage]
             bar.update(done - bar.n)
+            if done >= total:
+                bar.close()
     try:
         yield update
     finally:
