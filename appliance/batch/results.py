@@ -151,7 +151,8 @@ def write_summary(path: Path, table: list[dict[str, Any]], refused: list[dict[st
              STYLE,
              f"<h1>Archive screening of {esc(str(run.get('source', '')))}</h1>",
              (f"<p>{run.get('series', 0)} series: {run.get('screened', 0)} screened in this run "
-              f"({run.get('skipped', 0)} already screened) in {run.get('seconds', 0.0):.1f} s, "
+              f"({run.get('skipped', 0)} already screened) in {run.get('seconds', 0.0):.1f} s after "
+              f"{run.get('import_seconds', 0.0):.1f} s reading the archive, "
               f"{run.get('series_per_minute', 0.0):.1f} series/min on {esc(str(run.get('runner', '')))}. "
               f"{len(refused)} file(s) refused.</p>")]
     for title, key in (("Series by status", "status"), ("Series by reason code", "reason_code"),

@@ -90,13 +90,15 @@ def screen_archive(source: Path, out: Path, settings: Settings, options: BatchOp
         if progress is not None:
             progress("screen", screened[0], len(todo))
 
+    imported = time.monotonic()
     runner = _run(todo, local, done, out, options)
-    seconds = time.monotonic() - started
+    seconds = time.monotonic() - imported
     records = results.load_records(out)
     table = results.rows(records[t.series_instance_uid] for t in found.tasks if t.series_instance_uid in records)
     run = {"source": str(source), "out": str(out), "series": len(found.tasks), "screened": screened[0],
            "skipped": len(found.tasks) - len(todo), "refused_files": len(found.refused), "runner": runner,
-           "seconds": round(seconds, 2), "series_per_minute": round(60 * screened[0] / seconds, 2) if seconds else 0.0,
+           "import_seconds": round(imported - started, 2), "seconds": round(seconds, 2),
+           "series_per_minute": round(60 * screened[0] / seconds, 2) if seconds else 0.0,
            "rows": len(table), "counts": results.summary_counts(table)}
     _write(out, table, found, run)
     return run
