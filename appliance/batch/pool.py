@@ -33,7 +33,10 @@ Done = Callable[[SeriesTask, dict[str, Any], int], None]
 def worker_main(conn: Connection, settings: Settings, scratch_root: str | None, fault: str) -> None:
     """A worker process: screen each task it is sent and send back its record, until it is sent None."""
     while True:
-        task = conn.recv()
+        try:
+            task = conn.recv()
+        except EOFError:  # the driver is gone: nothing to report to
+            return
         if task is None:
             return
         conn.send(screen_series(task, settings, scratch_root, fault))

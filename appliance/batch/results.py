@@ -30,8 +30,9 @@ UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 COLUMNS = ("series_instance_uid", "study_instance_uid", "model", "model_version", "status", "reason_code",
            "reason", "flagged", "score", "threshold", "validated", "backend", "precision", "findings", "notice",
            "slices", "shape_zyx", "spacing_mm_zyx", "problems", "source", "content_sha256", "pack_versions",
-           "attempts", "model_seconds", "series_seconds", "task_seconds", "worker")
-TIMING_COLUMNS = ("model_seconds", "series_seconds", "task_seconds", "worker")
+           "attempts", "model_seconds", "series_seconds", "task_seconds", "worker", "worker_peak_mib")
+# where and how fast a series ran: not part of its result (a run elsewhere gives the same rows but these)
+TIMING_COLUMNS = ("model_seconds", "series_seconds", "task_seconds", "worker", "worker_peak_mib")
 
 
 def record_path(out: Path, series_uid: str) -> Path:
@@ -82,7 +83,7 @@ def rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 "source": doc.get("source"), "content_sha256": doc.get("content_sha256"),
                 "pack_versions": doc.get("pack_versions"), "attempts": doc.get("attempts"),
                 "series_seconds": (doc.get("seconds") or {}).get("total"), "task_seconds": doc.get("task_seconds"),
-                "worker": doc.get("worker")}
+                "worker": doc.get("worker"), "worker_peak_mib": doc.get("worker_peak_mib")}
         results = sorted(doc.get("results") or [], key=lambda r: r["model"])
         if not results:
             table.append({c: base.get(c) for c in COLUMNS} | {"model": "", "flagged": None, "score": None})
@@ -126,7 +127,7 @@ def write_parquet(path: Path, table: list[dict[str, Any]]) -> bool:
         return False
     types = {"flagged": pa.bool_(), "validated": pa.bool_(), "score": pa.float64(), "threshold": pa.float64(),
              "slices": pa.int64(), "attempts": pa.int64(), "model_seconds": pa.float64(),
-             "series_seconds": pa.float64(), "task_seconds": pa.float64()}
+             "series_seconds": pa.float64(), "task_seconds": pa.float64(), "worker_peak_mib": pa.float64()}
     schema = pa.schema([(c, types.get(c, pa.string())) for c in COLUMNS])
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(pa.Table.from_pylist(table, schema=schema), tmp)

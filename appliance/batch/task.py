@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -48,7 +49,8 @@ def _maybe_crash(series_uid: str, fault: str) -> None:
 def screen_series(task: SeriesTask, settings: Settings, scratch_root: str | None = None,
                   fault: str = "") -> dict[str, Any]:
     """Import the series' files into a scratch data directory and run its job there; returns the series record
-    (``status``, ``reason_code``, ``results`` ...) with ``task_seconds`` and the worker's ``hostname`` and ``pid``."""
+    (``status``, ``reason_code``, ``results`` ...) with ``task_seconds``, the ``worker`` (host:pid) and its
+    peak memory so far (``worker_peak_mib``)."""
     _maybe_crash(task.series_instance_uid, fault)
     from appliance.jobs.intake import analyze_paths
 
@@ -70,6 +72,7 @@ def screen_series(task: SeriesTask, settings: Settings, scratch_root: str | None
         shutil.rmtree(scratch, ignore_errors=True)
     record["task_seconds"] = round(time.monotonic() - started, 3)
     record["worker"] = f"{os.uname().nodename}:{os.getpid()}"
+    record["worker_peak_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return record
 
 
