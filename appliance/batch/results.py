@@ -21,7 +21,7 @@ RECORDS = "series"
 CSV_NAME = "results.csv"
 PARQUET_NAME = "results.parquet"
 SUMMARY_NAME = "summary.html"
-REFUSED_NAME = "refused.csv"
+REFUSED_NAME = "refused_files.json"  # not a CSV: a tool taking the first *.csv of DIR gets the results
 STYLE = ("<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
          "td,th{border:1px solid #999;padding:2px 8px;text-align:left}</style></head><body>")
 UID = re.compile(r"^[0-9][0-9.]{0,63}$")

@@ -4,6 +4,7 @@ worker processes or a Ray cluster), and write the results table and the HTML sum
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -16,6 +17,7 @@ from appliance.batch.discover import Discovery, SeriesTask, discover
 from appliance.batch.pool import run_pool
 from appliance.batch.task import fault_from_environment
 from appliance.config import Settings
+from appliance.durable import write_bytes_durably
 from appliance.errors import ApplianceError
 from appliance.store.instances import open_store
 
@@ -141,5 +143,5 @@ def _run(todo: list[SeriesTask], settings: Settings, done: Callable[[SeriesTask,
 def _write(out: Path, table: list[dict[str, Any]], found: Discovery, run: dict[str, Any]) -> None:
     results.write_csv(out / results.CSV_NAME, table)
     run["parquet"] = results.write_parquet(out / results.PARQUET_NAME, table)
-    results.write_csv(out / results.REFUSED_NAME, found.refused, ("file", "reason_code", "reason"))
+    write_bytes_durably(json.dumps(found.refused, indent=1).encode(), out / results.REFUSED_NAME)
     results.write_summary(out / results.SUMMARY_NAME, table, found.refused, run)
