@@ -53,6 +53,12 @@ def screen(source: Path, out: Path, extra: list[str]) -> dict:
     return doc
 
 
+def peak_mib(out: Path) -> float:
+    """The largest peak memory of a worker process while it screened a series, MiB."""
+    with (out / "results.csv").open(newline="") as f:
+        return max((float(r["worker_peak_mib"]) for r in csv.DictReader(f) if r["worker_peak_mib"]), default=0.0)
+
+
 def rows(out: Path) -> list[tuple[str, ...]]:
     from appliance.batch.results import COLUMNS, TIMING_COLUMNS
 
@@ -101,6 +107,7 @@ def main() -> None:
         source = make_archive(root, args.studies)
         pool = screen(source, root / "pool", ["--workers", str(args.workers)])
         report = {"studies": args.studies, "series": pool["series"], "cpus": os.cpu_count(),
+                  "worker_peak_mib": peak_mib(root / "pool"),
                   "pool": {k: pool[k] for k in FIGURES}}
         try:
             import ray  # noqa: F401

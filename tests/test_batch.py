@@ -165,6 +165,24 @@ def test_a_series_over_its_time_budget_is_stopped(archive, tmp_path):
     assert (row["status"], row["reason_code"]) == ("failed", "TIME_BUDGET_EXCEEDED")
 
 
+def test_the_summary_escapes_what_it_shows(tmp_path):
+    row = dict.fromkeys(results.COLUMNS) | {"series_instance_uid": "1.2.3", "status": "failed",
+                                                "reason_code": "ANALYSIS_FAILED", "reason": "<script>x</script>"}
+    refused = [{"file": "<img src=x onerror=alert(1)>.dcm", "reason_code": "NOT_DICOM", "reason": "a & b"}]
+    path = tmp_path / "summary.html"
+    results.write_summary(path, [row], refused, {"source": "/archive/<b>", "runner": "2 local worker process(es)"})
+    page = path.read_text()
+    assert "<script>" not in page and "<img" not in page and "<b>" not in page
+    assert "&lt;script&gt;x&lt;/script&gt;" in page and "a &amp; b" in page and "/archive/&lt;b&gt;" in page
+
+
+def test_without_pyarrow_no_parquet_is_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as where appliance[scale] is not installed
+    assert not results.parquet_available()
+    assert results.write_parquet(tmp_path / results.PARQUET_NAME, []) is False
+    assert not (tmp_path / results.PARQUET_NAME).exists()
+
+
 def test_workers_are_sized_from_free_memory():
     assert default_workers(free_bytes=100 * 1024**3, cpus=4) == 4
     assert default_workers(free_bytes=3 * 1024**3 + 1, cpus=16) == 2
