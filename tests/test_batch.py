@@ -167,7 +167,7 @@ def test_a_series_over_its_time_budget_is_stopped(archive, tmp_path):
 
 def test_the_summary_escapes_what_it_shows(tmp_path):
     row = dict.fromkeys(results.COLUMNS) | {"series_instance_uid": "1.2.3", "status": "failed",
-                                                "reason_code": "ANALYSIS_FAILED", "reason": "<script>x</script>"}
+                                            "reason_code": "ANALYSIS_FAILED", "reason": "<script>x</script>"}
     refused = [{"file": "<img src=x onerror=alert(1)>.dcm", "reason_code": "NOT_DICOM", "reason": "a & b"}]
     path = tmp_path / "summary.html"
     results.write_summary(path, [row], refused, {"source": "/archive/<b>", "runner": "2 local worker process(es)"})

@@ -83,6 +83,7 @@ def run_pool(tasks: Iterable[SeriesTask], settings: Settings, done: Done, *, wor
     """Screen ``tasks`` in ``workers`` processes; ``done(task, record, attempts)`` is called for each series
     in the driver, as its record comes back (or as it is given up on, with a failure reason code)."""
     pending = collections.deque(tasks)
+    workers = max(1, workers)
     attempts: collections.Counter[str] = collections.Counter()
     slots: list[_Slot] = []
     try:

@@ -129,7 +129,7 @@ def _run(todo: list[SeriesTask], settings: Settings, done: Callable[[SeriesTask,
         cpus = run_ray(todo, settings, done, address=options.ray, retries=options.retries,
                        series_timeout=options.series_timeout, gpus_per_task=options.gpus_per_task, fault=fault)
         return f"Ray cluster {options.ray} ({cpus} CPUs)"
-    workers = options.workers or default_workers()
+    workers = options.workers if options.workers > 0 else default_workers()
     scratch = out / SCRATCH
     scratch.mkdir(exist_ok=True)
     try:
