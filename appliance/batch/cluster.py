@@ -9,6 +9,7 @@ Progress comes back with each finished task (``ray.wait``), no dashboard needed.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -53,6 +54,8 @@ def run_ray(tasks: Iterable[SeriesTask], settings: Settings, done: Done, *, addr
     Returns the number of CPUs the cluster offered."""
     ray = connect(address)
     capacity = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if not settings.inference_threads:  # a task has one CPU: ONNX Runtime uses one thread, as Ray's OMP_NUM_THREADS
+        settings = dataclasses.replace(settings, inference_threads=1)
     remote = ray.remote(screen_series).options(num_cpus=1, num_gpus=gpus_per_task, memory=TASK_MEMORY_BYTES,
                                                 max_retries=retries, retry_exceptions=False)
     pending = list(tasks)

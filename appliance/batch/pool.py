@@ -4,7 +4,8 @@ The driver hands each worker one task and waits for its record, so it always kno
 holds: a worker that dies (killed, out of memory, a crashing decoder) has its series handed out again, up to
 ``retries`` times, after which the series is recorded as WORKER_CRASHED; a series running past its time budget
 has its worker killed and is recorded as TIME_BUDGET_EXCEEDED (not retried: it would run as long again).
-Workers are started fresh (spawn) and replaced after ``tasks_per_worker`` series, which bounds any growth.
+Workers are started fresh (spawn) and replaced after ``tasks_per_worker`` series, which bounds any growth;
+each gets its share of the cores (native thread pools and ONNX Runtime), so N workers do not oversubscribe them.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import collections
 import contextlib
 import dataclasses
 import multiprocessing
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnProcess
 from typing import Any
@@ -26,6 +28,8 @@ from appliance.config import Settings
 WORKER_CRASHED = "WORKER_CRASHED"
 TIME_BUDGET_EXCEEDED = "TIME_BUDGET_EXCEEDED"
 POLL_SECONDS = 0.5
+# native thread pools read these when they load: a worker uses its share of the cores, not all of them
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 Done = Callable[[SeriesTask, dict[str, Any], int], None]
 
@@ -67,12 +71,34 @@ class _Slot:
         self.conn.close()
 
 
-def _start(settings: Settings, scratch_root: str | None, fault: str) -> _Slot:
+def threads_per_worker(workers: int, cpus: int | None = None) -> int:
+    """Each worker's share of the CPU cores (at least one), so that N workers do not each start a thread per
+    core and fight over them (Ray does the same for its one-CPU tasks)."""
+    return max(1, (cpus or os.cpu_count() or 1) // max(1, workers))
+
+
+@contextlib.contextmanager
+def _thread_limits(threads: int) -> Iterator[None]:
+    """The worker's environment while it starts (a spawned process inherits it): at most ``threads`` threads."""
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    os.environ.update(dict.fromkeys(THREAD_VARIABLES, str(threads)))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _start(settings: Settings, scratch_root: str | None, fault: str, threads: int) -> _Slot:
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
     process = ctx.Process(target=worker_main, args=(there, settings, scratch_root, fault), daemon=True,
                           name="appliance-batch-worker")
-    process.start()
+    with _thread_limits(threads):
+        process.start()
     there.close()
     return _Slot(process, here)
 
@@ -84,12 +110,15 @@ def run_pool(tasks: Iterable[SeriesTask], settings: Settings, done: Done, *, wor
     in the driver, as its record comes back (or as it is given up on, with a failure reason code)."""
     pending = collections.deque(tasks)
     workers = max(1, workers)
+    threads = threads_per_worker(workers)
+    if not settings.inference_threads:
+        settings = dataclasses.replace(settings, inference_threads=threads)
     attempts: collections.Counter[str] = collections.Counter()
     slots: list[_Slot] = []
     try:
         while pending or any(s.task for s in slots):
             while len(slots) < workers and len(slots) < len(pending) + sum(1 for s in slots if s.task):
-                slots.append(_start(settings, scratch_root, fault))
+                slots.append(_start(settings, scratch_root, fault, threads))
             for slot in slots:
                 if slot.task is None and pending:
                     slot.give(pending.popleft())
