@@ -183,6 +183,15 @@ def test_without_pyarrow_no_parquet_is_written(tmp_path, monkeypatch):
     assert not (tmp_path / results.PARQUET_NAME).exists()
 
 
+def test_an_unreachable_ray_cluster_is_a_reason_not_a_hang(archive, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'ct-screening-appliance[scale]')")
+    monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path / "home"))
+    started = time.monotonic()
+    assert cli.main(["batch", "screen", str(_one_series(archive, tmp_path)), "--out", str(tmp_path / "out"),
+                     "--ray", f"127.0.0.1:{_free_port()}"]) == 1
+    assert "RAY_UNAVAILABLE" in capsys.readouterr().err and time.monotonic() - started < 60
+
+
 def test_workers_are_sized_from_free_memory():
     assert default_workers(free_bytes=100 * 1024**3, cpus=4) == 4
     assert default_workers(free_bytes=3 * 1024**3 + 1, cpus=16) == 2

@@ -10,6 +10,7 @@ Progress comes back with each finished task (``ray.wait``), no dashboard needed.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -23,6 +24,7 @@ from appliance.errors import ApplianceError
 # what one worker holds for a 600-slice study (bench/memory_600.py: about 2x the int16 volume, plus models)
 TASK_MEMORY_BYTES = int(1.5 * 1024**3)
 WAIT_SECONDS = 1.0
+CONNECT_SECONDS = 5.0
 
 
 class RayUnavailable(ApplianceError):
@@ -37,10 +39,25 @@ def ray_module() -> Any:
     return ray
 
 
+def reachable(address: str, timeout: float = CONNECT_SECONDS) -> bool:
+    """Whether ``HOST:PORT`` accepts a connection (Ray itself keeps retrying an unreachable head for minutes)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return True  # "auto" or a form Ray resolves itself
+    try:
+        with socket.create_connection((host.removeprefix("ray://"), int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def connect(address: str) -> Any:
     """Join the cluster at ``address`` (``auto``: the one started on this machine with ``ray start``)."""
     ray = ray_module()
     if not ray.is_initialized():
+        if not reachable(address):
+            raise RayUnavailable(f"RAY_UNAVAILABLE: nothing answers at {address}: start the cluster with "
+                                 "`ray start --head` there, or use --ray auto on its head node.")
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
         except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError by case
