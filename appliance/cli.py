@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,9 @@ EXAMPLES = {
                "  appliance backup --show-key      # the recovery code to write down, once"),
     "restore": ("examples:\n  appliance restore /media/usb/site-1a2b-backup-20270101T020000Z.ctb "
                 "--home /var/lib/appliance\n  appliance restore BACKUP --key 'ABCD-EFGH-...' --expect-site 1a2b:..."),
+    "batch": ("examples:\n  appliance batch screen /mnt/archive --out /srv/screening/2026\n"
+              "  appliance batch screen /mnt/archive --out /srv/screening/2026 --resume --workers 4\n"
+              "  appliance batch screen /shared/archive --out /shared/screening --ray auto   (needs appliance[scale])"),
 }
 
 
@@ -729,6 +734,52 @@ def cmd_restore(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace, settings: config.Settings) -> int:
+    """``batch screen SOURCE --out DIR``: screen every series of an archive; exit 1 when none was analysed."""
+    from appliance.batch.screen import BatchOptions, screen_archive
+
+    if not args.source.exists():
+        print(f"error: {args.source} does not exist", file=sys.stderr)
+        return 2
+    options = BatchOptions(workers=args.workers, ray=args.ray, resume=args.resume, retries=args.retries,
+                           series_timeout=args.series_timeout, gpus_per_task=args.gpus_per_task)
+    with _batch_progress(not args.json) as progress:
+        run = screen_archive(args.source, args.out, settings, options, progress)
+    if args.json:
+        print(json.dumps(run, indent=2))
+    else:
+        parquet = "results.parquet" if run["parquet"] else "no Parquet (it needs appliance[scale])"
+        print(f"{run['series']} series ({run['skipped']} already screened), {run['refused_files']} file(s) refused, "
+              f"{run['series_per_minute']} series/min on {run['runner']}.\n"
+              f"Wrote {args.out}/results.csv, {parquet}, summary.html.")
+        for key in ("status", "reason_code"):
+            print(f"  {key}: " + ", ".join(f"{k} {v}" for k, v in sorted(run["counts"][key].items())))
+    return 0 if run["counts"]["status"].get("analyzed") or run["series"] == 0 else 1
+
+
+@contextlib.contextmanager
+def _batch_progress(show: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """tqdm bars for the import and the screening, on standard error (none when printing JSON)."""
+    from tqdm import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if show:
+            if stage not in bars:
+                bars[stage] = tqdm(total=total, desc=stage, file=sys.stderr,
+                                   unit="series" if stage == "screen" else "entry")
+            bar = bars[stage]
+            bar.update(done - bar.n)
+            if done >= total:
+                bar.close()
+    try:
+        yield update
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Offline CT screening appliance.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -860,6 +911,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", type=Path, help="a file holding the recovery code, or the old box's keys/backup.key")
     p.add_argument("--expect-site", metavar="FINGERPRINT",
                    help="refuse (FOREIGN) unless the backup was signed by this site key fingerprint")
+    p = add("batch", cmd_batch, "Screen an archive: every series under SOURCE (folders, zips), results into DIR.")
+    p.add_argument("action", choices=("screen",))
+    p.add_argument("source", type=Path, metavar="SOURCE", help="folder tree of DICOM files and zip archives")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="results folder: results.csv, results.parquet, summary.html, the run's data directory")
+    p.add_argument("--workers", type=int, default=0, help="local worker processes (default: from CPUs and free memory)")
+    p.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster: its address, or auto (appliance[scale])")
+    p.add_argument("--resume", action="store_true", help="continue a run in DIR, skipping series already screened")
+    p.add_argument("--retries", type=int, default=2, help="times a series is tried again after its worker died")
+    p.add_argument("--series-timeout", type=float, default=600.0, help="time budget of one series, seconds")
+    p.add_argument("--gpus-per-task", type=float, default=0.0, help="GPU share each Ray task asks for (GPU nodes)")
+    p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
     return parser
 
 

@@ -41,6 +41,7 @@ LAYERS = {
     "appliance.export": 3,
     "appliance.evaluate": 3,
     "appliance.hub": 3,
+    "appliance.batch": 3,  # screening an archive: local worker processes or a Ray cluster
     # 4: what a person or systemd starts
     "appliance.web": 4,
     "appliance.cli": 4,
