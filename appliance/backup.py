@@ -54,7 +54,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from appliance import __version__, signing
 from appliance.config import Settings
 from appliance.durable import durable_rename, fsync_dir
-from appliance.errors import ApplianceError
+from appliance.errors import Refused
 from appliance.export import keys
 from appliance.store import datadir
 from appliance.store.database import audit, connect, counts, open_database, utcnow, write_transaction
@@ -72,12 +72,8 @@ COPIED = (datadir.SETTINGS_FILE, datadir.WEB_SECRET)  # small files copied (they
 LINKED = (datadir.ARTEFACTS, datadir.PACKS)  # folders whose files are written once: hard-linked
 
 
-class BackupRefused(ApplianceError):
+class BackupRefused(Refused):
     """A backup that cannot be written, read or restored, with a reason code and a sentence."""
-
-    def __init__(self, reason_code: str, reason: str):
-        super().__init__(f"{reason_code}: {reason}")
-        self.reason_code, self.reason = reason_code, reason
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,6 +61,18 @@ class Rejected(ApplianceError):
         return (self.__class__, (self.reason_code, self.reason))
 
 
+class Refused(ApplianceError):
+    """An operation refused, with its reason code (a word a support line can search for) and a sentence."""
+
+    def __init__(self, reason_code: str, reason: str):
+        super().__init__(f"{reason_code}: {reason}")
+        self.reason_code = reason_code
+        self.reason = reason
+
+    def __reduce__(self):
+        return (self.__class__, (self.reason_code, self.reason))
+
+
 class InstanceRejected(Rejected):
     """A file could not be accepted into the instance store."""
 

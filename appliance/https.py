@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance.durable import durable_rename
+from appliance.errors import Refused
 from appliance.store.datadir import DataDirectory
 
 CA_DAYS = 3650  # the certificate radiologists trust once: ten years
@@ -39,13 +40,8 @@ CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDS
            "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
 
 
-class CertificateRefused(ValueError):
+class CertificateRefused(Refused, ValueError):
     """The admin's certificate or key cannot serve the UI; ``reason_code`` says why."""
-
-    def __init__(self, reason_code: str, reason: str):
-        super().__init__(f"{reason_code}: {reason}")
-        self.reason_code = reason_code
-        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import durable, signing
-from appliance.errors import ApplianceError
+from appliance.errors import Refused
 
 # what the new version must pass after an update, run as `<new>/venv/bin/appliance *HEALTH_CHECK`: its doctor,
 # judged on what a version itself can break (HEALTH_CHECKS; the services too when units were running before)
@@ -71,12 +71,8 @@ NO_BACKUP = "NO_BACKUP"  # the backup the last update took is missing
 WRITERS_RUNNING = "WRITERS_RUNNING"  # an appliance process still writes the data directory
 
 
-class ReleaseRefused(ApplianceError):
+class ReleaseRefused(Refused):
     """An update or rollback that did not happen (or was undone), with a reason code."""
-
-    def __init__(self, reason_code: str, reason: str):
-        super().__init__(f"{reason_code}: {reason}")
-        self.reason_code, self.reason = reason_code, reason
 
 
 @dataclasses.dataclass(frozen=True)

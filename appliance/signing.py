@@ -22,19 +22,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from appliance.errors import ApplianceError
+from appliance.errors import Refused
 
 SIGNATURE = "SIGNATURE.json"
 FORMAT = 1
 CHUNK = 1 << 20
 
 
-class SignatureProblem(ApplianceError):
+class SignatureProblem(Refused):
     """A folder whose signature does not hold, with a reason code."""
-
-    def __init__(self, reason_code: str, reason: str):
-        super().__init__(f"{reason_code}: {reason}")
-        self.reason_code, self.reason = reason_code, reason
 
 
 UNSIGNED = "UNSIGNED"  # no SIGNATURE.json, or one that cannot be read

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import tomlfile
-from appliance.errors import ApplianceError
+from appliance.errors import Refused
 
 MANIFEST = "manifest.toml"
 BUILD_RECORD = "build.json"
@@ -53,13 +53,8 @@ REQUIRED_KEYS = ("id", "version", "task", "body_region", "validated", "validatio
                  "outputs", "decision", "training", "precisions", "files")
 
 
-class PackRefused(ApplianceError):
+class PackRefused(Refused):
     """A model pack failed verification; ``reason_code`` says how."""
-
-    def __init__(self, reason_code: str, reason: str):
-        super().__init__(f"{reason_code}: {reason}")
-        self.reason_code = reason_code
-        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
