@@ -88,7 +88,7 @@ def test_a_rejected_flag_stays_rejected_after_the_same_folder_is_analysed_again(
     article = page.locator('article[data-model="chest-covid19"]')
     article.locator("textarea[name=comment]").fill("streak artefact, no opacity")
     article.locator("button[value=rejected]").click()
-    page.wait_for_selector("text=Review saved.")
+    page.wait_for_selector("text=Review saved.", timeout=90_000)  # the worker may be writing the report meanwhile
     assert "Reviewed by rad" in article.locator("[data-review]").inner_text()
 
     page.goto(url + "/?unreviewed=1")

@@ -160,16 +160,16 @@ def test_french_and_spanish_pages_carry_no_english_model_text(browser, web, lang
     url, study, _home = web
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     page = context.new_page()
-    _login(page, url, "rad")
-    page.goto(f"{url}/study/{study['study_instance_uid']}")
+    _login(page, url, "rad")  # on the worklist: no viewer requests in flight while the language changes
     with page.expect_navigation():
         page.select_option("select[name=lang]", language)
+    page.wait_for_function(f"document.documentElement.lang === '{language}'")
     english = _english_model_text(study)
     try:
         for path in (f"/study/{study['study_instance_uid']}", f"/study/{study['study_instance_uid']}/report"):
             page.goto(url + path)
+            page.wait_for_function(f"document.documentElement.lang === '{language}'", timeout=10_000)
             text = page.inner_text("main")
-            assert page.evaluate("document.documentElement.lang") == language
             assert not sorted(t for t in english if t in text), (path, language)
     finally:
         with page.expect_navigation():
