@@ -23,6 +23,7 @@ from appliance.store import recalls
 from appliance.store.database import open_database, utcnow, write_transaction
 from appliance.web import create_app
 from tests.web_helpers import csrf, login, make_accounts, web_settings
+from tests.web_helpers import rows as _rows
 
 pytestmark = pytest.mark.slow
 COVID = "chest-covid19"
@@ -64,14 +65,6 @@ def site(analysed, tmp_path):
     shutil.copytree(analysed, home, ignore=shutil.ignore_patterns("*.lock"))
     settings = web_settings(tmp_path)
     return settings, create_app(settings, environ={})
-
-
-def _rows(home: Path, sql: str, args=()) -> list[dict]:
-    db = open_database(home)
-    try:
-        return list(db.query(sql, args))
-    finally:
-        db.conn.close()
 
 
 def _flag(home: Path) -> dict:

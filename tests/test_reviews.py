@@ -20,6 +20,7 @@ from appliance.store.database import open_database, refresh_study, utcnow, write
 from appliance.store.studies import study
 from appliance.web import create_app
 from tests.web_helpers import csrf, login, make_accounts, web_settings
+from tests.web_helpers import rows as _rows
 
 COVID = "chest-covid19"
 
@@ -51,14 +52,6 @@ def _current(home: Path, model: str = COVID) -> dict:
     try:
         return next(db.query("SELECT r.* FROM results r JOIN analyses a ON a.id = r.analysis_id "
                              "WHERE a.superseded = 0 AND r.model = ?", [model]))
-    finally:
-        db.conn.close()
-
-
-def _rows(home: Path, sql: str, args=()) -> list[dict]:
-    db = open_database(home)
-    try:
-        return list(db.query(sql, args))
     finally:
         db.conn.close()
 

@@ -63,3 +63,12 @@ def wait_until_listening(proc: subprocess.Popen, port: int, log: Path, what: str
             time.sleep(0.2)
     proc.kill()
     pytest.fail(f"{what} did not open its port: " + log.read_text()[-2000:])
+
+
+def rows(home: Path, sql: str, args=()) -> list[dict]:
+    """The rows ``sql`` selects from the database of the data directory ``home``."""
+    db = open_database(home)
+    try:
+        return list(db.query(sql, args))
+    finally:
+        db.conn.close()

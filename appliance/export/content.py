@@ -18,6 +18,7 @@ import io
 import json
 import statistics
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import sqlite_utils
@@ -130,13 +131,18 @@ def audit_summary(db: sqlite_utils.Database, month: str) -> dict[str, int]:
                            "WHERE at >= ? AND at < ? GROUP BY action ORDER BY action", [start, end]))
 
 
-def results_csv(rows: list[dict[str, Any]]) -> bytes:
+def _csv(rows: list[dict[str, Any]], columns: Sequence[str]) -> bytes:
+    """``rows`` as CSV with ``columns`` in that order, None written as an empty field."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row[k] is None else row[k]) for k in CSV_COLUMNS})
+        writer.writerow({k: ("" if row[k] is None else row[k]) for k in columns})
     return out.getvalue().encode()
+
+
+def results_csv(rows: list[dict[str, Any]]) -> bytes:
+    return _csv(rows, CSV_COLUMNS)
 
 
 def _ref(kind: str, key: str) -> str:
@@ -272,12 +278,7 @@ def recall_rows(db: sqlite_utils.Database, month: str, pseudo: Pseudonymizer) ->
 
 
 def recalls_csv(rows: list[dict[str, Any]]) -> bytes:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=RECALL_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row[k] is None else row[k]) for k in RECALL_COLUMNS})
-    return out.getvalue().encode()
+    return _csv(rows, RECALL_COLUMNS)
 
 
 def fhir_outcomes(rows: list[dict[str, Any]], site_id: str) -> list[dict[str, Any]]:
